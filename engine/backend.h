@@ -1,0 +1,44 @@
+// The interface every compute backend (CPU reference, CUDA) implements.
+#ifndef KVMEM_ENGINE_BACKEND_H_
+#define KVMEM_ENGINE_BACKEND_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "engine/kv_cache.h"
+
+namespace kvmem {
+
+struct ForwardOptions {
+  // Default: false. True returns logits for every input token, false only for the last.
+  bool all_logits = false;
+  // Default: 0. Keep the post-RoPE queries of the last `observe_last` input tokens of every
+  // layer (SnapKV's observation window and recall scoring read them).
+  int observe_last = 0;
+};
+
+struct ForwardResult {
+  std::vector<float> logits;  // (all_logits ? n : 1, vocab)
+  // Per layer, (num_heads, observed, head_dim) with observed = min(observe_last, n).
+  std::vector<std::vector<float>> observed_queries;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+
+  // Runs `tokens` at absolute positions start_pos, start_pos + 1, ... Each token attends to
+  // every entry `kv` holds for its KV head (all at positions < start_pos) and causally to the
+  // new tokens before it; the new tokens' K/V are appended to every head of `kv`.
+  // INVALID_ARGUMENT for token ids outside the vocabulary or start_pos not beyond `kv`;
+  // on error `kv` is unchanged.
+  virtual absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
+                               const ForwardOptions& options, ForwardResult* result) = 0;
+};
+
+}  // namespace kvmem
+
+#endif  // KVMEM_ENGINE_BACKEND_H_
