@@ -14,8 +14,20 @@ size_t Utf8Boundary(const std::string& s, size_t len) {
   return len;
 }
 
-bool EndsWithReplacementChar(const std::string& s) {
-  return s.size() >= 3 && s.compare(s.size() - 3, 3, "\xEF\xBF\xBD") == 0;
+// True when `s` ends in the middle of a character: a replacement character (what
+// sentencepiece decodes a lone byte-fallback piece to) or a lead byte missing continuations.
+bool EndsInsideCharacter(const std::string& s) {
+  if (s.size() >= 3 && s.compare(s.size() - 3, 3, "\xEF\xBF\xBD") == 0) return true;
+  size_t i = s.size();
+  int continuation = 0;
+  while (i > 0 && continuation < 4 && (static_cast<unsigned char>(s[i - 1]) & 0xC0) == 0x80) {
+    --i;
+    ++continuation;
+  }
+  if (i == 0) return false;
+  const unsigned char lead = static_cast<unsigned char>(s[i - 1]);
+  const int need = lead >= 0xF0 ? 3 : lead >= 0xE0 ? 2 : lead >= 0xC0 ? 1 : 0;
+  return continuation < need;
 }
 
 }  // namespace
@@ -59,7 +71,7 @@ std::string TextStream::Push(int token, bool* stopped) {
   if (stopped_) {
     text_.resize(limit);
   } else {
-    if (EndsWithReplacementChar(text_)) return "";  // an incomplete UTF-8 sequence
+    if (EndsInsideCharacter(text_)) return "";  // an incomplete UTF-8 sequence
     limit = limit > hold_ ? limit - hold_ : 0;
   }
   *stopped = stopped_;

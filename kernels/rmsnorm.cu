@@ -1,0 +1,69 @@
+#include "kernels/rmsnorm.cuh"
+
+#include <cstdint>
+
+namespace kvmem {
+namespace {
+
+constexpr int kThreads = 256;  // a multiple of 32; kThreads / 32 warps per block
+
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void FromFloat(float v, float* out) { *out = v; }
+__device__ __forceinline__ void FromFloat(float v, __nv_bfloat16* out) {
+  *out = __float2bfloat16_rn(v);
+}
+
+// Sum of `v` over the block; every thread gets the result.
+__device__ float BlockSum(float v) {
+  __shared__ float warp_sums[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = lane < kThreads / 32 ? warp_sums[lane] : 0.f;
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// One block of kThreads per row. Each thread re-reads only the x elements it wrote itself.
+template <typename T>
+__global__ void AddRmsNormKernel(T* __restrict__ x, const T* residual, const T* __restrict__ weight,
+                                 int64_t dim, float eps, T* out) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * dim;
+  T* xr = x + row;
+  const T* rr = residual + row;
+  T* outr = out + row;
+  float sum_sq = 0.f;
+  for (int64_t i = threadIdx.x; i < dim; i += kThreads) {
+    T stored;
+    FromFloat(ToFloat(xr[i]) + ToFloat(rr[i]), &stored);
+    xr[i] = stored;
+    const float v = ToFloat(stored);
+    sum_sq += v * v;
+  }
+  const float scale = rsqrtf(BlockSum(sum_sq) / static_cast<float>(dim) + eps);
+  for (int64_t i = threadIdx.x; i < dim; i += kThreads) {
+    FromFloat(ToFloat(xr[i]) * scale * ToFloat(weight[i]), &outr[i]);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t LaunchAddRmsNorm(T* x, const T* residual, const T* weight, int64_t n, int64_t dim,
+                             float eps, T* out, cudaStream_t stream) {
+  if (n < 0 || dim <= 0 || n > INT32_MAX) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  AddRmsNormKernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(x, residual, weight, dim,
+                                                                          eps, out);
+  return cudaGetLastError();
+}
+
+template cudaError_t LaunchAddRmsNorm<float>(float*, const float*, const float*, int64_t, int64_t,
+                                             float, float*, cudaStream_t);
+template cudaError_t LaunchAddRmsNorm<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*,
+                                                     const __nv_bfloat16*, int64_t, int64_t, float,
+                                                     __nv_bfloat16*, cudaStream_t);
+
+}  // namespace kvmem
