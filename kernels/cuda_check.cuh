@@ -12,25 +12,24 @@
 namespace kvmem {
 
 // "file:line: what: cudaErrorName (description)", for a status message or a log line.
-inline std::string CudaErrorMessage(cudaError_t err, const char* what, const char* file,
-                                    int line) {
+inline std::string CudaErrorMessage(cudaError_t err, const char* what, const char* file, int line) {
   return std::string(file) + ":" + std::to_string(line) + ": " + what + ": " +
          cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
 }
 
 // The message of a failed CUDA call `expr`, located at the call site.
-#define KVMEM_CUDA_ERROR_MESSAGE(err, expr) ::kvmem::CudaErrorMessage((err), #expr, __FILE__, __LINE__)
+#define KVMEM_CUDA_ERROR_MESSAGE(err, expr) \
+  ::kvmem::CudaErrorMessage((err), #expr, __FILE__, __LINE__)
 
 // Aborts with file:line when a CUDA call that must not fail (a broken invariant) fails.
 // Recoverable CUDA errors become an absl::Status in the CUDA backend instead.
-#define KVMEM_CUDA_CHECK(expr)                                                      \
-  do {                                                                              \
-    const cudaError_t kvmem_cuda_err_ = (expr);                                     \
-    if (kvmem_cuda_err_ != cudaSuccess) {                                           \
-      std::fprintf(stderr, "%s\n",                                                  \
-                   KVMEM_CUDA_ERROR_MESSAGE(kvmem_cuda_err_, expr).c_str());        \
-      std::abort();                                                                 \
-    }                                                                               \
+#define KVMEM_CUDA_CHECK(expr)                                                               \
+  do {                                                                                       \
+    const cudaError_t kvmem_cuda_err_ = (expr);                                              \
+    if (kvmem_cuda_err_ != cudaSuccess) {                                                    \
+      std::fprintf(stderr, "%s\n", KVMEM_CUDA_ERROR_MESSAGE(kvmem_cuda_err_, expr).c_str()); \
+      std::abort();                                                                          \
+    }                                                                                        \
   } while (0)
 
 // True when device 0 exists and can run this build's kernels (sm_90 machine code and

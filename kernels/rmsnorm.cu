@@ -55,8 +55,8 @@ cudaError_t LaunchAddRmsNorm(T* x, const T* residual, const T* weight, int64_t n
                              float eps, T* out, cudaStream_t stream) {
   if (n < 0 || dim <= 0 || n > INT32_MAX) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
-  AddRmsNormKernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(x, residual, weight, dim,
-                                                                          eps, out);
+  AddRmsNormKernel<T>
+      <<<static_cast<unsigned>(n), kThreads, 0, stream>>>(x, residual, weight, dim, eps, out);
   return cudaGetLastError();
 }
 

@@ -44,8 +44,8 @@ cudaError_t LaunchRopeRotateHalf(float* x, int64_t n, int heads, int head_dim,
   }
   if (n == 0) return cudaSuccess;
   const size_t shared = sizeof(float) * head_dim;  // cos and sin, half entries each
-  RopeRotateHalfKernel<<<static_cast<unsigned>(n), kThreads, shared, stream>>>(
-      x, heads, head_dim, positions, inv_freq);
+  RopeRotateHalfKernel<<<static_cast<unsigned>(n), kThreads, shared, stream>>>(x, heads, head_dim,
+                                                                               positions, inv_freq);
   return cudaGetLastError();
 }
 
