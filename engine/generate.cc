@@ -126,9 +126,10 @@ absl::StatusOr<GenerationResult> DecodeTokens(const Model& model, Backend& backe
     if (last && !request.feed_final_token) break;
     const int32_t fed = token;
     KVMEM_RETURN_IF_ERROR(backend.Forward(absl::MakeConstSpan(&fed, 1), *request.next_position,
-                                          kv, ForwardOptions{}, &forward));
+                                          kv, request.forward_options, &forward));
     ++*request.next_position;
     ++result.decode_steps;
+    if (request.on_forward) request.on_forward(forward);
     logits.swap(forward.logits);
   }
   if (result.finish != FinishReason::kCancelled) {
@@ -136,6 +137,7 @@ absl::StatusOr<GenerationResult> DecodeTokens(const Model& model, Backend& backe
     if (!rest.empty() && on_text) on_text(rest);
   }
   result.text = stream.text();
+  result.last_logits = std::move(logits);
   return result;
 }
 

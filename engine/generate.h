@@ -49,6 +49,8 @@ struct GenerationResult {
   std::string text;             // decoded, cut before a stop string
   FinishReason finish = FinishReason::kLength;
   int64_t decode_steps = 0;     // forward passes run while decoding
+  // Logits after the last token fed (the request's logits when none was fed).
+  std::vector<float> last_logits;
 };
 
 // Called with each text delta; returning false cancels generation.
@@ -63,6 +65,10 @@ struct DecodeRequest {
   std::vector<int> context;
   // Default: true. Feed the final generated token too, so `kv` holds every returned token.
   bool feed_final_token = true;
+  // Options of every decode step's forward pass (observe_last = 1 to collect queries).
+  ForwardOptions forward_options;
+  // Called after each decode step's forward pass, when set.
+  std::function<void(const ForwardResult&)> on_forward;
 };
 
 // Samples up to params.max_tokens tokens, streaming text through on_text. Stops at EOS

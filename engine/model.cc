@@ -3,6 +3,8 @@
 #include <openssl/evp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -171,39 +173,48 @@ absl::StatusOr<const float*> Model::OptionalTensor(const std::string& name, bool
   return Tensor(name, std::move(shape));
 }
 
-void Model::ComputeFingerprint(const std::string& config_text) {
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  KVMEM_CHECK(ctx != nullptr);
-  KVMEM_CHECK(EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr) == 1);
-  auto update = [&](const void* data, size_t n) { EVP_DigestUpdate(ctx, data, n); };
-  const std::string tag = "kvmem-model-fingerprint-v1";
-  update(tag.data(), tag.size());
-  update(config_text.data(), config_text.size());
-  for (const auto& file : files_) {
-    update(file->header().data(), file->header().size());
-  }
-  // Sample every tensor: up to 8 evenly spaced 512-byte windows (the whole tensor when small),
-  // so retrained weights with an identical header still change the fingerprint.
-  constexpr size_t kWindow = 512, kWindows = 8;
-  for (const auto& [name, view] : tensor_index_) {
-    update(name.data(), name.size());
-    if (view->nbytes <= kWindow * kWindows) {
-      update(view->data, view->nbytes);
-      continue;
-    }
-    const size_t stride = (view->nbytes - kWindow) / (kWindows - 1);
-    for (size_t i = 0; i < kWindows; ++i) update(view->data + i * stride, kWindow);
-  }
-  if (tokenizer_ != nullptr) {
-    update(tokenizer_->serialized_model().data(), tokenizer_->serialized_model().size());
-  }
-  unsigned char digest[EVP_MAX_MD_SIZE];
+namespace {
+
+// SHA-256 of `n` bytes into out[32].
+void Sha256(const void* data, size_t n, unsigned char* out) {
   unsigned int len = 0;
-  KVMEM_CHECK(EVP_DigestFinal_ex(ctx, digest, &len) == 1);
-  EVP_MD_CTX_free(ctx);
+  KVMEM_CHECK(EVP_Digest(data, n, out, &len, EVP_sha256(), nullptr) == 1 && len == 32);
+}
+
+}  // namespace
+
+void Model::ComputeFingerprint(const std::string& config_text) {
+  // Every byte of every tensor counts: weights that differ anywhere (a patched or corrupted
+  // tensor, a fine-tune with the same shapes) must never share a fingerprint. Tensors are
+  // hashed in parallel, then their digests are hashed in name order with everything else.
+  std::vector<const TensorView*> tensors;
+  for (const auto& [name, view] : tensor_index_) tensors.push_back(view);
+  std::vector<unsigned char> digests(tensors.size() * 32);
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < tensors.size();) {
+      Sha256(tensors[i]->data, tensors[i]->nbytes, &digests[i * 32]);
+    }
+  };
+  const unsigned threads = std::clamp(std::thread::hardware_concurrency(), 1u, 16u);
+  std::vector<std::thread> pool;
+  for (unsigned t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (std::thread& t : pool) t.join();
+
+  std::string message = "kvmem-model-fingerprint-v1";
+  message += config_text;
+  for (const auto& file : files_) message += file->header();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    message += tensors[i]->name;
+    message.append(reinterpret_cast<const char*>(&digests[i * 32]), 32);
+  }
+  if (tokenizer_ != nullptr) message += tokenizer_->serialized_model();
+  unsigned char digest[32];
+  Sha256(message.data(), message.size(), digest);
   static const char kHex[] = "0123456789abcdef";
   fingerprint_.clear();
-  for (unsigned int i = 0; i < 16 && i < len; ++i) {
+  for (int i = 0; i < 16; ++i) {
     fingerprint_.push_back(kHex[digest[i] >> 4]);
     fingerprint_.push_back(kHex[digest[i] & 15]);
   }

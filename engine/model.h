@@ -64,7 +64,7 @@ class Model {
   // Null only when loaded with require_tokenizer = false and no tokenizer.model exists.
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
   // 32 hex digits identifying these weights: SHA-256 over config.json, every safetensors
-  // header, a sample of every tensor's bytes and the tokenizer. Persisted sessions record it
+  // header, every tensor's bytes and the tokenizer. Persisted sessions record it
   // so KV is never reused under different weights.
   const std::string& fingerprint() const { return fingerprint_; }
   bool IsEos(int token) const;
