@@ -240,6 +240,16 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
   return result;
 }
 
+absl::StatusOr<std::unique_ptr<Session>> Session::Fork() const {
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> fork, Create(model_, backend_, options_));
+  fork->hot_ = hot_;
+  fork->blocks_ = blocks_;
+  fork->turns_ = turns_;
+  fork->position_ = position_;
+  fork->last_logits_ = last_logits_;
+  return fork;
+}
+
 void Session::CommitBlocks() {
   const ModelConfig& c = model_.config();
   const int64_t count = position_ - blocks_.positions();

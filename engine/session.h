@@ -34,6 +34,9 @@ struct SessionOptions {
   int block_size = 16;
   // Default: 8192. Tokens one turn may hold; longer turns are RESOURCE_EXHAUSTED.
   int max_turn_tokens = 8192;
+  // Default: 8. Blocks per (layer, KV head) that a turn may recall from outside the hot set
+  // into its attention, chosen by digest score; 0 disables recall.
+  int recall_blocks = 8;
 };
 
 struct TurnRecord {
@@ -93,6 +96,9 @@ class Session {
   // never kept.
   absl::StatusOr<GenerateResult> Generate(const GenerateOptions& options,
                                           const TextCallback& on_text);
+
+  // An independent copy: same turns, hot set and blocks; the two diverge from here.
+  absl::StatusOr<std::unique_ptr<Session>> Fork() const;
 
   SessionStats Stats() const;
   const SessionOptions& options() const { return options_; }
