@@ -62,6 +62,23 @@ class QueryWindow {
   std::vector<std::deque<std::vector<float>>> rows_;  // (layer) -> tokens, oldest first
 };
 
+// The last `keep` of `observed` query rows: per layer (heads, observed, head_dim) ->
+// (heads, keep, head_dim).
+std::vector<std::vector<float>> TrailingQueries(const std::vector<std::vector<float>>& queries,
+                                                int heads, int head_dim, int observed, int keep) {
+  if (keep == observed) return queries;
+  std::vector<std::vector<float>> out;
+  for (const std::vector<float>& layer : queries) {
+    std::vector<float>& tail = out.emplace_back(static_cast<size_t>(heads) * keep * head_dim);
+    for (int h = 0; h < heads; ++h) {
+      std::copy_n(&layer[(static_cast<int64_t>(h) * observed + observed - keep) * head_dim],
+                  static_cast<int64_t>(keep) * head_dim,
+                  &tail[static_cast<int64_t>(h) * keep * head_dim]);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Create(const Model& model, Backend& backend,
@@ -94,7 +111,8 @@ Session::Session(const Model& model, Backend& backend, const SessionOptions& opt
       blocks_(model.config().num_layers, model.config().num_kv_heads, model.config().head_dim,
               options.block_size) {}
 
-absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view text) {
+absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view text,
+                                                 const AppendOptions& append_options) {
   if (text.empty()) {
     return absl::InvalidArgumentError("turn content is empty; send the text of the turn");
   }
@@ -111,8 +129,11 @@ absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view tex
   AppendResult result;
   auto start = std::chrono::steady_clock::now();
   ForwardResult forward;
-  KVMEM_RETURN_IF_ERROR(backend_.Forward(tokens, position_, &hot_,
-                                         {.observe_last = policy_->observe_window()}, &forward));
+  const int policy_window = policy_->observe_window();
+  const int observe = std::max(policy_window, append_options.return_queries);
+  KVMEM_RETURN_IF_ERROR(backend_.Forward(
+      tokens, position_, &hot_,
+      {.all_logits = append_options.return_logits, .observe_last = observe}, &forward));
   result.prefill_ms = MillisSince(start);
   const int64_t first = position_;
   position_ += static_cast<int64_t>(tokens.size());
@@ -120,12 +141,27 @@ absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view tex
   CommitBlocks();
   // 4. The memory policy decides what stays hot.
   start = std::chrono::steady_clock::now();
-  const int observed = static_cast<int>(std::min<int64_t>(policy_->observe_window(), tokens.size()));
-  result.evicted = ApplyPolicy(static_cast<int64_t>(tokens.size()), forward.observed_queries,
-                               observed);
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  const int observed = static_cast<int>(std::min<int64_t>(observe, n));
+  const int policy_observed = static_cast<int>(std::min<int64_t>(policy_window, n));
+  const ModelConfig& c = model_.config();
+  const std::vector<std::vector<float>>& queries = forward.observed_queries;
+  if (append_options.return_queries > 0) {
+    result.queries = TrailingQueries(queries, c.num_heads, c.head_dim, observed,
+                                     std::min(append_options.return_queries, observed));
+  }
+  result.evicted = ApplyPolicy(
+      n, TrailingQueries(queries, c.num_heads, c.head_dim, observed, policy_observed),
+      policy_observed);
   result.select_ms = MillisSince(start);
 
-  last_logits_ = std::move(forward.logits);
+  if (append_options.return_logits) {
+    const int vocab = model_.config().vocab_size;
+    result.logits = forward.logits;
+    last_logits_.assign(forward.logits.end() - vocab, forward.logits.end());
+  } else {
+    last_logits_ = std::move(forward.logits);
+  }
   turns_.push_back({role, std::string(text), std::move(tokens), first});
   result.turn_index = static_cast<int64_t>(turns_.size()) - 1;
   result.turn_tokens = static_cast<int64_t>(turns_.back().tokens.size());

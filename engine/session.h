@@ -46,6 +46,13 @@ struct TurnRecord {
   int64_t first_position = 0;
 };
 
+struct AppendOptions {
+  // Default: false. Return the logits of every token of the turn (analysis, simulations).
+  bool return_logits = false;
+  // Default: 0. Return the post-RoPE queries of the turn's last `return_queries` tokens.
+  int return_queries = 0;
+};
+
 struct AppendResult {
   int64_t turn_index = 0;
   int64_t turn_tokens = 0;
@@ -54,6 +61,10 @@ struct AppendResult {
   int64_t evicted = 0;       // entries that left hot at this turn boundary
   double prefill_ms = 0;
   double select_ms = 0;
+  // Only when asked through AppendOptions:
+  std::vector<float> logits;  // (turn_tokens, vocab)
+  // Per layer (num_heads, min(return_queries, turn_tokens), head_dim).
+  std::vector<std::vector<float>> queries;
 };
 
 struct GenerateOptions {
@@ -91,7 +102,8 @@ class Session {
 
   // INVALID_ARGUMENT for empty text; RESOURCE_EXHAUSTED for a turn over max_turn_tokens.
   // On error the session is unchanged.
-  absl::StatusOr<AppendResult> AppendTurn(Role role, std::string_view text);
+  absl::StatusOr<AppendResult> AppendTurn(Role role, std::string_view text,
+                                          const AppendOptions& options = {});
   // FAILED_PRECONDITION when there is nothing to continue from. A cancelled generation is
   // never kept.
   absl::StatusOr<GenerateResult> Generate(const GenerateOptions& options,
