@@ -3,6 +3,7 @@
 #define KVMEM_ENGINE_BACKEND_H_
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -17,6 +18,11 @@ struct ForwardOptions {
   // Default: 0. Keep the post-RoPE queries of the last `observe_last` input tokens of every
   // layer (SnapKV's observation window and recall scoring read them).
   int observe_last = 0;
+  // Called for every layer once the new tokens' queries and keys exist (RoPE applied) and
+  // before the new keys join `kv`: recall inserts older entries into the layer's heads here
+  // (keeping each head sorted by position). q is (n, num_heads, head_dim). An error aborts the
+  // pass; `kv` may then hold part of it.
+  std::function<absl::Status(int layer, const float* q, int64_t n, KvCache* kv)> before_attention;
 };
 
 struct ForwardResult {

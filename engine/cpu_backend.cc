@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "engine/status_macros.h"
 
 namespace kvmem {
 
@@ -66,6 +67,9 @@ absl::Status CpuBackend::Forward(absl::Span<const int32_t> tokens, int64_t start
     for (int64_t t = 0; t < n; ++t) {
       ApplyRope(&q[t * qd], c.num_heads, hd, start_pos + t, inv_freq_.data());
       ApplyRope(&k[t * kvd], c.num_kv_heads, hd, start_pos + t, inv_freq_.data());
+    }
+    if (options.before_attention) {
+      KVMEM_RETURN_IF_ERROR(options.before_attention(l, q.data(), n, kv));
     }
     for (int g = 0; g < c.num_kv_heads; ++g) {
       HeadKv& head = kv->head(l, g);

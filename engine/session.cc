@@ -1,8 +1,13 @@
 #include "engine/session.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <deque>
+#include <limits>
+#include <map>
+#include <numeric>
 
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
@@ -79,10 +84,16 @@ std::vector<std::vector<float>> TrailingQueries(const std::vector<std::vector<fl
   return out;
 }
 
+absl::Status BrokenError() {
+  return absl::FailedPreconditionError(
+      "this session's last change could not be made durable; reload the session");
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Create(const Model& model, Backend& backend,
-                                                         const SessionOptions& options) {
+                                                         const SessionOptions& options,
+                                                         SessionStorage storage) {
   if (model.tokenizer() == nullptr) {
     return absl::FailedPreconditionError("sessions need the model's tokenizer");
   }
@@ -93,26 +104,100 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Create(const Model& model, Bac
   if (options.max_turn_tokens <= 0) {
     return absl::InvalidArgumentError("max_turn_tokens must be positive");
   }
+  if (options.recall_blocks < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("recall_blocks must be >= 0 (0 disables recall), got ", options.recall_blocks));
+  }
   KVMEM_ASSIGN_OR_RETURN(auto policy, MakeMemoryPolicy(options.memory));
   KVMEM_ASSIGN_OR_RETURN(auto chat_template, ChatTemplate::Make(options.chat_template,
                                                                 *model.tokenizer(), model.config()));
-  return std::unique_ptr<Session>(
-      new Session(model, backend, options, std::move(chat_template), std::move(policy)));
+  if (storage.source == nullptr || storage.sink == nullptr) {
+    auto store = std::make_shared<MemoryBlockStore>();
+    storage.source = store;
+    storage.sink = store;
+  }
+  return std::unique_ptr<Session>(new Session(model, backend, options, std::move(chat_template),
+                                              std::move(policy), std::move(storage)));
 }
 
 Session::Session(const Model& model, Backend& backend, const SessionOptions& options,
-                 std::unique_ptr<ChatTemplate> chat_template, std::unique_ptr<MemoryPolicy> policy)
+                 std::unique_ptr<ChatTemplate> chat_template, std::unique_ptr<MemoryPolicy> policy,
+                 SessionStorage storage)
     : model_(model),
       backend_(backend),
       options_(options),
       template_(std::move(chat_template)),
       policy_(std::move(policy)),
+      storage_(std::move(storage)),
       hot_(model.config().num_layers, model.config().num_kv_heads, model.config().head_dim),
-      blocks_(model.config().num_layers, model.config().num_kv_heads, model.config().head_dim,
-              options.block_size) {}
+      owners_{{0, storage_.uid}},
+      tails_(model.config().num_layers),
+      digests_(model.config().num_layers) {}
+
+absl::StatusOr<std::unique_ptr<Session>> Session::Restore(const Model& model, Backend& backend,
+                                                          const SessionOptions& options,
+                                                          SessionStorage storage,
+                                                          SessionSnapshot snapshot) {
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> s,
+                         Create(model, backend, options, std::move(storage)));
+  const ModelConfig& c = model.config();
+  const int B = options.block_size;
+  if (static_cast<int>(snapshot.hot_positions.size()) != c.num_layers * c.num_kv_heads ||
+      snapshot.owners.empty()) {
+    return absl::DataLossError("stored session state does not match the model's shape");
+  }
+  s->turns_ = std::move(snapshot.turns);
+  s->position_ = s->committed_ = snapshot.position;
+  s->last_logits_ = std::move(snapshot.last_logits);
+  s->owners_ = std::move(snapshot.owners);
+  const int64_t blocks = (s->position_ + B - 1) / B;
+  for (int l = 0; l < c.num_layers; ++l) {
+    // Digests of every block, for recall.
+    s->digests_[l].resize(blocks);
+    for (int64_t b = 0; b < blocks; ++b) {
+      KVMEM_ASSIGN_OR_RETURN(s->digests_[l][b], s->storage_.source->ReadDigest(s->KeyOf(l, b)));
+    }
+    // The partial last block, truncated to this session's positions (a fork may still read
+    // its parent's tail block, which the parent keeps filling).
+    if (s->position_ % B != 0) {
+      KVMEM_ASSIGN_OR_RETURN(auto tail,
+                             s->storage_.source->ReadBlock(s->KeyOf(l, blocks - 1), nullptr));
+      auto copy = std::make_shared<KvBlock>(*tail);
+      copy->filled = static_cast<int>(s->position_ % B);
+      const size_t used = static_cast<size_t>(copy->filled) * c.kv_dim();
+      std::fill(copy->keys.begin() + used, copy->keys.end(), 0.f);
+      std::fill(copy->values.begin() + used, copy->values.end(), 0.f);
+      s->tails_[l] = std::move(copy);
+    }
+    // The hot set, read back from the blocks bit for bit.
+    std::shared_ptr<const KvBlock> block;
+    for (int g = 0; g < c.num_kv_heads; ++g) {
+      HeadKv& head = s->hot_.head(l, g);
+      for (int64_t p : snapshot.hot_positions[l * c.num_kv_heads + g]) {
+        if (p < 0 || p >= s->position_) return absl::DataLossError("stored hot index is corrupt");
+        if (block == nullptr || block->index != p / B) {
+          KVMEM_ASSIGN_OR_RETURN(block, s->storage_.source->ReadBlock(s->KeyOf(l, p / B), nullptr));
+        }
+        const int64_t off = ((p % B) * c.num_kv_heads + g) * c.head_dim;
+        head.Append(p, &block->keys[off], &block->values[off], c.head_dim);
+      }
+    }
+  }
+  return s;
+}
+
+BlockKey Session::KeyOf(int layer, int64_t index) const {
+  uint64_t owner = owners_.front().second;
+  for (const auto& [first, uid] : owners_) {
+    if (first > index) break;
+    owner = uid;
+  }
+  return {owner, layer, index};
+}
 
 absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view text,
                                                  const AppendOptions& append_options) {
+  if (broken_) return BrokenError();
   if (text.empty()) {
     return absl::InvalidArgumentError("turn content is empty; send the text of the turn");
   }
@@ -125,26 +210,38 @@ absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view tex
         absl::StrCat("turn has ", tokens.size(), " tokens, more than the limit of ",
                      options_.max_turn_tokens, "; split it into several turns"));
   }
-  // 2. Prefill over the hot set plus the turn, causally.
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  const ModelConfig& c = model_.config();
+
+  // 2. Prefill over the hot set, recalled blocks and the turn, causally.
   AppendResult result;
   auto start = std::chrono::steady_clock::now();
   ForwardResult forward;
   const int policy_window = policy_->observe_window();
   const int observe = std::max(policy_window, append_options.return_queries);
-  KVMEM_RETURN_IF_ERROR(backend_.Forward(
-      tokens, position_, &hot_,
-      {.all_logits = append_options.return_logits, .observe_last = observe}, &forward));
+  ForwardOptions forward_options{.all_logits = append_options.return_logits,
+                                 .observe_last = observe};
+  if (options_.recall_blocks > 0 && committed_ > 0) {
+    forward_options.before_attention = [&](int layer, const float* q, int64_t count,
+                                           KvCache*) { return Recall(layer, q, count, &result); };
+  }
+  absl::Status forward_status = backend_.Forward(tokens, position_, &hot_, forward_options, &forward);
+  if (!forward_status.ok()) {
+    // Recall may have changed the hot set before failing: the session must be restored.
+    if (result.recalled_blocks > 0 || hot_.MaxPosition() >= position_) broken_ = true;
+    return forward_status;
+  }
   result.prefill_ms = MillisSince(start);
   const int64_t first = position_;
-  position_ += static_cast<int64_t>(tokens.size());
-  // 3. Every position is kept at full fidelity before anything leaves hot.
-  CommitBlocks();
+  position_ += n;
+
+  // 3. Every position goes into blocks before anything leaves hot.
+  std::vector<BlockWrite> blocks = FillBlocks();
+
   // 4. The memory policy decides what stays hot.
   start = std::chrono::steady_clock::now();
-  const int64_t n = static_cast<int64_t>(tokens.size());
   const int observed = static_cast<int>(std::min<int64_t>(observe, n));
   const int policy_observed = static_cast<int>(std::min<int64_t>(policy_window, n));
-  const ModelConfig& c = model_.config();
   const std::vector<std::vector<float>>& queries = forward.observed_queries;
   if (append_options.return_queries > 0) {
     result.queries = TrailingQueries(queries, c.num_heads, c.head_dim, observed,
@@ -156,22 +253,98 @@ absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view tex
   result.select_ms = MillisSince(start);
 
   if (append_options.return_logits) {
-    const int vocab = model_.config().vocab_size;
     result.logits = forward.logits;
-    last_logits_.assign(forward.logits.end() - vocab, forward.logits.end());
+    last_logits_.assign(forward.logits.end() - c.vocab_size, forward.logits.end());
   } else {
     last_logits_ = std::move(forward.logits);
   }
+
+  // 5. Commit: the turn, its blocks, the hot index, in one durable write.
   turns_.push_back({role, std::string(text), std::move(tokens), first});
+  start = std::chrono::steady_clock::now();
+  KVMEM_RETURN_IF_ERROR(Commit(turns_.back(), std::move(blocks)));
+  result.commit_ms = MillisSince(start);
+  recalled_blocks_ += result.recalled_blocks;
   result.turn_index = static_cast<int64_t>(turns_.size()) - 1;
-  result.turn_tokens = static_cast<int64_t>(turns_.back().tokens.size());
+  result.turn_tokens = n;
   result.total_tokens = position_;
   result.hot_tokens = hot_.TotalEntries();
   return result;
 }
 
+absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult* stats) {
+  const ModelConfig& c = model_.config();
+  const int B = options_.block_size, hd = c.head_dim, group = c.group_size();
+  const int64_t blocks = static_cast<int64_t>(digests_[layer].size());
+  const int w = static_cast<int>(std::min<int64_t>(options_.memory.window, n));
+  std::map<int64_t, std::shared_ptr<const KvBlock>> loaded;  // this layer's reads, by index
+  for (int g = 0; g < c.num_kv_heads; ++g) {
+    HeadKv& head = hot_.head(layer, g);
+    // Score every block holding a committed position that is not hot for this head.
+    std::vector<std::pair<float, int64_t>> scored;  // (-score, block index)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t lo = b * B, hi = std::min<int64_t>((b + 1) * B, committed_);
+      const int64_t hot_in_block =
+          std::lower_bound(head.positions.begin(), head.positions.end(), hi) -
+          std::lower_bound(head.positions.begin(), head.positions.end(), lo);
+      if (hot_in_block == hi - lo) continue;
+      const float* digest = &digests_[layer][b][static_cast<size_t>(g) * 2 * hd];
+      float best = -std::numeric_limits<float>::infinity();
+      for (int h = g * group; h < (g + 1) * group; ++h) {
+        for (int64_t i = n - w; i < n; ++i) {
+          best = std::max(best, DigestScore(q + (i * c.num_heads + h) * hd, digest, hd));
+        }
+      }
+      scored.push_back({-best, b});
+    }
+    const size_t take = std::min<size_t>(options_.recall_blocks, scored.size());
+    std::partial_sort(scored.begin(), scored.begin() + take, scored.end());
+    // Merge the chosen blocks' missing positions into the head, keeping it sorted.
+    HeadKv merged;
+    std::vector<std::pair<int64_t, const float*>> extra_k, extra_v;  // (position, data)
+    for (size_t t = 0; t < take; ++t) {
+      const int64_t b = scored[t].second;
+      auto it = loaded.find(b);
+      if (it == loaded.end()) {
+        bool cold = false;
+        KVMEM_ASSIGN_OR_RETURN(auto block, storage_.source->ReadBlock(KeyOf(layer, b), &cold));
+        (cold ? stats->cold_reads : stats->warm_hits)++;
+        it = loaded.emplace(b, std::move(block)).first;
+      }
+      const KvBlock& block = *it->second;
+      for (int64_t p = b * B; p < std::min<int64_t>((b + 1) * B, committed_); ++p) {
+        if (std::binary_search(head.positions.begin(), head.positions.end(), p)) continue;
+        const int64_t off = ((p % B) * c.num_kv_heads + g) * hd;
+        extra_k.push_back({p, &block.keys[off]});
+        extra_v.push_back({p, &block.values[off]});
+      }
+      ++stats->recalled_blocks;
+    }
+    if (extra_k.empty()) continue;
+    std::vector<size_t> order(extra_k.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(),
+              [&](size_t a, size_t b) { return extra_k[a].first < extra_k[b].first; });
+    size_t e = 0;
+    for (int64_t i = 0; i <= head.size(); ++i) {
+      const int64_t next_hot = i < head.size() ? head.positions[i] : INT64_MAX;
+      while (e < order.size() && extra_k[order[e]].first < next_hot) {
+        merged.Append(extra_k[order[e]].first, extra_k[order[e]].second,
+                      extra_v[order[e]].second, hd);
+        ++e;
+      }
+      if (i < head.size()) {
+        merged.Append(head.positions[i], &head.keys[i * hd], &head.values[i * hd], hd);
+      }
+    }
+    head = std::move(merged);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
                                                  const TextCallback& on_text) {
+  if (broken_) return BrokenError();
   KVMEM_RETURN_IF_ERROR(ValidateSamplingParams(options.sampling));
   const ModelConfig& c = model_.config();
   GenerateResult result;
@@ -204,8 +377,12 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
   std::vector<float> logits = last_logits_;
   ForwardResult forward;
   if (!turn_tokens.empty()) {
-    KVMEM_RETURN_IF_ERROR(
-        backend_.Forward(turn_tokens, position_, &hot_, {.observe_last = window}, &forward));
+    absl::Status s =
+        backend_.Forward(turn_tokens, position_, &hot_, {.observe_last = window}, &forward);
+    if (!s.ok()) {
+      roll_back();
+      return s;
+    }
     position_ += static_cast<int64_t>(turn_tokens.size());
     queries.Add(forward.observed_queries);
     logits = std::move(forward.logits);
@@ -264,7 +441,7 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
   result.generation.last_logits.clear();
   if (turn_tokens.empty()) return result;  // nothing was generated: no turn to keep
 
-  CommitBlocks();
+  std::vector<BlockWrite> blocks = FillBlocks();
   start = std::chrono::steady_clock::now();
   result.evicted = ApplyPolicy(static_cast<int64_t>(turn_tokens.size()), queries.Gather(),
                                queries.size());
@@ -272,40 +449,139 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
   last_logits_ = std::move(final_logits);
   turns_.push_back({Role::kAssistant, result.generation.text, std::move(turn_tokens),
                     position_before});
+  KVMEM_RETURN_IF_ERROR(Commit(turns_.back(), std::move(blocks)));
   result.turn_index = static_cast<int64_t>(turns_.size()) - 1;
   return result;
 }
 
-absl::StatusOr<std::unique_ptr<Session>> Session::Fork() const {
-  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> fork, Create(model_, backend_, options_));
+absl::Status Session::Commit(const TurnRecord& turn, std::vector<BlockWrite> blocks) {
+  const ModelConfig& c = model_.config();
+  TurnCommit commit;
+  commit.turn_index = static_cast<int64_t>(turns_.size()) - 1;
+  commit.role = static_cast<int>(turn.role);
+  commit.text = &turn.text;
+  commit.tokens = &turn.tokens;
+  commit.first_position = turn.first_position;
+  commit.position = position_;
+  commit.blocks = std::move(blocks);
+  commit.owners = &owners_;
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (int g = 0; g < c.num_kv_heads; ++g) {
+      commit.hot_positions.push_back(hot_.head(l, g).positions);
+    }
+  }
+  commit.last_logits = &last_logits_;
+  absl::Status status = storage_.sink->Commit(commit);
+  if (!status.ok()) {
+    broken_ = true;
+    return status;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Session>> Session::Fork(SessionStorage storage) const {
+  if (broken_) return BrokenError();
+  if (storage.source == nullptr || storage.sink == nullptr) {
+    static std::atomic<uint64_t> next_uid{1ull << 40};
+    storage.uid = next_uid.fetch_add(1);
+    storage.source = storage_.source;
+    storage.sink = storage_.sink;
+  }
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> fork,
+                         Create(model_, backend_, options_, std::move(storage)));
   fork->hot_ = hot_;
-  fork->blocks_ = blocks_;
   fork->turns_ = turns_;
   fork->position_ = position_;
+  fork->committed_ = committed_;
   fork->last_logits_ = last_logits_;
+  fork->owners_ = owners_;  // shared blocks; the fork's own start at its next write
+  fork->digests_ = digests_;
+  for (size_t l = 0; l < tails_.size(); ++l) {
+    if (tails_[l] != nullptr) fork->tails_[l] = std::make_shared<KvBlock>(*tails_[l]);
+  }
   return fork;
 }
 
-void Session::CommitBlocks() {
+SessionSnapshot Session::Snapshot() const {
   const ModelConfig& c = model_.config();
-  const int64_t count = position_ - blocks_.positions();
-  if (count <= 0) return;
-  const int64_t row = c.kv_dim();
-  std::vector<float> k(count * row), v(count * row);  // (count, num_kv_heads, head_dim)
+  SessionSnapshot s;
+  s.turns = turns_;
+  s.position = position_;
+  s.last_logits = last_logits_;
   for (int l = 0; l < c.num_layers; ++l) {
-    for (int g = 0; g < c.num_kv_heads; ++g) {
-      const HeadKv& h = hot_.head(l, g);
-      // The uncommitted positions are the last `count` entries of every head.
-      const int64_t base = h.size() - count;
-      KVMEM_CHECK(base >= 0 && h.positions[base] == blocks_.positions());
-      for (int64_t i = 0; i < count; ++i) {
-        std::copy_n(&h.keys[(base + i) * c.head_dim], c.head_dim, &k[i * row + g * c.head_dim]);
-        std::copy_n(&h.values[(base + i) * c.head_dim], c.head_dim, &v[i * row + g * c.head_dim]);
-      }
-    }
-    blocks_.Append(l, count, k.data(), v.data());
+    for (int g = 0; g < c.num_kv_heads; ++g) s.hot_positions.push_back(hot_.head(l, g).positions);
   }
-  blocks_.Commit(count);
+  s.owners = owners_;
+  return s;
+}
+
+std::vector<BlockWrite> Session::FillBlocks() {
+  const ModelConfig& c = model_.config();
+  const int B = options_.block_size;
+  const int64_t count = position_ - committed_;
+  std::vector<BlockWrite> writes;
+  if (count <= 0) return writes;
+  // The first block this write touches may belong to a parent session (after a fork): from
+  // here on this session owns it.
+  const int64_t first_block = committed_ / B;
+  if (KeyOf(0, first_block).owner != storage_.uid) owners_.push_back({first_block, storage_.uid});
+  const int64_t row = c.kv_dim();
+  for (int l = 0; l < c.num_layers; ++l) {
+    std::vector<std::shared_ptr<KvBlock>> touched;
+    for (int64_t p = committed_; p < position_; ++p) {
+      std::shared_ptr<KvBlock>& tail = tails_[l];
+      if (tail == nullptr) {
+        tail = std::make_shared<KvBlock>(MakeEmptyBlock(p / B, B, c.num_kv_heads, c.head_dim));
+      }
+      if (touched.empty() || touched.back() != tail) touched.push_back(tail);
+      const int64_t slot = p % B;
+      KVMEM_CHECK(tail->index == p / B && tail->filled == slot);
+      for (int g = 0; g < c.num_kv_heads; ++g) {
+        // The uncommitted positions are the last `count` entries of every head.
+        const HeadKv& h = hot_.head(l, g);
+        const int64_t i = h.size() - count + (p - committed_);
+        KVMEM_CHECK(h.positions[i] == p);
+        std::copy_n(&h.keys[i * c.head_dim], c.head_dim, &tail->keys[slot * row + g * c.head_dim]);
+        std::copy_n(&h.values[i * c.head_dim], c.head_dim,
+                    &tail->values[slot * row + g * c.head_dim]);
+      }
+      ++tail->filled;
+      if (tail->filled == B) tail = nullptr;  // full blocks are immutable from here on
+    }
+    for (const std::shared_ptr<KvBlock>& block : touched) {
+      // The stored block is a snapshot: the live tail keeps filling in later turns.
+      auto stored = std::make_shared<const KvBlock>(*block);
+      std::vector<float> digest = ComputeDigest(*stored, c.num_kv_heads, c.head_dim);
+      auto& layer_digests = digests_[l];
+      if (static_cast<int64_t>(layer_digests.size()) <= stored->index) {
+        layer_digests.resize(stored->index + 1);
+      }
+      layer_digests[stored->index] = digest;
+      writes.push_back({{storage_.uid, l, stored->index}, std::move(stored), std::move(digest)});
+    }
+  }
+  committed_ = position_;
+  return writes;
+}
+
+absl::Status Session::ReadPosition(int layer, int64_t position, int kv_head, float* k, float* v) {
+  const ModelConfig& c = model_.config();
+  if (layer < 0 || layer >= c.num_layers || kv_head < 0 || kv_head >= c.num_kv_heads ||
+      position < 0 || position >= committed_) {
+    return absl::OutOfRangeError(absl::StrCat("position ", position, " is not committed"));
+  }
+  const int B = options_.block_size;
+  const int64_t off = ((position % B) * c.num_kv_heads + kv_head) * c.head_dim;
+  const std::shared_ptr<KvBlock>& tail = tails_[layer];
+  if (tail != nullptr && tail->index == position / B) {
+    std::copy_n(&tail->keys[off], c.head_dim, k);
+    std::copy_n(&tail->values[off], c.head_dim, v);
+    return absl::OkStatus();
+  }
+  KVMEM_ASSIGN_OR_RETURN(auto block, storage_.source->ReadBlock(KeyOf(layer, position / B), nullptr));
+  std::copy_n(&block->keys[off], c.head_dim, k);
+  std::copy_n(&block->values[off], c.head_dim, v);
+  return absl::OkStatus();
 }
 
 int64_t Session::ApplyPolicy(int64_t new_tokens, const std::vector<std::vector<float>>& queries,
@@ -344,14 +620,16 @@ SessionStats Session::Stats() const {
   const ModelConfig& c = model_.config();
   SessionStats s;
   s.total_tokens = position_;
+  s.recalled_blocks = recalled_blocks_;
   s.turns = static_cast<int64_t>(turns_.size());
   for (int l = 0; l < c.num_layers; ++l) {
     for (int g = 0; g < c.num_kv_heads; ++g) s.hot_tokens_per_head.push_back(hot_.head(l, g).size());
   }
   s.hot_tokens = hot_.TotalEntries();
   s.hot_bytes = hot_.Bytes();
-  s.blocks = blocks_.num_blocks();
-  s.block_bytes = blocks_.bytes();
+  const int B = options_.block_size;
+  s.blocks = c.num_layers * ((committed_ + B - 1) / B);
+  s.block_bytes = s.blocks * 2 * static_cast<int64_t>(B) * c.kv_dim() * sizeof(float);
   return s;
 }
 

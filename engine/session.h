@@ -1,7 +1,8 @@
 // A conversation whose memory is a compressed, per-head KV cache.
 //
-// AppendTurn: template -> tokens -> prefill (attending to the hot set and, causally, the turn)
-//             -> commit the new positions to the block table -> memory policy (what stays hot).
+// AppendTurn: template -> tokens -> prefill (attending to the hot set, blocks recalled by
+//             digest score, and causally the turn) -> new positions into blocks -> memory
+//             policy (what stays hot) -> commit (one durable write) .
 // Generate:   [assistant prefix] -> decode -> sample -> stream -> [suffix] -> commit -> policy,
 //             or, when the caller does not keep the text, roll the hot set back.
 // New tokens always continue at the absolute position counter, never at the hot length.
@@ -20,6 +21,7 @@
 #include "engine/generate.h"
 #include "engine/kv_blocks.h"
 #include "engine/kv_cache.h"
+#include "engine/kv_store.h"
 #include "engine/memory_policy.h"
 #include "engine/model.h"
 
@@ -59,8 +61,12 @@ struct AppendResult {
   int64_t total_tokens = 0;  // absolute position after the turn
   int64_t hot_tokens = 0;    // summed over (layer, KV head)
   int64_t evicted = 0;       // entries that left hot at this turn boundary
+  int64_t recalled_blocks = 0;  // (layer, KV head, block) recalls into this turn
+  int64_t warm_hits = 0;        // block reads served from memory
+  int64_t cold_reads = 0;       // block reads that went to the cold tier
   double prefill_ms = 0;
   double select_ms = 0;
+  double commit_ms = 0;
   // Only when asked through AppendOptions:
   std::vector<float> logits;  // (turn_tokens, vocab)
   // Per layer (num_heads, min(return_queries, turn_tokens), head_dim).
@@ -85,6 +91,7 @@ struct GenerateResult {
 
 struct SessionStats {
   int64_t total_tokens = 0;
+  int64_t recalled_blocks = 0;  // since the session was loaded
   int64_t turns = 0;
   std::vector<int64_t> hot_tokens_per_head;  // (layer, KV head)
   int64_t hot_tokens = 0;
@@ -93,12 +100,36 @@ struct SessionStats {
   int64_t block_bytes = 0;
 };
 
+// Where a session's blocks go and come from, and under which uid it writes them.
+struct SessionStorage {
+  uint64_t uid = 1;
+  std::shared_ptr<BlockSource> source;
+  std::shared_ptr<CommitSink> sink;
+};
+
+// The durable state a session is restored from (what its commits wrote).
+struct SessionSnapshot {
+  std::vector<TurnRecord> turns;
+  int64_t position = 0;
+  std::vector<float> last_logits;
+  std::vector<std::vector<int64_t>> hot_positions;  // (layer * num_kv_heads + head)
+  std::vector<std::pair<int64_t, uint64_t>> owners;  // (first block index, owner uid)
+};
+
 class Session {
  public:
   // INVALID_ARGUMENT for bad memory options or template names; FAILED_PRECONDITION for a
   // model without a tokenizer or a template its tokenizer cannot express.
+  // Without `storage.source`/`sink`, the session keeps its blocks in a MemoryBlockStore.
   static absl::StatusOr<std::unique_ptr<Session>> Create(const Model& model, Backend& backend,
-                                                         const SessionOptions& options);
+                                                         const SessionOptions& options,
+                                                         SessionStorage storage = {});
+  // Rebuilds a session from its last commit: the hot set is read back from the blocks.
+  // DATA_LOSS for a corrupt block; NOT_FOUND for a missing one.
+  static absl::StatusOr<std::unique_ptr<Session>> Restore(const Model& model, Backend& backend,
+                                                          const SessionOptions& options,
+                                                          SessionStorage storage,
+                                                          SessionSnapshot snapshot);
 
   // INVALID_ARGUMENT for empty text; RESOURCE_EXHAUSTED for a turn over max_turn_tokens.
   // On error the session is unchanged.
@@ -109,35 +140,59 @@ class Session {
   absl::StatusOr<GenerateResult> Generate(const GenerateOptions& options,
                                           const TextCallback& on_text);
 
-  // An independent copy: same turns, hot set and blocks; the two diverge from here.
-  absl::StatusOr<std::unique_ptr<Session>> Fork() const;
+  // A session with the same turns and hot set that shares this one's blocks (no copy) and
+  // writes its own under `storage.uid` from here on. Empty storage: this session's store and
+  // a fresh uid.
+  absl::StatusOr<std::unique_ptr<Session>> Fork(SessionStorage storage = {}) const;
+  // The state a restore would rebuild (what the last commit wrote).
+  SessionSnapshot Snapshot() const;
+  // After a failed commit the in-memory state is ahead of the durable one: every further
+  // call fails with FAILED_PRECONDITION and the owner should restore the session.
+  bool broken() const { return broken_; }
+  uint64_t uid() const { return storage_.uid; }
 
   SessionStats Stats() const;
   const SessionOptions& options() const { return options_; }
   const std::vector<TurnRecord>& turns() const { return turns_; }
   int64_t position() const { return position_; }
   const KvCache& hot() const { return hot_; }
-  const BlockTable& blocks() const { return blocks_; }
+  int block_size() const { return options_.block_size; }
+  // K and V of one committed position and KV head, from wherever its block lives.
+  absl::Status ReadPosition(int layer, int64_t position, int kv_head, float* k, float* v);
 
  private:
   Session(const Model& model, Backend& backend, const SessionOptions& options,
-          std::unique_ptr<ChatTemplate> chat_template, std::unique_ptr<MemoryPolicy> policy);
-  // Copies positions [blocks_.positions(), position_) from the hot set into the block table.
-  void CommitBlocks();
+          std::unique_ptr<ChatTemplate> chat_template, std::unique_ptr<MemoryPolicy> policy,
+          SessionStorage storage);
+  BlockKey KeyOf(int layer, int64_t index) const;
+  // Moves positions [committed_, position_) (the last entries of every hot head) into blocks;
+  // returns the blocks written (new or rewritten tails) with their digests.
+  std::vector<BlockWrite> FillBlocks();
   // Runs the memory policy after a turn of `new_tokens` and drops what it does not keep.
   int64_t ApplyPolicy(int64_t new_tokens, const std::vector<std::vector<float>>& queries,
                       int observed);
+  // Recall for one layer during prefill (see SessionOptions::recall_blocks).
+  absl::Status Recall(int layer, const float* q, int64_t n, AppendResult* stats);
+  // Makes the turn just applied durable; marks the session broken on failure.
+  absl::Status Commit(const TurnRecord& turn, std::vector<BlockWrite> blocks);
 
   const Model& model_;
   Backend& backend_;
   SessionOptions options_;
   std::unique_ptr<ChatTemplate> template_;
   std::unique_ptr<MemoryPolicy> policy_;
+  SessionStorage storage_;
   KvCache hot_;
-  BlockTable blocks_;
   std::vector<TurnRecord> turns_;
   int64_t position_ = 0;
+  int64_t committed_ = 0;           // positions held in blocks
   std::vector<float> last_logits_;  // (vocab) after the last committed token
+  std::vector<std::pair<int64_t, uint64_t>> owners_;  // (first block index, owner uid)
+  std::vector<std::shared_ptr<KvBlock>> tails_;       // (layer) partial last block or null
+  // (layer) -> (block index) -> (num_kv_heads, 2, head_dim) digests.
+  std::vector<std::vector<std::vector<float>>> digests_;
+  int64_t recalled_blocks_ = 0;
+  bool broken_ = false;
 };
 
 }  // namespace kvmem

@@ -124,29 +124,29 @@ TEST_F(SessionTest, EvictedPositionsStayRetrievableInBlocks) {
   ASSERT_EQ(full->position(), snap->position());
   const ModelConfig& c = model_->config();
   const int64_t positions = snap->position();
-  EXPECT_EQ(snap->blocks().positions(), positions);
-  EXPECT_EQ(snap->blocks().num_blocks(), c.num_layers * ((positions + block - 1) / block));
+  EXPECT_EQ(snap->Stats().blocks, c.num_layers * ((positions + block - 1) / block));
   // Every position of the compressed session, evicted or not, reads back the K/V that the
-  // uncompressed session holds hot, in the early turns where both computed the same values.
+  // uncompressed session holds hot, in the first turn where both computed the same values.
   const int64_t shared = full->turns()[0].tokens.size();
   std::vector<float> k(c.head_dim), v(c.head_dim);
   for (int l = 0; l < c.num_layers; ++l) {
     for (int g = 0; g < c.num_kv_heads; ++g) {
       const HeadKv& ref = full->hot().head(l, g);
       for (int64_t p = 0; p < shared; ++p) {
-        ASSERT_TRUE(snap->blocks().Read(l, p, g, k.data(), v.data()));
+        ASSERT_TRUE(snap->ReadPosition(l, p, g, k.data(), v.data()).ok());
         EXPECT_TRUE(std::equal(k.begin(), k.end(), &ref.keys[p * c.head_dim]));
         EXPECT_TRUE(std::equal(v.begin(), v.end(), &ref.values[p * c.head_dim]));
       }
       // And hot entries equal their block copies bit for bit.
       const HeadKv& hot = snap->hot().head(l, g);
       for (int64_t i = 0; i < hot.size(); ++i) {
-        ASSERT_TRUE(snap->blocks().Read(l, hot.positions[i], g, k.data(), v.data()));
+        ASSERT_TRUE(snap->ReadPosition(l, hot.positions[i], g, k.data(), v.data()).ok());
         EXPECT_TRUE(std::equal(k.begin(), k.end(), &hot.keys[i * c.head_dim]));
+        EXPECT_TRUE(std::equal(v.begin(), v.end(), &hot.values[i * c.head_dim]));
       }
     }
   }
-  EXPECT_FALSE(snap->blocks().Read(0, positions, 0, k.data(), v.data()));
+  EXPECT_FALSE(snap->ReadPosition(0, positions, 0, k.data(), v.data()).ok());
 }
 
 TEST_F(SessionTest, DiscardedGenerationLeavesTheSessionUnchanged) {
@@ -160,7 +160,7 @@ TEST_F(SessionTest, DiscardedGenerationLeavesTheSessionUnchanged) {
   EXPECT_EQ(s->position(), position);
   EXPECT_EQ(s->turns().size(), 1u);
   EXPECT_EQ(s->Stats().hot_tokens_per_head, before.hot_tokens_per_head);
-  EXPECT_EQ(s->blocks().positions(), position);
+  EXPECT_EQ(s->Stats().blocks, before.blocks);
   // Generating again gives the same tokens: nothing of the first attempt remains.
   auto g2 = s->Generate({.sampling = {.max_tokens = 16}}, nullptr);
   ASSERT_TRUE(g2.ok());

@@ -1,0 +1,69 @@
+#include "engine/kv_store.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvmem {
+
+std::vector<float> ComputeDigest(const KvBlock& block, int num_kv_heads, int head_dim) {
+  std::vector<float> digest(static_cast<size_t>(num_kv_heads) * 2 * head_dim);
+  for (int g = 0; g < num_kv_heads; ++g) {
+    float* lo = &digest[(g * 2) * head_dim];
+    float* hi = &digest[(g * 2 + 1) * head_dim];
+    std::fill(lo, lo + head_dim, std::numeric_limits<float>::infinity());
+    std::fill(hi, hi + head_dim, -std::numeric_limits<float>::infinity());
+    for (int s = 0; s < block.filled; ++s) {
+      const float* k = &block.keys[(static_cast<int64_t>(s) * num_kv_heads + g) * head_dim];
+      for (int d = 0; d < head_dim; ++d) {
+        lo[d] = std::min(lo[d], k[d]);
+        hi[d] = std::max(hi[d], k[d]);
+      }
+    }
+  }
+  return digest;
+}
+
+float DigestScore(const float* q, const float* digest_head, int head_dim) {
+  const float* lo = digest_head;
+  const float* hi = digest_head + head_dim;
+  float score = 0.f;
+  for (int d = 0; d < head_dim; ++d) score += std::max(q[d] * lo[d], q[d] * hi[d]);
+  return score;
+}
+
+absl::StatusOr<std::shared_ptr<const KvBlock>> MemoryBlockStore::ReadBlock(const BlockKey& key,
+                                                                           bool* from_cold) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (from_cold != nullptr) *from_cold = false;
+  auto it = blocks_.find(key);
+  if (it == blocks_.end()) {
+    return absl::NotFoundError(absl::StrCat("no KV block (owner ", key.owner, ", layer ",
+                                            key.layer, ", index ", key.index, ")"));
+  }
+  return it->second;
+}
+
+absl::StatusOr<std::vector<float>> MemoryBlockStore::ReadDigest(const BlockKey& key) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = digests_.find(key);
+  if (it == digests_.end()) return absl::NotFoundError("no digest for KV block");
+  return it->second;
+}
+
+absl::Status MemoryBlockStore::Commit(const TurnCommit& commit) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const BlockWrite& w : commit.blocks) {
+    blocks_[w.key] = w.block;
+    digests_[w.key] = w.digest;
+  }
+  return absl::OkStatus();
+}
+
+int64_t MemoryBlockStore::num_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return static_cast<int64_t>(blocks_.size());
+}
+
+}  // namespace kvmem
