@@ -1,6 +1,8 @@
 #include "service/session_manager.h"
 
 #include <algorithm>
+#include <cctype>
+#include <list>
 #include <chrono>
 #include <deque>
 #include <mutex>
@@ -8,6 +10,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
+#include "tiers/cold_store.h"
+#include "tiers/warm_store.h"
 
 namespace kvmem {
 namespace {
@@ -53,22 +57,101 @@ SessionOptions ApplyOverrides(SessionOptions o, const SessionOverrides& v) {
   return o;
 }
 
-// Remembered answers of recent requests with an id, so retries are applied once.
+// Answers of recent requests with an id, kept in memory so a retry is answered exactly the
+// same; committed requests are also found in the store after a restart.
 constexpr size_t kRememberedRequests = 256;
+
+int64_t BlockBytes(const SessionOptions& o, const ModelConfig& c) {
+  return 2 * static_cast<int64_t>(o.block_size) * c.kv_dim() * static_cast<int64_t>(sizeof(float));
+}
+
+uint64_t OwnerOf(const std::vector<std::pair<int64_t, uint64_t>>& owners, int64_t index) {
+  uint64_t owner = owners.front().second;
+  for (const auto& [first, uid] : owners) {
+    if (first > index) break;
+    owner = uid;
+  }
+  return owner;
+}
+
+// Reads blocks through the warm tier, falling back to cold.
+class TieredBlockSource : public BlockSource {
+ public:
+  TieredBlockSource(ColdStore* cold, WarmStore* warm, const SessionOptions& options,
+                    const ModelConfig& config)
+      : cold_(cold), warm_(warm), block_size_(options.block_size), config_(config),
+        block_bytes_(BlockBytes(options, config)) {}
+
+  absl::StatusOr<std::shared_ptr<const KvBlock>> ReadBlock(const BlockKey& key,
+                                                           bool* from_cold) override {
+    if (auto block = warm_->Get(key)) {
+      if (from_cold != nullptr) *from_cold = false;
+      return block;
+    }
+    KVMEM_ASSIGN_OR_RETURN(auto block,
+                           cold_->ReadBlock(key, block_size_, config_.num_kv_heads, config_.head_dim));
+    warm_->Put(key, block, block_bytes_);
+    if (from_cold != nullptr) *from_cold = true;
+    return block;
+  }
+  absl::StatusOr<std::vector<float>> ReadDigest(const BlockKey& key) override {
+    return cold_->ReadDigest(key);
+  }
+
+ private:
+  ColdStore* cold_;
+  WarmStore* warm_;
+  int block_size_;
+  const ModelConfig& config_;
+  int64_t block_bytes_;
+};
+
+struct Entry;
+
+// Makes a session's turns durable: the updated record and the turn in one cold write, then
+// the new blocks into warm.
+class EntryCommitSink : public CommitSink {
+ public:
+  EntryCommitSink(Entry* entry, ColdStore* cold, WarmStore* warm, const ModelConfig& config)
+      : entry_(entry), cold_(cold), warm_(warm), config_(config) {}
+  absl::Status Commit(const TurnCommit& commit) override;
+  std::string request_id;  // of the call in flight, recorded with its commit
+
+ private:
+  Entry* entry_;
+  ColdStore* cold_;
+  WarmStore* warm_;
+  const ModelConfig& config_;
+};
 
 struct Entry {
   std::mutex mu;  // held for the whole of every call on this session, so calls apply in order
-  std::string tenant;
-  std::string id;
-  std::map<std::string, std::string> labels;
-  int64_t created_unix_ms = 0;
-  int64_t updated_unix_ms = 0;
-  std::unique_ptr<Session> session;
+  SessionRecord record;              // as last committed
+  std::unique_ptr<Session> session;  // null while paged out
+  std::shared_ptr<EntryCommitSink> sink;
+  bool foreign = false;  // written under another model fingerprint: never served
   bool deleted = false;
+  int64_t hot_bytes = 0;  // of the resident session after its last call
+  uint64_t last_used = 0;
   std::map<std::string, AppendResult> appended;     // request id -> answer
   std::map<std::string, GenerateResult> generated;  // request id -> answer
   std::deque<std::string> request_order;
 };
+
+absl::Status EntryCommitSink::Commit(const TurnCommit& commit) {
+  SessionRecord next = entry_->record;
+  next.position = commit.position;
+  if (commit.text != nullptr) next.turns = commit.turn_index + 1;
+  next.owners = *commit.owners;
+  next.last_logits = *commit.last_logits;
+  next.updated_unix_ms = NowUnixMs();
+  KVMEM_RETURN_IF_ERROR(
+      cold_->CommitTurn(next, commit, request_id, config_.num_kv_heads, config_.head_dim));
+  entry_->record = std::move(next);
+  const int64_t bytes = BlockBytes(entry_->record.options, config_);
+  for (const BlockWrite& w : commit.blocks) warm_->Put(w.key, w.block, bytes);
+  return absl::OkStatus();
+}
 
 void Remember(Entry& e, const std::string& request_id) {
   e.request_order.push_back(request_id);
@@ -79,40 +162,59 @@ void Remember(Entry& e, const std::string& request_id) {
   }
 }
 
-SessionInfo Describe(const Entry& e) {
-  SessionInfo info;
-  info.session_id = e.id;
-  info.labels = e.labels;
-  info.options = e.session->options();
-  info.created_unix_ms = e.created_unix_ms;
-  info.updated_unix_ms = e.updated_unix_ms;
-  info.stats = e.session->Stats();
-  info.warm_blocks = info.stats.blocks;  // in memory: every block is warm
-  info.warm_bytes = info.stats.block_bytes;
-  return info;
-}
-
-class InMemorySessionManager : public SessionManager {
+class DurableSessionManager : public SessionManager {
  public:
-  InMemorySessionManager(const Model& model, Backend& backend, const SessionManagerOptions& options)
-      : model_(model), backend_(backend), options_(options) {}
+  DurableSessionManager(const Model& model, Backend& backend, const SessionManagerOptions& options,
+                        std::unique_ptr<ColdStore> cold)
+      : model_(model),
+        backend_(backend),
+        options_(options),
+        cold_(std::move(cold)),
+        warm_(options.warm_bytes) {}
+
+  // Lists the sessions of the store (loaded lazily on their first call).
+  absl::Status LoadIndex() {
+    KVMEM_ASSIGN_OR_RETURN(std::vector<SessionRecord> records, cold_->ListSessions());
+    std::lock_guard<std::mutex> lock(mu_);
+    for (SessionRecord& r : records) {
+      auto entry = NewEntry(std::move(r));
+      sessions_[Key(entry->record.tenant, entry->record.session_id)] = entry;
+    }
+    return absl::OkStatus();
+  }
 
   absl::StatusOr<SessionInfo> CreateSession(const CreateSessionRequest& request) override {
     const std::string id = request.session_id.empty() ? NewSessionId() : request.session_id;
     KVMEM_RETURN_IF_ERROR(ValidateSessionId(id));
-    SessionOptions session_options = ApplyOverrides(options_.session_defaults, request.overrides);
-    KVMEM_ASSIGN_OR_RETURN(auto session, Session::Create(model_, backend_, session_options));
-    auto entry = std::make_shared<Entry>();
-    entry->tenant = request.tenant;
-    entry->id = id;
-    entry->labels = request.labels;
-    entry->created_unix_ms = entry->updated_unix_ms = NowUnixMs();
-    entry->session = std::move(session);
-    std::lock_guard<std::mutex> lock(mu_);
-    auto [it, inserted] = sessions_.emplace(Key(request.tenant, id), entry);
-    if (!inserted) {
-      return absl::AlreadyExistsError(absl::StrCat("session \"", id, "\" already exists"));
+    for (const auto& [k, v] : request.labels) {
+      if (k.empty() || k.size() > 256 || v.size() > 1024) {
+        return absl::InvalidArgumentError(
+            "labels need a key of 1-256 bytes and a value of at most 1024 bytes");
+      }
     }
+    SessionRecord record;
+    record.tenant = request.tenant;
+    record.session_id = id;
+    record.fingerprint = model_.fingerprint();
+    record.labels = request.labels;
+    record.options = ApplyOverrides(options_.session_defaults, request.overrides);
+    record.created_unix_ms = record.updated_unix_ms = NowUnixMs();
+    // Validate the options by building the session before anything is stored.
+    KVMEM_RETURN_IF_ERROR(Session::Create(model_, backend_, record.options).status());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (sessions_.count(Key(request.tenant, id)) > 0) {
+        return absl::AlreadyExistsError(absl::StrCat("session \"", id, "\" already exists"));
+      }
+    }
+    KVMEM_RETURN_IF_ERROR(cold_->CreateSession(&record));
+    auto entry = NewEntry(std::move(record));
+    std::lock_guard<std::mutex> entry_lock(entry->mu);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      sessions_[Key(request.tenant, id)] = entry;
+    }
+    KVMEM_RETURN_IF_ERROR(Load(*entry));
     return Describe(*entry);
   }
 
@@ -126,36 +228,67 @@ class InMemorySessionManager : public SessionManager {
                                                      options_.max_content_bytes));
     }
     KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, Find(request.tenant, request.session_id));
-    std::lock_guard<std::mutex> lock(entry->mu);
-    if (entry->deleted) return NotFound(request.session_id);
+    std::unique_lock<std::mutex> lock(entry->mu);
+    KVMEM_RETURN_IF_ERROR(CheckServable(*entry));
     if (!request.request_id.empty()) {
       auto it = entry->appended.find(request.request_id);
       if (it != entry->appended.end()) return it->second;
+      KVMEM_ASSIGN_OR_RETURN(auto done, cold_->FindRequest(entry->record.uid, request.request_id));
+      if (done) {
+        KVMEM_ASSIGN_OR_RETURN(TurnRecord turn, cold_->ReadTurn(entry->record.uid, *done));
+        AppendResult replay;
+        replay.turn_index = *done;
+        replay.turn_tokens = static_cast<int64_t>(turn.tokens.size());
+        replay.total_tokens = turn.first_position + replay.turn_tokens;
+        return replay;
+      }
     }
     KVMEM_RETURN_IF_ERROR(CheckExpectedTurns(*entry, request.expected_turns));
-    KVMEM_ASSIGN_OR_RETURN(AppendResult result,
-                           entry->session->AppendTurn(request.role, request.content));
-    entry->updated_unix_ms = NowUnixMs();
+    KVMEM_RETURN_IF_ERROR(Load(*entry));
+    if (options_.max_session_tokens > 0 &&
+        entry->session->position() >= options_.max_session_tokens) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "session holds ", entry->session->position(), " tokens, the limit is ",
+          options_.max_session_tokens, ": fork or start a new session"));
+    }
+    entry->sink->request_id = request.request_id;
+    auto result = entry->session->AppendTurn(request.role, request.content);
+    entry->sink->request_id.clear();
+    AfterCall(*entry);
+    if (!result.ok()) return result.status();
     if (!request.request_id.empty()) {
-      entry->appended[request.request_id] = result;
+      entry->appended[request.request_id] = *result;
       Remember(*entry, request.request_id);
     }
+    lock.unlock();
+    EnforceHotBudget(entry.get());
     return result;
   }
 
   absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request,
                                           const TextCallback& on_text) override {
     KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, Find(request.tenant, request.session_id));
-    std::lock_guard<std::mutex> lock(entry->mu);
-    if (entry->deleted) return NotFound(request.session_id);
+    std::unique_lock<std::mutex> lock(entry->mu);
+    KVMEM_RETURN_IF_ERROR(CheckServable(*entry));
     if (!request.request_id.empty()) {
       auto it = entry->generated.find(request.request_id);
       if (it != entry->generated.end()) {
         if (on_text && !it->second.generation.text.empty()) on_text(it->second.generation.text);
         return it->second;
       }
+      KVMEM_ASSIGN_OR_RETURN(auto done, cold_->FindRequest(entry->record.uid, request.request_id));
+      if (done) {
+        KVMEM_ASSIGN_OR_RETURN(TurnRecord turn, cold_->ReadTurn(entry->record.uid, *done));
+        GenerateResult replay;
+        replay.turn_index = *done;
+        replay.generation.text = turn.text;
+        replay.generation.tokens = turn.tokens;
+        if (on_text && !turn.text.empty()) on_text(turn.text);
+        return replay;
+      }
     }
     KVMEM_RETURN_IF_ERROR(CheckExpectedTurns(*entry, request.expected_turns));
+    KVMEM_RETURN_IF_ERROR(Load(*entry));
     if (options_.max_session_tokens > 0 &&
         entry->session->position() + request.options.sampling.max_tokens >
             options_.max_session_tokens) {
@@ -164,53 +297,61 @@ class InMemorySessionManager : public SessionManager {
           request.options.sampling.max_tokens, " more would pass the limit of ",
           options_.max_session_tokens, ": fork a new session or lower max_tokens"));
     }
-    KVMEM_ASSIGN_OR_RETURN(GenerateResult result,
-                           entry->session->Generate(request.options, on_text));
-    entry->updated_unix_ms = NowUnixMs();
-    if (!request.request_id.empty() && result.generation.finish != FinishReason::kCancelled) {
-      entry->generated[request.request_id] = result;
+    entry->sink->request_id = request.request_id;
+    auto result = entry->session->Generate(request.options, on_text);
+    entry->sink->request_id.clear();
+    AfterCall(*entry);
+    if (!result.ok()) return result.status();
+    if (!request.request_id.empty() && result->generation.finish != FinishReason::kCancelled) {
+      entry->generated[request.request_id] = *result;
       Remember(*entry, request.request_id);
     }
+    lock.unlock();
+    EnforceHotBudget(entry.get());
     return result;
   }
 
   absl::StatusOr<SessionInfo> GetSession(const std::string& tenant,
                                          const std::string& session_id) override {
     KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, Find(tenant, session_id));
-    std::lock_guard<std::mutex> lock(entry->mu);
+    std::unique_lock<std::mutex> lock(entry->mu);
     if (entry->deleted) return NotFound(session_id);
-    return Describe(*entry);
+    if (!entry->foreign) {
+      KVMEM_RETURN_IF_ERROR(Load(*entry));
+      AfterCall(*entry);
+    }
+    SessionInfo info = Describe(*entry);
+    lock.unlock();
+    EnforceHotBudget(entry.get());
+    return info;
   }
 
   absl::StatusOr<ListSessionsResult> ListSessions(const ListSessionsRequest& request) override {
     const int page_size = request.page_size <= 0 ? 100 : std::min(request.page_size, 1000);
-    std::vector<std::shared_ptr<Entry>> matching;
+    std::vector<std::shared_ptr<Entry>> candidates;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (auto it = sessions_.lower_bound(Key(request.tenant, request.page_token));
+      for (auto it = sessions_.upper_bound(Key(request.tenant, request.page_token));
            it != sessions_.end(); ++it) {
-        const Entry& e = *it->second;
-        if (e.tenant != request.tenant) break;
-        if (!request.page_token.empty() && e.id <= request.page_token) continue;
-        bool match = true;
-        for (const auto& [k, v] : request.label_filter) {
-          auto l = e.labels.find(k);
-          if (l == e.labels.end() || l->second != v) match = false;
-        }
-        if (!match) continue;
-        if (static_cast<int>(matching.size()) == page_size) {
-          break;
-        }
-        matching.push_back(it->second);
+        if (it->second->record.tenant != request.tenant) break;
+        candidates.push_back(it->second);
       }
     }
     ListSessionsResult result;
-    for (const auto& entry : matching) {
+    for (const auto& entry : candidates) {
       std::lock_guard<std::mutex> lock(entry->mu);
-      if (!entry->deleted) result.sessions.push_back(Describe(*entry));
-    }
-    if (static_cast<int>(matching.size()) == page_size) {
-      result.next_page_token = matching.back()->id;
+      if (entry->deleted) continue;
+      bool match = true;
+      for (const auto& [k, v] : request.label_filter) {
+        auto l = entry->record.labels.find(k);
+        if (l == entry->record.labels.end() || l->second != v) match = false;
+      }
+      if (!match) continue;
+      if (static_cast<int>(result.sessions.size()) == page_size) {
+        result.next_page_token = result.sessions.back().session_id;
+        break;
+      }
+      result.sessions.push_back(Describe(*entry));
     }
     return result;
   }
@@ -220,35 +361,45 @@ class InMemorySessionManager : public SessionManager {
     const std::string id = new_session_id.empty() ? NewSessionId() : new_session_id;
     KVMEM_RETURN_IF_ERROR(ValidateSessionId(id));
     KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Entry> parent, Find(tenant, session_id));
-    auto entry = std::make_shared<Entry>();
+    SessionRecord child;
     {
       std::lock_guard<std::mutex> lock(parent->mu);
-      if (parent->deleted) return NotFound(session_id);
-      KVMEM_ASSIGN_OR_RETURN(entry->session, parent->session->Fork());
-      entry->labels = parent->labels;
+      KVMEM_RETURN_IF_ERROR(CheckServable(*parent));
+      {
+        std::lock_guard<std::mutex> map_lock(mu_);
+        if (sessions_.count(Key(tenant, id)) > 0) {
+          return absl::AlreadyExistsError(absl::StrCat("session \"", id, "\" already exists"));
+        }
+      }
+      child.tenant = tenant;
+      child.session_id = id;
+      child.fingerprint = parent->record.fingerprint;
+      child.labels = parent->record.labels;
+      child.options = parent->record.options;
+      child.created_unix_ms = child.updated_unix_ms = NowUnixMs();
+      KVMEM_RETURN_IF_ERROR(cold_->ForkSession(parent->record, &child, model_.config().num_layers,
+                                               model_.config().num_kv_heads));
     }
-    entry->tenant = tenant;
-    entry->id = id;
-    entry->created_unix_ms = entry->updated_unix_ms = NowUnixMs();
-    std::lock_guard<std::mutex> lock(mu_);
-    auto [it, inserted] = sessions_.emplace(Key(tenant, id), entry);
-    if (!inserted) {
-      return absl::AlreadyExistsError(absl::StrCat("session \"", id, "\" already exists"));
+    auto entry = NewEntry(std::move(child));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      sessions_[Key(tenant, id)] = entry;
     }
+    std::lock_guard<std::mutex> lock(entry->mu);
     return Describe(*entry);
   }
 
   absl::Status DeleteSession(const std::string& tenant, const std::string& session_id) override {
-    std::shared_ptr<Entry> entry;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = sessions_.find(Key(tenant, session_id));
-      if (it == sessions_.end()) return NotFound(session_id);
-      entry = it->second;
-      sessions_.erase(it);
-    }
+    KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, Find(tenant, session_id));
     std::lock_guard<std::mutex> lock(entry->mu);  // waits for a call in flight
+    if (entry->deleted) return NotFound(session_id);
+    std::vector<uint64_t> freed;
+    KVMEM_RETURN_IF_ERROR(cold_->DeleteSession(entry->record, &freed));
+    for (uint64_t owner : freed) warm_.EraseOwner(owner);
     entry->deleted = true;
+    entry->session.reset();
+    std::lock_guard<std::mutex> map_lock(mu_);
+    sessions_.erase(Key(tenant, session_id));
     return absl::OkStatus();
   }
 
@@ -260,28 +411,145 @@ class InMemorySessionManager : public SessionManager {
   static absl::Status NotFound(const std::string& id) {
     return absl::NotFoundError(absl::StrCat("no session \"", id, "\""));
   }
+
+  std::shared_ptr<Entry> NewEntry(SessionRecord record) {
+    auto entry = std::make_shared<Entry>();
+    entry->foreign = record.fingerprint != model_.fingerprint();
+    entry->record = std::move(record);
+    entry->sink = std::make_shared<EntryCommitSink>(entry.get(), cold_.get(), &warm_,
+                                                    model_.config());
+    return entry;
+  }
+
   absl::StatusOr<std::shared_ptr<Entry>> Find(const std::string& tenant, const std::string& id) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = sessions_.find(Key(tenant, id));
     if (it == sessions_.end()) return NotFound(id);
     return it->second;
   }
-  static absl::Status CheckExpectedTurns(const Entry& e, const std::optional<int64_t>& expected) {
-    if (!expected) return absl::OkStatus();
-    const int64_t turns = static_cast<int64_t>(e.session->turns().size());
-    if (turns != *expected) {
+
+  absl::Status CheckServable(const Entry& e) const {
+    if (e.deleted) return NotFound(e.record.session_id);
+    if (e.foreign) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "session \"", e.id, "\" has ", turns, " turns, the request expected ", *expected,
-          "; re-read the session and retry"));
+          "session \"", e.record.session_id, "\" was written by model ", e.record.fingerprint,
+          " but this server runs model ", model_.fingerprint(),
+          "; its KV cache cannot be used with other weights: serve it with the model it was "
+          "written with, or delete it"));
     }
     return absl::OkStatus();
+  }
+
+  static absl::Status CheckExpectedTurns(const Entry& e, const std::optional<int64_t>& expected) {
+    if (!expected) return absl::OkStatus();
+    if (e.record.turns != *expected) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "session \"", e.record.session_id, "\" has ", e.record.turns,
+          " turns, the request expected ", *expected, "; re-read the session and retry"));
+    }
+    return absl::OkStatus();
+  }
+
+  // Pages the session in (restoring it from its last commit) unless it is resident. A session
+  // whose last commit failed is dropped and restored. Call with entry.mu held.
+  absl::Status Load(Entry& e) {
+    if (e.session != nullptr && !e.session->broken()) return absl::OkStatus();
+    e.session.reset();
+    const ModelConfig& c = model_.config();
+    SessionStorage storage;
+    storage.uid = e.record.uid;
+    storage.source = std::make_shared<TieredBlockSource>(cold_.get(), &warm_, e.record.options, c);
+    storage.sink = e.sink;
+    KVMEM_ASSIGN_OR_RETURN(SessionSnapshot snapshot,
+                           cold_->LoadSnapshot(e.record, c.num_layers, c.num_kv_heads));
+    auto session = Session::Restore(model_, backend_, e.record.options, std::move(storage),
+                                    std::move(snapshot));
+    if (!session.ok()) {
+      return absl::Status(session.status().code(),
+                          absl::StrCat("session \"", e.record.session_id,
+                                       "\" cannot be loaded: ", session.status().message()));
+    }
+    e.session = std::move(*session);
+    return absl::OkStatus();
+  }
+
+  // Bookkeeping after a call on a resident session (entry.mu held).
+  void AfterCall(Entry& e) {
+    std::lock_guard<std::mutex> lock(lru_mu_);
+    e.last_used = ++clock_;
+    e.hot_bytes = e.session != nullptr ? e.session->Stats().hot_bytes : 0;
+  }
+
+  // Pages out least recently used idle sessions while all hot sets together exceed hot_bytes.
+  void EnforceHotBudget(const Entry* current) {
+    if (options_.hot_bytes <= 0) return;
+    std::vector<std::shared_ptr<Entry>> resident;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& [key, e] : sessions_) resident.push_back(e);
+    }
+    int64_t total = 0;
+    {
+      std::lock_guard<std::mutex> lock(lru_mu_);
+      for (const auto& e : resident) total += e->hot_bytes;
+      std::sort(resident.begin(), resident.end(),
+                [](const auto& a, const auto& b) { return a->last_used < b->last_used; });
+    }
+    for (const auto& e : resident) {
+      if (total <= options_.hot_bytes) break;
+      if (e.get() == current || e->hot_bytes == 0) continue;
+      std::unique_lock<std::mutex> lock(e->mu, std::try_to_lock);
+      if (!lock.owns_lock() || e->session == nullptr) continue;  // busy: not idle
+      e->session.reset();
+      std::lock_guard<std::mutex> lru_lock(lru_mu_);
+      total -= e->hot_bytes;
+      e->hot_bytes = 0;
+      ++page_outs_;
+    }
+  }
+
+  SessionInfo Describe(const Entry& e) const {
+    const ModelConfig& c = model_.config();
+    SessionInfo info;
+    info.session_id = e.record.session_id;
+    info.labels = e.record.labels;
+    info.options = e.record.options;
+    info.created_unix_ms = e.record.created_unix_ms;
+    info.updated_unix_ms = e.record.updated_unix_ms;
+    info.model_fingerprint = e.record.fingerprint;
+    info.resident = e.session != nullptr;
+    if (e.session != nullptr) {
+      info.stats = e.session->Stats();
+    } else {
+      info.stats.total_tokens = e.record.position;
+      info.stats.turns = e.record.turns;
+    }
+    const int B = e.record.options.block_size;
+    const int64_t blocks = (e.record.position + B - 1) / B;
+    const int64_t block_bytes = BlockBytes(e.record.options, c);
+    info.cold_blocks = blocks * c.num_layers;
+    info.cold_bytes = info.cold_blocks * block_bytes;
+    if (!e.record.owners.empty()) {
+      for (int l = 0; l < c.num_layers; ++l) {
+        for (int64_t b = 0; b < blocks; ++b) {
+          if (warm_.Contains({OwnerOf(e.record.owners, b), l, b})) ++info.warm_blocks;
+        }
+      }
+    }
+    info.warm_bytes = info.warm_blocks * block_bytes;
+    return info;
   }
 
   const Model& model_;
   Backend& backend_;
   SessionManagerOptions options_;
+  std::unique_ptr<ColdStore> cold_;
+  WarmStore warm_;
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<Entry>> sessions_;  // Key(tenant, id) -> entry
+  std::mutex lru_mu_;
+  uint64_t clock_ = 0;
+  int64_t page_outs_ = 0;
 };
 
 }  // namespace
@@ -289,7 +557,13 @@ class InMemorySessionManager : public SessionManager {
 absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Open(
     const Model& model, Backend& backend, const SessionManagerOptions& options) {
   KVMEM_RETURN_IF_ERROR(ValidateMemoryOptions(options.session_defaults.memory));
-  return std::unique_ptr<SessionManager>(new InMemorySessionManager(model, backend, options));
+  ColdStoreOptions cold;
+  cold.path = options.data_dir;
+  cold.sync = options.sync && !options.data_dir.empty();
+  KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<ColdStore> store, ColdStore::Open(cold));
+  auto manager = std::make_unique<DurableSessionManager>(model, backend, options, std::move(store));
+  KVMEM_RETURN_IF_ERROR(manager->LoadIndex());
+  return std::unique_ptr<SessionManager>(std::move(manager));
 }
 
 }  // namespace kvmem

@@ -4,6 +4,11 @@
 //
 // Ordering: calls on one session run one at a time in arrival order (a call on a busy
 // session waits its turn); calls on different sessions run concurrently.
+//
+// Durability: every session lives in a RocksDB store (data_dir; in memory when empty). A call
+// that changes a session returns only after its commit; on open, sessions are listed from the
+// store and loaded on their first call. A session written under another model fingerprint is
+// listed but never served (FAILED_PRECONDITION).
 #ifndef KVMEM_SERVICE_SESSION_MANAGER_H_
 #define KVMEM_SERVICE_SESSION_MANAGER_H_
 
@@ -31,6 +36,13 @@ struct SessionManagerOptions {
   int64_t max_content_bytes = 1 << 20;
   // Default: 0 (unlimited). Absolute positions a session may reach (RESOURCE_EXHAUSTED beyond).
   int64_t max_session_tokens = 0;
+  // Default: 4 GiB. Host RAM for the warm tier's KV blocks (LRU beyond it; cold keeps all).
+  int64_t warm_bytes = int64_t{4} << 30;
+  // Default: 0 (unlimited). Bytes of all resident sessions' hot sets together; beyond it the
+  // least recently used idle sessions are paged out whole and paged back in on their next call.
+  int64_t hot_bytes = 0;
+  // Default: true. fsync every commit before the call returns.
+  bool sync = true;
 };
 
 // Per-session overrides of the server defaults; unset fields keep the default.
@@ -62,6 +74,8 @@ struct SessionInfo {
   int64_t warm_bytes = 0;
   int64_t cold_blocks = 0;
   int64_t cold_bytes = 0;
+  bool resident = false;          // hot set loaded in memory now
+  std::string model_fingerprint;  // of the model that wrote the session
 };
 
 struct AppendTurnRequest {

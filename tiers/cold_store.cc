@@ -1,0 +1,368 @@
+#include "tiers/cold_store.h"
+
+#include <algorithm>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "engine/status_macros.h"
+#include "rocksdb/db.h"
+#include "rocksdb/env.h"
+#include "rocksdb/options.h"
+#include "rocksdb/table.h"
+#include "rocksdb/write_batch.h"
+
+namespace kvmem {
+namespace {
+
+enum Cf { kDefault, kSessions, kTurns, kBlocks, kDigests, kHot, kRefs, kRequests, kNumCfs };
+const char* const kCfNames[] = {"default", "sessions", "turns", "blocks",
+                                "digests", "hot_index", "refs", "requests"};
+
+void PutBE(std::string* s, uint64_t v, int bytes) {
+  for (int i = bytes - 1; i >= 0; --i) s->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+
+std::string SessionKey(const std::string& tenant, const std::string& id) {
+  return tenant + '\x1f' + id;
+}
+std::string UidKey(uint64_t uid) {
+  std::string k;
+  PutBE(&k, uid, 8);
+  return k;
+}
+std::string TurnKey(uint64_t uid, int64_t turn) {
+  std::string k = UidKey(uid);
+  PutBE(&k, static_cast<uint64_t>(turn), 8);
+  return k;
+}
+std::string BlockKeyBytes(const BlockKey& key) {
+  std::string k = UidKey(key.owner);
+  PutBE(&k, static_cast<uint32_t>(key.layer), 4);
+  PutBE(&k, static_cast<uint64_t>(key.index), 8);
+  return k;
+}
+std::string HotKey(uint64_t uid, int layer, int head) {
+  std::string k = UidKey(uid);
+  PutBE(&k, static_cast<uint32_t>(layer), 4);
+  PutBE(&k, static_cast<uint32_t>(head), 4);
+  return k;
+}
+std::string RequestKey(uint64_t uid, const std::string& request_id) {
+  return UidKey(uid) + request_id;
+}
+std::string U64Value(uint64_t v) {
+  std::string s;
+  PutBE(&s, v, 8);
+  return s;
+}
+uint64_t ParseU64(const std::string& s) {
+  uint64_t v = 0;
+  for (size_t i = 0; i < s.size() && i < 8; ++i) v = (v << 8) | static_cast<uint8_t>(s[i]);
+  return v;
+}
+
+absl::Status FromRocks(const rocksdb::Status& s, std::string_view what) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("cold store ", std::string(what), ": ", s.ToString()));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ColdStore>> ColdStore::Open(const ColdStoreOptions& options) {
+  auto store = std::unique_ptr<ColdStore>(new ColdStore());
+  store->options_ = options;
+  rocksdb::DBOptions db_options;
+  db_options.create_if_missing = true;
+  db_options.create_missing_column_families = true;
+  db_options.max_background_jobs = 2;
+  std::string path = options.path;
+  if (path.empty()) {
+    store->mem_env_.reset(rocksdb::NewMemEnv(rocksdb::Env::Default()));
+    db_options.env = store->mem_env_.get();
+    path = "/kvmem-in-memory";
+  }
+  std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
+  for (int i = 0; i < kNumCfs; ++i) {
+    rocksdb::ColumnFamilyOptions cf;
+    if (i == kBlocks && options.blob_files) {
+      // KV blocks are large (tens of KiB to MiB) and written once: keep them out of the LSM
+      // tree so compactions move only keys.
+      cf.enable_blob_files = true;
+      cf.min_blob_size = 1024;
+      cf.enable_blob_garbage_collection = true;
+      cf.write_buffer_size = 64 << 20;
+    }
+    if (i == kBlocks || i == kDigests) {
+      rocksdb::BlockBasedTableOptions table;
+      table.block_size = 64 << 10;
+      cf.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
+      cf.compression = rocksdb::kNoCompression;  // float data barely compresses
+    }
+    cfs.emplace_back(kCfNames[i], cf);
+  }
+  rocksdb::Status s = rocksdb::DB::Open(db_options, path, cfs, &store->handles_, &store->db_);
+  if (!s.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot open the session store at ", path, ": ", s.ToString()));
+  }
+  return store;
+}
+
+ColdStore::~ColdStore() {
+  if (db_ == nullptr) return;
+  for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
+  db_->Close().PermitUncheckedError();
+  delete db_;
+}
+
+absl::StatusOr<std::vector<SessionRecord>> ColdStore::ListSessions() {
+  std::vector<SessionRecord> out;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator({}, handles_[kSessions]));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    auto record = DecodeSessionRecord(it->value().ToStringView());
+    if (!record.ok()) {
+      return absl::DataLossError(absl::StrCat("session record \"", it->key().ToString(),
+                                              "\": ", record.status().message()));
+    }
+    out.push_back(std::move(*record));
+  }
+  KVMEM_RETURN_IF_ERROR(FromRocks(it->status(), "listing sessions"));
+  return out;
+}
+
+absl::Status ColdStore::CreateSession(SessionRecord* record) {
+  std::lock_guard<std::mutex> lock(meta_mu_);
+  const std::string key = SessionKey(record->tenant, record->session_id);
+  std::string existing;
+  if (db_->Get({}, handles_[kSessions], key, &existing).ok()) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("session \"", record->session_id, "\" already exists"));
+  }
+  std::string next;
+  uint64_t uid = 1;
+  if (db_->Get({}, handles_[kDefault], "next_uid", &next).ok()) uid = ParseU64(next);
+  record->uid = uid;
+  record->owners = {{0, uid}};
+  rocksdb::WriteBatch batch;
+  batch.Put(handles_[kDefault], "next_uid", U64Value(uid + 1));
+  batch.Put(handles_[kSessions], key, EncodeSessionRecord(*record));
+  batch.Put(handles_[kRefs], UidKey(uid), U64Value(1));
+  rocksdb::WriteOptions wo;
+  wo.sync = options_.sync;
+  return FromRocks(db_->Write(wo, &batch), "creating a session");
+}
+
+absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit& commit,
+                                   const std::string& request_id, int num_kv_heads, int head_dim) {
+  rocksdb::WriteBatch batch;
+  batch.Put(handles_[kSessions], SessionKey(record.tenant, record.session_id),
+            EncodeSessionRecord(record));
+  if (commit.text != nullptr) {
+    TurnRecord turn{static_cast<Role>(commit.role), *commit.text, *commit.tokens,
+                    commit.first_position};
+    batch.Put(handles_[kTurns], TurnKey(record.uid, commit.turn_index), EncodeTurn(turn));
+  }
+  for (const BlockWrite& w : commit.blocks) {
+    const std::string key = BlockKeyBytes(w.key);
+    batch.Put(handles_[kBlocks], key, EncodeBlock(*w.block, num_kv_heads, head_dim));
+    batch.Put(handles_[kDigests], key, EncodeFloats(w.digest));
+  }
+  const int layers = static_cast<int>(commit.hot_positions.size()) / num_kv_heads;
+  for (int l = 0; l < layers; ++l) {
+    for (int g = 0; g < num_kv_heads; ++g) {
+      batch.Put(handles_[kHot], HotKey(record.uid, l, g),
+                EncodePositions(commit.hot_positions[l * num_kv_heads + g]));
+    }
+  }
+  if (!request_id.empty()) {
+    batch.Put(handles_[kRequests], RequestKey(record.uid, request_id),
+              U64Value(static_cast<uint64_t>(commit.turn_index)));
+  }
+  rocksdb::WriteOptions wo;
+  wo.sync = options_.sync;
+  return FromRocks(db_->Write(wo, &batch), "committing a turn");
+}
+
+absl::StatusOr<SessionSnapshot> ColdStore::LoadSnapshot(const SessionRecord& record,
+                                                        int num_layers, int num_kv_heads) {
+  SessionSnapshot snap;
+  snap.position = record.position;
+  snap.last_logits = record.last_logits;
+  snap.owners = record.owners;
+  const std::string prefix = UidKey(record.uid);
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator({}, handles_[kTurns]));
+  for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
+    KVMEM_ASSIGN_OR_RETURN(TurnRecord turn, DecodeTurn(it->value().ToStringView()));
+    snap.turns.push_back(std::move(turn));
+  }
+  KVMEM_RETURN_IF_ERROR(FromRocks(it->status(), "reading turns"));
+  if (static_cast<int64_t>(snap.turns.size()) != record.turns) {
+    return absl::DataLossError(absl::StrCat("session \"", record.session_id, "\" records ",
+                                            record.turns, " turns but ", snap.turns.size(),
+                                            " are stored"));
+  }
+  for (int l = 0; l < num_layers; ++l) {
+    for (int g = 0; g < num_kv_heads; ++g) {
+      std::string value;
+      rocksdb::Status s = db_->Get({}, handles_[kHot], HotKey(record.uid, l, g), &value);
+      if (s.IsNotFound() && record.turns == 0) {
+        snap.hot_positions.emplace_back();
+        continue;
+      }
+      KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading the hot index"));
+      KVMEM_ASSIGN_OR_RETURN(auto positions, DecodePositions(value));
+      snap.hot_positions.push_back(std::move(positions));
+    }
+  }
+  return snap;
+}
+
+absl::StatusOr<std::shared_ptr<const KvBlock>> ColdStore::ReadBlock(const BlockKey& key,
+                                                                    int block_size,
+                                                                    int num_kv_heads,
+                                                                    int head_dim) {
+  rocksdb::PinnableSlice value;
+  rocksdb::Status s = db_->Get({}, handles_[kBlocks], BlockKeyBytes(key), &value);
+  if (s.IsNotFound()) {
+    return absl::NotFoundError(absl::StrCat("KV block (layer ", key.layer, ", index ", key.index,
+                                            ") is missing from the cold store"));
+  }
+  KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading a block"));
+  auto block = DecodeBlock(value.ToStringView(), block_size, num_kv_heads, head_dim);
+  if (!block.ok()) {
+    return absl::DataLossError(absl::StrCat("KV block (layer ", key.layer, ", index ", key.index,
+                                            "): ", block.status().message()));
+  }
+  return std::make_shared<const KvBlock>(std::move(*block));
+}
+
+absl::StatusOr<std::vector<float>> ColdStore::ReadDigest(const BlockKey& key) {
+  std::string value;
+  rocksdb::Status s = db_->Get({}, handles_[kDigests], BlockKeyBytes(key), &value);
+  if (s.IsNotFound()) return absl::NotFoundError("block digest is missing from the cold store");
+  KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading a digest"));
+  return DecodeFloats(value, "block digest");
+}
+
+absl::Status ColdStore::AddRefs(const std::vector<uint64_t>& owners, int delta, void* batch_ptr,
+                                std::vector<uint64_t>* freed) {
+  auto* batch = static_cast<rocksdb::WriteBatch*>(batch_ptr);
+  for (uint64_t owner : owners) {
+    std::string value;
+    uint64_t count = 0;
+    rocksdb::Status s = db_->Get({}, handles_[kRefs], UidKey(owner), &value);
+    if (s.ok()) {
+      count = ParseU64(value);
+    } else if (!s.IsNotFound()) {
+      return FromRocks(s, "reading a block reference count");
+    }
+    const int64_t next = static_cast<int64_t>(count) + delta;
+    if (next > 0) {
+      batch->Put(handles_[kRefs], UidKey(owner), U64Value(static_cast<uint64_t>(next)));
+      continue;
+    }
+    batch->Delete(handles_[kRefs], UidKey(owner));
+    const std::string begin = UidKey(owner), end = UidKey(owner + 1);
+    batch->DeleteRange(handles_[kBlocks], begin, end);
+    batch->DeleteRange(handles_[kDigests], begin, end);
+    if (freed != nullptr) freed->push_back(owner);
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+std::vector<uint64_t> DistinctOwners(const SessionRecord& r) {
+  std::set<uint64_t> owners = {r.uid};
+  for (const auto& [first, uid] : r.owners) owners.insert(uid);
+  return std::vector<uint64_t>(owners.begin(), owners.end());
+}
+}  // namespace
+
+absl::Status ColdStore::ForkSession(const SessionRecord& parent, SessionRecord* child,
+                                    int num_layers, int num_kv_heads) {
+  std::lock_guard<std::mutex> lock(meta_mu_);
+  const std::string key = SessionKey(child->tenant, child->session_id);
+  std::string existing;
+  if (db_->Get({}, handles_[kSessions], key, &existing).ok()) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("session \"", child->session_id, "\" already exists"));
+  }
+  std::string next;
+  uint64_t uid = 1;
+  if (db_->Get({}, handles_[kDefault], "next_uid", &next).ok()) uid = ParseU64(next);
+  child->uid = uid;
+  child->owners = parent.owners;
+  child->position = parent.position;
+  child->turns = parent.turns;
+  child->last_logits = parent.last_logits;
+  rocksdb::WriteBatch batch;
+  batch.Put(handles_[kDefault], "next_uid", U64Value(uid + 1));
+  batch.Put(handles_[kSessions], key, EncodeSessionRecord(*child));
+  std::vector<uint64_t> owners = DistinctOwners(parent);
+  owners.push_back(uid);
+  KVMEM_RETURN_IF_ERROR(AddRefs(owners, +1, &batch, nullptr));
+  for (int64_t t = 0; t < parent.turns; ++t) {
+    std::string value;
+    KVMEM_RETURN_IF_ERROR(
+        FromRocks(db_->Get({}, handles_[kTurns], TurnKey(parent.uid, t), &value), "reading turns"));
+    batch.Put(handles_[kTurns], TurnKey(uid, t), value);
+  }
+  for (int l = 0; l < num_layers; ++l) {
+    for (int g = 0; g < num_kv_heads; ++g) {
+      std::string value;
+      rocksdb::Status s = db_->Get({}, handles_[kHot], HotKey(parent.uid, l, g), &value);
+      if (s.IsNotFound()) continue;
+      KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading the hot index"));
+      batch.Put(handles_[kHot], HotKey(uid, l, g), value);
+    }
+  }
+  rocksdb::WriteOptions wo;
+  wo.sync = options_.sync;
+  return FromRocks(db_->Write(wo, &batch), "forking a session");
+}
+
+absl::Status ColdStore::DeleteSession(const SessionRecord& record,
+                                      std::vector<uint64_t>* freed_owners) {
+  std::lock_guard<std::mutex> lock(meta_mu_);
+  rocksdb::WriteBatch batch;
+  batch.Delete(handles_[kSessions], SessionKey(record.tenant, record.session_id));
+  const std::string begin = UidKey(record.uid), end = UidKey(record.uid + 1);
+  batch.DeleteRange(handles_[kTurns], begin, end);
+  batch.DeleteRange(handles_[kHot], begin, end);
+  batch.DeleteRange(handles_[kRequests], begin, end);
+  KVMEM_RETURN_IF_ERROR(AddRefs(DistinctOwners(record), -1, &batch, freed_owners));
+  rocksdb::WriteOptions wo;
+  wo.sync = options_.sync;
+  return FromRocks(db_->Write(wo, &batch), "deleting a session");
+}
+
+absl::StatusOr<std::optional<int64_t>> ColdStore::FindRequest(uint64_t uid,
+                                                              const std::string& request_id) {
+  std::string value;
+  rocksdb::Status s = db_->Get({}, handles_[kRequests], RequestKey(uid, request_id), &value);
+  if (s.IsNotFound()) return std::optional<int64_t>();
+  KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading a request record"));
+  return std::optional<int64_t>(static_cast<int64_t>(ParseU64(value)));
+}
+
+absl::StatusOr<TurnRecord> ColdStore::ReadTurn(uint64_t uid, int64_t turn) {
+  std::string value;
+  KVMEM_RETURN_IF_ERROR(
+      FromRocks(db_->Get({}, handles_[kTurns], TurnKey(uid, turn), &value), "reading a turn"));
+  return DecodeTurn(value);
+}
+
+absl::StatusOr<int64_t> ColdStore::CountBlocks(uint64_t owner) {
+  int64_t n = 0;
+  const std::string prefix = UidKey(owner);
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator({}, handles_[kBlocks]));
+  for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) ++n;
+  KVMEM_RETURN_IF_ERROR(FromRocks(it->status(), "counting blocks"));
+  return n;
+}
+
+absl::Status ColdStore::PutRawBlock(const BlockKey& key, const std::string& value) {
+  return FromRocks(db_->Put({}, handles_[kBlocks], BlockKeyBytes(key), value), "writing a block");
+}
+
+}  // namespace kvmem

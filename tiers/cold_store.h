@@ -1,0 +1,97 @@
+// The cold tier and durable record of every session: RocksDB.
+//
+// Column families (keys big-endian, so a prefix scan lists one session or one block owner):
+//   sessions   tenant 0x1f id                 -> SessionRecord
+//   turns      uid(8) turn(8)                 -> TurnRecord
+//   blocks     owner(8) layer(4) index(8)     -> KV block (checksummed)
+//   digests    owner(8) layer(4) index(8)     -> (kv_heads, 2, head_dim) key min/max
+//   hot_index  uid(8) layer(4) head(4)        -> hot positions
+//   refs       owner(8)                       -> sessions whose blocks include owner's
+//   requests   uid(8) request id              -> turn index the request produced
+//   default    "next_uid"                     -> next session uid
+// A turn commit is one WriteBatch (fsync'd when `sync`), so a crash loses at most the turn in
+// flight. Blocks of an owner are dropped when no session references them any more, so forks
+// share their parent's blocks and outlive it.
+#ifndef KVMEM_TIERS_COLD_STORE_H_
+#define KVMEM_TIERS_COLD_STORE_H_
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/kv_store.h"
+#include "engine/session.h"
+#include "tiers/record_codec.h"
+
+namespace rocksdb {
+class DB;
+class ColumnFamilyHandle;
+class Env;
+}  // namespace rocksdb
+
+namespace kvmem {
+
+struct ColdStoreOptions {
+  // Default: "" (an in-memory RocksDB environment: nothing survives the process).
+  std::string path;
+  // Default: true. fsync every commit before it is acknowledged.
+  bool sync = true;
+  // Default: true. Keep block values in RocksDB blob files instead of the LSM tree (measured
+  // with bench/tier_bench: see docs/tiers.md).
+  bool blob_files = true;
+};
+
+class ColdStore {
+ public:
+  // INTERNAL / IO errors from RocksDB carry its message and the path.
+  static absl::StatusOr<std::unique_ptr<ColdStore>> Open(const ColdStoreOptions& options);
+  ~ColdStore();
+
+  absl::StatusOr<std::vector<SessionRecord>> ListSessions();
+  // Assigns record->uid and writes the record. ALREADY_EXISTS for a taken (tenant, id).
+  absl::Status CreateSession(SessionRecord* record);
+  // One turn: the updated record, the turn, new blocks and digests, the hot index and
+  // (when request_id is non-empty) the request's answer, in one atomic write.
+  absl::Status CommitTurn(const SessionRecord& record, const TurnCommit& commit,
+                          const std::string& request_id, int num_kv_heads, int head_dim);
+  // The state a session is restored from.
+  absl::StatusOr<SessionSnapshot> LoadSnapshot(const SessionRecord& record, int num_layers,
+                                               int num_kv_heads);
+  absl::StatusOr<std::shared_ptr<const KvBlock>> ReadBlock(const BlockKey& key, int block_size,
+                                                           int num_kv_heads, int head_dim);
+  absl::StatusOr<std::vector<float>> ReadDigest(const BlockKey& key);
+  // Writes `child` (uid assigned) as a fork of `parent`: turns and hot index copied, blocks
+  // shared by reference.
+  absl::Status ForkSession(const SessionRecord& parent, SessionRecord* child, int num_layers,
+                           int num_kv_heads);
+  // Removes the session from the store; blocks no other session references go too.
+  // `freed_owners` receives the owners whose blocks were dropped.
+  absl::Status DeleteSession(const SessionRecord& record, std::vector<uint64_t>* freed_owners);
+  // The turn index a request id produced, if it was committed.
+  absl::StatusOr<std::optional<int64_t>> FindRequest(uint64_t uid, const std::string& request_id);
+  absl::StatusOr<TurnRecord> ReadTurn(uint64_t uid, int64_t turn);
+  // Stored blocks written by `owner` (all layers).
+  absl::StatusOr<int64_t> CountBlocks(uint64_t owner);
+
+  // For tests that damage stored bytes on purpose.
+  absl::Status PutRawBlock(const BlockKey& key, const std::string& value);
+
+ private:
+  ColdStore() = default;
+  absl::Status AddRefs(const std::vector<uint64_t>& owners, int delta, void* batch,
+                       std::vector<uint64_t>* freed);
+
+  ColdStoreOptions options_;
+  std::unique_ptr<rocksdb::Env> mem_env_;
+  rocksdb::DB* db_ = nullptr;
+  std::vector<rocksdb::ColumnFamilyHandle*> handles_;
+  std::mutex meta_mu_;  // serialises uid allocation and reference counting
+};
+
+}  // namespace kvmem
+
+#endif  // KVMEM_TIERS_COLD_STORE_H_

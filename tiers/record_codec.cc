@@ -1,0 +1,299 @@
+#include "tiers/record_codec.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "engine/status_macros.h"
+#include "tiers/crc32c.h"
+
+namespace kvmem {
+namespace {
+
+constexpr uint32_t kBlockMagic = 0x4b564231;    // "KVB1"
+constexpr uint32_t kSessionMagic = 0x4b565331;  // "KVS1"
+constexpr uint8_t kDTypeF32 = 1;
+
+absl::Status Corrupt(std::string_view what) {
+  return absl::DataLossError(absl::StrCat("stored ", std::string(what), " is corrupt"));
+}
+
+}  // namespace
+
+void ByteWriter::U32(uint32_t v) {
+  for (int i = 0; i < 4; ++i) out_.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+void ByteWriter::U64(uint64_t v) {
+  for (int i = 0; i < 8; ++i) out_.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+void ByteWriter::F32(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  U32(bits);
+}
+void ByteWriter::Str(std::string_view s) {
+  U64(s.size());
+  out_.append(s.data(), s.size());
+}
+void ByteWriter::Floats(const std::vector<float>& v) {
+  U64(v.size());
+  out_.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+}
+void ByteWriter::I64s(const std::vector<int64_t>& v) {
+  U64(v.size());
+  for (int64_t x : v) I64(x);
+}
+void ByteWriter::I32s(const std::vector<int32_t>& v) {
+  U64(v.size());
+  for (int32_t x : v) U32(static_cast<uint32_t>(x));
+}
+std::string ByteWriter::Finish() {
+  const uint32_t crc = Crc32c(out_.data(), out_.size());
+  U32(crc);
+  return std::move(out_);
+}
+
+absl::StatusOr<ByteReader> ByteReader::Open(std::string_view value, std::string_view what) {
+  if (value.size() < 4) return Corrupt(what);
+  uint32_t stored = 0;
+  for (int i = 0; i < 4; ++i) {
+    stored |= static_cast<uint32_t>(static_cast<uint8_t>(value[value.size() - 4 + i])) << (8 * i);
+  }
+  if (Crc32c(value.data(), value.size() - 4) != stored) {
+    return absl::DataLossError(
+        absl::StrCat("stored ", std::string(what), " fails its checksum (corrupt on disk)"));
+  }
+  ByteReader r;
+  r.data_ = value.substr(0, value.size() - 4);
+  return r;
+}
+
+bool ByteReader::Take(size_t n, const char** p) {
+  if (n > data_.size() - pos_) return false;
+  *p = data_.data() + pos_;
+  pos_ += n;
+  return true;
+}
+bool ByteReader::U8(uint8_t* v) {
+  const char* p;
+  if (!Take(1, &p)) return false;
+  *v = static_cast<uint8_t>(*p);
+  return true;
+}
+bool ByteReader::U32(uint32_t* v) {
+  const char* p;
+  if (!Take(4, &p)) return false;
+  *v = 0;
+  for (int i = 0; i < 4; ++i) *v |= static_cast<uint32_t>(static_cast<uint8_t>(p[i])) << (8 * i);
+  return true;
+}
+bool ByteReader::U64(uint64_t* v) {
+  const char* p;
+  if (!Take(8, &p)) return false;
+  *v = 0;
+  for (int i = 0; i < 8; ++i) *v |= static_cast<uint64_t>(static_cast<uint8_t>(p[i])) << (8 * i);
+  return true;
+}
+bool ByteReader::I64(int64_t* v) {
+  uint64_t u;
+  if (!U64(&u)) return false;
+  *v = static_cast<int64_t>(u);
+  return true;
+}
+bool ByteReader::F32(float* v) {
+  uint32_t bits;
+  if (!U32(&bits)) return false;
+  std::memcpy(v, &bits, 4);
+  return true;
+}
+bool ByteReader::Str(std::string* s) {
+  uint64_t n;
+  const char* p;
+  if (!U64(&n) || !Take(n, &p)) return false;
+  s->assign(p, n);
+  return true;
+}
+bool ByteReader::Floats(std::vector<float>* v) {
+  uint64_t n;
+  const char* p;
+  if (!U64(&n) || n > (data_.size() - pos_) / 4 || !Take(n * 4, &p)) return false;
+  v->resize(n);
+  std::memcpy(v->data(), p, n * 4);
+  return true;
+}
+bool ByteReader::I64s(std::vector<int64_t>* v) {
+  uint64_t n;
+  if (!U64(&n) || n > (data_.size() - pos_) / 8) return false;
+  v->resize(n);
+  for (int64_t& x : *v) {
+    if (!I64(&x)) return false;
+  }
+  return true;
+}
+bool ByteReader::I32s(std::vector<int32_t>* v) {
+  uint64_t n;
+  if (!U64(&n) || n > (data_.size() - pos_) / 4) return false;
+  v->resize(n);
+  for (int32_t& x : *v) {
+    uint32_t u;
+    if (!U32(&u)) return false;
+    x = static_cast<int32_t>(u);
+  }
+  return true;
+}
+
+std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim) {
+  ByteWriter w;
+  w.U32(kBlockMagic);
+  w.U8(kDTypeF32);
+  w.I64(block.index);
+  w.U32(static_cast<uint32_t>(block.filled));
+  w.U32(static_cast<uint32_t>(block.keys.size() / (static_cast<size_t>(num_kv_heads) * head_dim)));
+  w.U32(static_cast<uint32_t>(num_kv_heads));
+  w.U32(static_cast<uint32_t>(head_dim));
+  w.Floats(block.keys);
+  w.Floats(block.values);
+  return w.Finish();
+}
+
+absl::StatusOr<KvBlock> DecodeBlock(std::string_view value, int block_size, int num_kv_heads,
+                                    int head_dim) {
+  KVMEM_ASSIGN_OR_RETURN(ByteReader r, ByteReader::Open(value, "KV block"));
+  uint32_t magic, filled, bs, heads, hd;
+  uint8_t dtype;
+  KvBlock b;
+  if (!r.U32(&magic) || magic != kBlockMagic || !r.U8(&dtype) || dtype != kDTypeF32 ||
+      !r.I64(&b.index) || !r.U32(&filled) || !r.U32(&bs) || !r.U32(&heads) || !r.U32(&hd) ||
+      !r.Floats(&b.keys) || !r.Floats(&b.values) || !r.done()) {
+    return Corrupt("KV block");
+  }
+  if (static_cast<int>(bs) != block_size || static_cast<int>(heads) != num_kv_heads ||
+      static_cast<int>(hd) != head_dim || filled > bs ||
+      b.keys.size() != static_cast<size_t>(bs) * heads * hd || b.values.size() != b.keys.size()) {
+    return absl::DataLossError("stored KV block does not match the session's block layout");
+  }
+  b.filled = static_cast<int>(filled);
+  return b;
+}
+
+std::string EncodeFloats(const std::vector<float>& v) {
+  ByteWriter w;
+  w.Floats(v);
+  return w.Finish();
+}
+
+absl::StatusOr<std::vector<float>> DecodeFloats(std::string_view value, std::string_view what) {
+  KVMEM_ASSIGN_OR_RETURN(ByteReader r, ByteReader::Open(value, what));
+  std::vector<float> v;
+  if (!r.Floats(&v) || !r.done()) return Corrupt(what);
+  return v;
+}
+
+std::string EncodePositions(const std::vector<int64_t>& v) {
+  ByteWriter w;
+  w.I64s(v);
+  return w.Finish();
+}
+
+absl::StatusOr<std::vector<int64_t>> DecodePositions(std::string_view value) {
+  KVMEM_ASSIGN_OR_RETURN(ByteReader r, ByteReader::Open(value, "hot index"));
+  std::vector<int64_t> v;
+  if (!r.I64s(&v) || !r.done()) return Corrupt("hot index");
+  return v;
+}
+
+std::string EncodeTurn(const TurnRecord& turn) {
+  ByteWriter w;
+  w.U8(static_cast<uint8_t>(turn.role));
+  w.Str(turn.text);
+  w.I32s(turn.tokens);
+  w.I64(turn.first_position);
+  return w.Finish();
+}
+
+absl::StatusOr<TurnRecord> DecodeTurn(std::string_view value) {
+  KVMEM_ASSIGN_OR_RETURN(ByteReader r, ByteReader::Open(value, "turn"));
+  TurnRecord t;
+  uint8_t role;
+  if (!r.U8(&role) || role > 3 || !r.Str(&t.text) || !r.I32s(&t.tokens) ||
+      !r.I64(&t.first_position) || !r.done()) {
+    return Corrupt("turn");
+  }
+  t.role = static_cast<Role>(role);
+  return t;
+}
+
+std::string EncodeSessionRecord(const SessionRecord& s) {
+  ByteWriter w;
+  w.U32(kSessionMagic);
+  w.Str(s.tenant);
+  w.Str(s.session_id);
+  w.U64(s.uid);
+  w.Str(s.fingerprint);
+  w.U64(s.labels.size());
+  for (const auto& [k, v] : s.labels) {
+    w.Str(k);
+    w.Str(v);
+  }
+  const SessionOptions& o = s.options;
+  w.Str(o.chat_template);
+  w.Str(o.memory.policy);
+  w.U32(static_cast<uint32_t>(o.memory.budget));
+  w.U32(static_cast<uint32_t>(o.memory.window));
+  w.U32(static_cast<uint32_t>(o.memory.kernel));
+  w.U8(o.memory.pooling == Pooling::kAvg ? 1 : 0);
+  w.U32(static_cast<uint32_t>(o.memory.sink_tokens));
+  w.U32(static_cast<uint32_t>(o.block_size));
+  w.U32(static_cast<uint32_t>(o.max_turn_tokens));
+  w.U32(static_cast<uint32_t>(o.recall_blocks));
+  w.I64(s.created_unix_ms);
+  w.I64(s.updated_unix_ms);
+  w.I64(s.position);
+  w.I64(s.turns);
+  w.U64(s.owners.size());
+  for (const auto& [first, uid] : s.owners) {
+    w.I64(first);
+    w.U64(uid);
+  }
+  w.Floats(s.last_logits);
+  return w.Finish();
+}
+
+absl::StatusOr<SessionRecord> DecodeSessionRecord(std::string_view value) {
+  KVMEM_ASSIGN_OR_RETURN(ByteReader r, ByteReader::Open(value, "session record"));
+  SessionRecord s;
+  uint32_t magic;
+  uint64_t labels, owners;
+  bool ok = r.U32(&magic) && magic == kSessionMagic && r.Str(&s.tenant) &&
+            r.Str(&s.session_id) && r.U64(&s.uid) && r.Str(&s.fingerprint) && r.U64(&labels);
+  for (uint64_t i = 0; ok && i < labels; ++i) {
+    std::string k, v;
+    ok = r.Str(&k) && r.Str(&v);
+    s.labels[k] = v;
+  }
+  SessionOptions& o = s.options;
+  uint32_t budget, window, kernel, sinks, block, max_turn, recall;
+  uint8_t pooling;
+  ok = ok && r.Str(&o.chat_template) && r.Str(&o.memory.policy) && r.U32(&budget) &&
+       r.U32(&window) && r.U32(&kernel) && r.U8(&pooling) && r.U32(&sinks) && r.U32(&block) &&
+       r.U32(&max_turn) && r.U32(&recall) && r.I64(&s.created_unix_ms) &&
+       r.I64(&s.updated_unix_ms) && r.I64(&s.position) && r.I64(&s.turns) && r.U64(&owners);
+  for (uint64_t i = 0; ok && i < owners; ++i) {
+    int64_t first;
+    uint64_t uid;
+    ok = r.I64(&first) && r.U64(&uid);
+    s.owners.push_back({first, uid});
+  }
+  ok = ok && r.Floats(&s.last_logits) && r.done();
+  if (!ok) return Corrupt("session record");
+  o.memory.budget = static_cast<int>(budget);
+  o.memory.window = static_cast<int>(window);
+  o.memory.kernel = static_cast<int>(kernel);
+  o.memory.pooling = pooling ? Pooling::kAvg : Pooling::kMax;
+  o.memory.sink_tokens = static_cast<int>(sinks);
+  o.block_size = static_cast<int>(block);
+  o.max_turn_tokens = static_cast<int>(max_turn);
+  o.recall_blocks = static_cast<int>(recall);
+  return s;
+}
+
+}  // namespace kvmem

@@ -1,0 +1,95 @@
+// Byte layouts of everything the cold tier stores, with bounds-checked decoding.
+//
+// Integers are little-endian inside values; keys are big-endian (keys.h) so that a prefix scan
+// lists one session. Every value ends with a CRC-32C of the bytes before it; a mismatch
+// decodes as DATA_LOSS.
+#ifndef KVMEM_TIERS_RECORD_CODEC_H_
+#define KVMEM_TIERS_RECORD_CODEC_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/kv_blocks.h"
+#include "engine/session.h"
+
+namespace kvmem {
+
+class ByteWriter {
+ public:
+  void U8(uint8_t v) { out_.push_back(static_cast<char>(v)); }
+  void U32(uint32_t v);
+  void U64(uint64_t v);
+  void I64(int64_t v) { U64(static_cast<uint64_t>(v)); }
+  void F32(float v);
+  void Str(std::string_view s);
+  void Floats(const std::vector<float>& v);
+  void I64s(const std::vector<int64_t>& v);
+  void I32s(const std::vector<int32_t>& v);
+  // Appends the checksum and returns the value.
+  std::string Finish();
+
+ private:
+  std::string out_;
+};
+
+class ByteReader {
+ public:
+  // DATA_LOSS when the trailing checksum does not match `what`'s bytes.
+  static absl::StatusOr<ByteReader> Open(std::string_view value, std::string_view what);
+  bool U8(uint8_t* v);
+  bool U32(uint32_t* v);
+  bool U64(uint64_t* v);
+  bool I64(int64_t* v);
+  bool F32(float* v);
+  bool Str(std::string* s);
+  bool Floats(std::vector<float>* v);
+  bool I64s(std::vector<int64_t>* v);
+  bool I32s(std::vector<int32_t>* v);
+  bool done() const { return pos_ == data_.size(); }
+
+ private:
+  bool Take(size_t n, const char** p);
+  std::string_view data_;
+  size_t pos_ = 0;
+};
+
+// A stored KV block: header (layout version, dtype f32, index, filled, block size, heads,
+// head_dim), K, V, checksum.
+std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim);
+absl::StatusOr<KvBlock> DecodeBlock(std::string_view value, int block_size, int num_kv_heads,
+                                    int head_dim);
+
+std::string EncodeFloats(const std::vector<float>& v);
+absl::StatusOr<std::vector<float>> DecodeFloats(std::string_view value, std::string_view what);
+std::string EncodePositions(const std::vector<int64_t>& v);
+absl::StatusOr<std::vector<int64_t>> DecodePositions(std::string_view value);
+
+std::string EncodeTurn(const TurnRecord& turn);
+absl::StatusOr<TurnRecord> DecodeTurn(std::string_view value);
+
+// Everything about a session except its turns, blocks and hot index.
+struct SessionRecord {
+  std::string tenant;
+  std::string session_id;
+  uint64_t uid = 0;
+  std::string fingerprint;  // of the model that wrote it
+  std::map<std::string, std::string> labels;
+  SessionOptions options;
+  int64_t created_unix_ms = 0;
+  int64_t updated_unix_ms = 0;
+  int64_t position = 0;
+  int64_t turns = 0;
+  std::vector<std::pair<int64_t, uint64_t>> owners;  // (first block index, owner uid)
+  std::vector<float> last_logits;
+};
+std::string EncodeSessionRecord(const SessionRecord& r);
+absl::StatusOr<SessionRecord> DecodeSessionRecord(std::string_view value);
+
+}  // namespace kvmem
+
+#endif  // KVMEM_TIERS_RECORD_CODEC_H_
