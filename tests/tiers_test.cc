@@ -1,0 +1,178 @@
+// Warm and cold tiers on their own: byte budgets, bit-exact round trips, checksums.
+#include <cstring>
+#include <memory>
+#include <random>
+
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+#include "tiers/cold_store.h"
+#include "tiers/crc32c.h"
+#include "tiers/record_codec.h"
+#include "tiers/warm_store.h"
+
+namespace kvmem {
+namespace {
+
+std::shared_ptr<const KvBlock> RandomBlock(int64_t index, int filled, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  auto b = std::make_shared<KvBlock>(MakeEmptyBlock(index, 16, 4, 8));
+  b->filled = filled;
+  for (int i = 0; i < filled * 4 * 8; ++i) {
+    b->keys[i] = normal(rng);
+    b->values[i] = normal(rng);
+  }
+  return b;
+}
+
+TEST(Crc32cTest, MatchesKnownVectors) {
+  EXPECT_EQ(Crc32c("123456789", 9), 0xe3069283u);
+  std::string zeros(32, '\0');
+  EXPECT_EQ(Crc32c(zeros.data(), zeros.size()), 0x8a9136aau);
+  EXPECT_EQ(Crc32c("56789", 5, Crc32c("1234", 4)), 0xe3069283u);  // streaming
+}
+
+TEST(WarmStoreTest, KeepsItsByteBudgetExactlyAndEvictsLeastRecentlyUsed) {
+  WarmStore warm(1000);
+  for (int i = 0; i < 4; ++i) warm.Put({1, 0, i}, RandomBlock(i, 1, i), 250);
+  EXPECT_EQ(warm.bytes(), 1000);
+  EXPECT_NE(warm.Get({1, 0, 0}), nullptr);  // block 0 becomes most recently used
+  warm.Put({1, 0, 4}, RandomBlock(4, 1, 4), 300);  // must evict 1 and 2 (250 each)
+  EXPECT_LE(warm.bytes(), 1000);
+  EXPECT_EQ(warm.bytes(), 250 + 250 + 300);
+  EXPECT_TRUE(warm.Contains({1, 0, 0}));
+  EXPECT_FALSE(warm.Contains({1, 0, 1}));
+  EXPECT_FALSE(warm.Contains({1, 0, 2}));
+  EXPECT_TRUE(warm.Contains({1, 0, 3}));
+  warm.Put({1, 0, 5}, RandomBlock(5, 1, 5), 1001);  // larger than the budget: not kept
+  EXPECT_FALSE(warm.Contains({1, 0, 5}));
+  EXPECT_EQ(warm.bytes(), 800);
+  warm.Put({2, 0, 0}, RandomBlock(0, 1, 9), 200);
+  warm.EraseOwner(1);
+  EXPECT_EQ(warm.size(), 1);
+  EXPECT_EQ(warm.bytes(), 200);
+  // Many random operations never break the budget.
+  std::mt19937 rng(3);
+  for (int i = 0; i < 2000; ++i) {
+    warm.Put({3, 0, static_cast<int64_t>(rng() % 50)}, RandomBlock(0, 1, 1), 1 + rng() % 400);
+    ASSERT_LE(warm.bytes(), 1000);
+  }
+}
+
+TEST(WarmStoreTest, RoundTripIsTheSameBlock) {
+  WarmStore warm(1 << 20);
+  auto block = RandomBlock(7, 16, 1);
+  warm.Put({9, 2, 7}, block, 4096);
+  auto got = warm.Get({9, 2, 7});
+  ASSERT_NE(got, nullptr);
+  EXPECT_EQ(got->keys, block->keys);
+  EXPECT_EQ(got->values, block->values);
+  EXPECT_EQ(warm.hits(), 1);
+  EXPECT_EQ(warm.Get({9, 2, 8}), nullptr);
+  EXPECT_EQ(warm.misses(), 1);
+}
+
+TEST(RecordCodecTest, BlocksRoundTripBitExactAndCorruptionIsDataLoss) {
+  auto block = RandomBlock(3, 11, 2);
+  std::string bytes = EncodeBlock(*block, 4, 8);
+  auto back = DecodeBlock(bytes, 16, 4, 8);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->index, 3);
+  EXPECT_EQ(back->filled, 11);
+  EXPECT_EQ(0, std::memcmp(back->keys.data(), block->keys.data(), block->keys.size() * 4));
+  EXPECT_EQ(0, std::memcmp(back->values.data(), block->values.data(), block->values.size() * 4));
+  for (size_t at : {size_t{0}, bytes.size() / 2, bytes.size() - 1}) {
+    std::string bad = bytes;
+    bad[at] ^= 0x20;
+    EXPECT_EQ(DecodeBlock(bad, 16, 4, 8).status().code(), absl::StatusCode::kDataLoss) << at;
+  }
+  EXPECT_EQ(DecodeBlock(bytes, 32, 4, 8).status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(DecodeBlock("", 16, 4, 8).status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(RecordCodecTest, SessionRecordsAndTurnsRoundTrip) {
+  SessionRecord r;
+  r.tenant = "acme";
+  r.session_id = "s1";
+  r.uid = 77;
+  r.fingerprint = "abc";
+  r.labels = {{"team", "x"}, {"k", ""}};
+  r.options.memory.policy = "window";
+  r.options.memory.budget = 99;
+  r.options.memory.pooling = Pooling::kAvg;
+  r.options.recall_blocks = 3;
+  r.options.chat_template = "zephyr";
+  r.position = 1234;
+  r.turns = 5;
+  r.owners = {{0, 5}, {40, 77}};
+  r.last_logits = {1.5f, -2.25f, 3.0f};
+  auto back = DecodeSessionRecord(EncodeSessionRecord(r));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->tenant, "acme");
+  EXPECT_EQ(back->labels, r.labels);
+  EXPECT_EQ(back->options.memory.policy, "window");
+  EXPECT_EQ(back->options.memory.budget, 99);
+  EXPECT_EQ(back->options.memory.pooling, Pooling::kAvg);
+  EXPECT_EQ(back->options.recall_blocks, 3);
+  EXPECT_EQ(back->options.chat_template, "zephyr");
+  EXPECT_EQ(back->owners, r.owners);
+  EXPECT_EQ(back->last_logits, r.last_logits);
+  TurnRecord t{Role::kTool, "hello", {1, 2, 3}, 17};
+  auto tb = DecodeTurn(EncodeTurn(t));
+  ASSERT_TRUE(tb.ok());
+  EXPECT_EQ(tb->role, Role::kTool);
+  EXPECT_EQ(tb->text, "hello");
+  EXPECT_EQ(tb->tokens, t.tokens);
+  EXPECT_EQ(tb->first_position, 17);
+}
+
+TEST(ColdStoreTest, BlocksRoundTripBitExactAcrossReopen) {
+  testing::TempDir dir;
+  SessionRecord record;
+  record.session_id = "a";
+  auto block = RandomBlock(0, 16, 5);
+  {
+    auto cold = ColdStore::Open({.path = dir.path()});
+    ASSERT_TRUE(cold.ok()) << cold.status();
+    ASSERT_TRUE((*cold)->CreateSession(&record).ok());
+    TurnCommit commit;
+    std::string text = "t";
+    std::vector<int32_t> tokens = {1};
+    std::vector<float> logits = {0.5f};
+    std::vector<std::pair<int64_t, uint64_t>> owners = record.owners;
+    commit.text = &text;
+    commit.tokens = &tokens;
+    commit.last_logits = &logits;
+    commit.owners = &owners;
+    commit.blocks.push_back({{record.uid, 0, 0}, block, std::vector<float>(64, 1.0f)});
+    commit.hot_positions.assign(4, {0, 3});
+    record.turns = 1;
+    ASSERT_TRUE((*cold)->CommitTurn(record, commit, "req-1", 4, 8).ok());
+  }
+  auto cold = ColdStore::Open({.path = dir.path()});
+  ASSERT_TRUE(cold.ok()) << cold.status();
+  auto got = (*cold)->ReadBlock({record.uid, 0, 0}, 16, 4, 8);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(0, std::memcmp((*got)->keys.data(), block->keys.data(), block->keys.size() * 4));
+  EXPECT_EQ(0, std::memcmp((*got)->values.data(), block->values.data(), block->values.size() * 4));
+  auto listed = (*cold)->ListSessions();
+  ASSERT_TRUE(listed.ok());
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].turns, 1);
+  auto snapshot = (*cold)->LoadSnapshot((*listed)[0], 1, 4);
+  ASSERT_TRUE(snapshot.ok()) << snapshot.status();
+  EXPECT_EQ(snapshot->turns.size(), 1u);
+  EXPECT_EQ(snapshot->hot_positions[2], (std::vector<int64_t>{0, 3}));
+  auto request = (*cold)->FindRequest(record.uid, "req-1");
+  ASSERT_TRUE(request.ok());
+  EXPECT_EQ(request->value_or(-1), 0);
+  // A damaged block fails its checksum.
+  std::string bytes = EncodeBlock(*block, 4, 8);
+  bytes[100] ^= 1;
+  ASSERT_TRUE((*cold)->PutRawBlock({record.uid, 0, 0}, bytes).ok());
+  EXPECT_EQ((*cold)->ReadBlock({record.uid, 0, 0}, 16, 4, 8).status().code(),
+            absl::StatusCode::kDataLoss);
+}
+
+}  // namespace
+}  // namespace kvmem
