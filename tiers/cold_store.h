@@ -40,9 +40,10 @@ struct ColdStoreOptions {
   std::string path;
   // Default: true. fsync every commit before it is acknowledged.
   bool sync = true;
-  // Default: true. Keep block values in RocksDB blob files instead of the LSM tree (measured
-  // with bench/tier_bench: see docs/tiers.md).
-  bool blob_files = true;
+  // Default: false. Keep block values in RocksDB blob files instead of SST data blocks.
+  // bench/tier_bench measured SST values (64 KiB blocks, no compression) reading 2.5x faster
+  // with equal write speed (docs/tiers.md).
+  bool blob_files = false;
 };
 
 class ColdStore {

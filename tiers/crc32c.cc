@@ -25,9 +25,34 @@ const Tables& GetTables() {
   return tables;
 }
 
+#if defined(__x86_64__)
+// The SSE4.2 crc32 instruction computes CRC-32C 8 bytes at a time (about 10x the tables).
+__attribute__((target("sse4.2"))) uint32_t Crc32cSse42(const uint8_t* p, size_t n, uint32_t crc) {
+  uint64_t c = ~crc;
+  while (n >= 8) {
+    uint64_t word;
+    __builtin_memcpy(&word, p, 8);
+    c = __builtin_ia32_crc32di(c, word);
+    p += 8;
+    n -= 8;
+  }
+  uint32_t c32 = static_cast<uint32_t>(c);
+  while (n-- > 0) c32 = __builtin_ia32_crc32qi(c32, *p++);
+  return ~c32;
+}
+
+bool HaveSse42() {
+  static const bool have = __builtin_cpu_supports("sse4.2");
+  return have;
+}
+#endif
+
 }  // namespace
 
 uint32_t Crc32c(const void* data, size_t n, uint32_t crc) {
+#if defined(__x86_64__)
+  if (HaveSse42()) return Crc32cSse42(static_cast<const uint8_t*>(data), n, crc);
+#endif
   const auto& t = GetTables().t;
   const uint8_t* p = static_cast<const uint8_t*>(data);
   crc = ~crc;
