@@ -1,25 +1,29 @@
 // `kvmem`: the command-line tool. Subcommands:
 //   complete  offline completion with the in-process engine (no server needed)
+//   create, append, generate, show, ls, fork, rm, chat: a running kvmemd's sessions
+//             (remote_commands.h)
 #include <cstdio>
-#include <cstdlib>
-#include <iostream>
-#include <map>
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_cat.h"
+#include "client/cli_flags.h"
+#include "client/remote_commands.h"
 #include "engine/cpu_backend.h"
 #include "engine/generate.h"
 #include "engine/model.h"
 
 namespace {
 
-constexpr char kUsage[] =
+constexpr char kCompleteUsage[] =
     "usage: kvmem complete [--model DIR] --prompt TEXT [--max-tokens N] [--temperature T]\n"
     "                      [--top-p P] [--top-k K] [--seed S] [--stop S]... [--threads N]\n"
     "Prints only the generated continuation. The model is --model, else $KVMEM_MODEL,\n"
-    "else ../shared/models/stories260K beside the project root.\n";
+    "else ../shared/models/stories260K beside the project root.\n\n";
+
+void PrintUsage(FILE* out) {
+  std::fputs(kCompleteUsage, out);
+  std::fputs(kvmem::kRemoteUsage, out);
+}
 
 int Fail(const std::string& message) {
   std::fprintf(stderr, "kvmem: %s\n", message.c_str());
@@ -32,80 +36,27 @@ int Fail(const absl::Status& status) {
   return 1;
 }
 
-// Flags as --name value pairs; repeated flags keep every value.
-struct Flags {
-  std::multimap<std::string, std::string> values;
-  std::string Get(const std::string& name, const std::string& fallback = "") const {
-    auto it = values.find(name);
-    return it == values.end() ? fallback : it->second;
+int RunComplete(const std::vector<std::string>& args) {
+  kvmem::CliArgs flags;
+  if (absl::Status s = kvmem::ParseCliArgs(args,
+                                           {"model", "prompt", "max-tokens", "temperature", "top-p",
+                                            "top-k", "seed", "stop", "threads"},
+                                           {}, &flags);
+      !s.ok()) {
+    return Fail(std::string(s.message()) + "\n" + kCompleteUsage);
   }
-  std::vector<std::string> All(const std::string& name) const {
-    std::vector<std::string> out;
-    for (auto [it, end] = values.equal_range(name); it != end; ++it) out.push_back(it->second);
-    return out;
+  if (!flags.positional.empty()) {
+    return Fail("unexpected argument " + flags.positional[0] + "\n" + kCompleteUsage);
   }
-};
-
-bool ParseFlags(int argc, char** argv, int first, const std::vector<std::string>& known,
-                Flags* flags, std::string* error) {
-  for (int i = first; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg.rfind("--", 0) != 0) {
-      *error = "unexpected argument " + arg;
-      return false;
-    }
-    std::string name = arg.substr(2), value;
-    if (auto eq = name.find('='); eq != std::string::npos) {
-      value = name.substr(eq + 1);
-      name = name.substr(0, eq);
-    } else if (i + 1 < argc) {
-      value = argv[++i];
-    } else {
-      *error = "flag --" + name + " needs a value";
-      return false;
-    }
-    if (std::find(known.begin(), known.end(), name) == known.end()) {
-      *error = "unknown flag --" + name;
-      return false;
-    }
-    flags->values.emplace(name, value);
-  }
-  return true;
-}
-
-template <typename T>
-bool ParseNumber(const Flags& flags, const std::string& name, T* out, std::string* error) {
-  std::string text = flags.Get(name);
-  if (text.empty()) return true;
-  bool ok;
-  if constexpr (std::is_floating_point_v<T>) {
-    ok = absl::SimpleAtof(text, out);
-  } else {
-    ok = absl::SimpleAtoi(text, out);
-  }
-  if (!ok) *error = "--" + name + " must be a number, got \"" + text + "\"";
-  return ok;
-}
-
-int RunComplete(int argc, char** argv) {
-  Flags flags;
-  std::string error;
-  if (!ParseFlags(argc, argv, 2,
-                  {"model", "prompt", "max-tokens", "temperature", "top-p", "top-k", "seed",
-                   "stop", "threads"},
-                  &flags, &error)) {
-    return Fail(error + "\n" + kUsage);
-  }
-  if (flags.values.count("prompt") == 0) return Fail(std::string("--prompt is required\n") + kUsage);
+  if (!flags.Has("prompt")) return Fail(std::string("--prompt is required\n") + kCompleteUsage);
   kvmem::SamplingParams params;
   int threads = 0;
-  if (!ParseNumber(flags, "max-tokens", &params.max_tokens, &error) ||
-      !ParseNumber(flags, "temperature", &params.temperature, &error) ||
-      !ParseNumber(flags, "top-p", &params.top_p, &error) ||
-      !ParseNumber(flags, "top-k", &params.top_k, &error) ||
-      !ParseNumber(flags, "seed", &params.seed, &error) ||
-      !ParseNumber(flags, "threads", &threads, &error)) {
-    return Fail(error);
+  for (absl::Status s :
+       {flags.GetInt("max-tokens", &params.max_tokens),
+        flags.GetFloat("temperature", &params.temperature), flags.GetFloat("top-p", &params.top_p),
+        flags.GetInt("top-k", &params.top_k), flags.GetUint64("seed", &params.seed),
+        flags.GetInt("threads", &threads)}) {
+    if (!s.ok()) return Fail(std::string(s.message()));
   }
   params.stop = flags.All("stop");
   if (absl::Status s = kvmem::ValidateSamplingParams(params); !s.ok()) return Fail(s);
@@ -117,12 +68,12 @@ int RunComplete(int argc, char** argv) {
   kvmem::CpuBackendOptions backend_options;
   backend_options.threads = threads;
   kvmem::CpuBackend backend(**model, backend_options);
-  auto result = kvmem::Complete(**model, backend, flags.Get("prompt"), params,
-                                [](std::string_view delta) {
-                                  std::fwrite(delta.data(), 1, delta.size(), stdout);
-                                  std::fflush(stdout);
-                                  return true;
-                                });
+  auto result =
+      kvmem::Complete(**model, backend, flags.Get("prompt"), params, [](std::string_view delta) {
+        std::fwrite(delta.data(), 1, delta.size(), stdout);
+        std::fflush(stdout);
+        return true;
+      });
   if (!result.ok()) return Fail(result.status());
   std::fputc('\n', stdout);
   return 0;
@@ -131,15 +82,36 @@ int RunComplete(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2) {
-    std::fputs(kUsage, stderr);
+  // Global flags (--addr, --token, --timeout-ms) may come before the command.
+  std::vector<std::string> global_args;
+  int i = 1;
+  while (i < argc) {
+    const std::string arg = argv[i];
+    const bool global = arg == "--addr" || arg == "--token" || arg == "--timeout-ms";
+    const bool global_with_value = arg.rfind("--addr=", 0) == 0 || arg.rfind("--token=", 0) == 0 ||
+                                   arg.rfind("--timeout-ms=", 0) == 0;
+    if (global && i + 1 < argc) {
+      global_args.push_back(arg);
+      global_args.push_back(argv[i + 1]);
+      i += 2;
+    } else if (global_with_value) {
+      global_args.push_back(arg);
+      i += 1;
+    } else {
+      break;
+    }
+  }
+  if (i == argc) {
+    PrintUsage(stderr);
     return 2;
   }
-  std::string command = argv[1];
-  if (command == "complete") return RunComplete(argc, argv);
+  const std::string command = argv[i];
+  const std::vector<std::string> args(argv + i + 1, argv + argc);
+  if (command == "complete") return RunComplete(args);
+  if (kvmem::IsRemoteCommand(command)) return kvmem::RunRemoteCommand(command, global_args, args);
   if (command == "--help" || command == "-h" || command == "help") {
-    std::fputs(kUsage, stdout);
+    PrintUsage(stdout);
     return 0;
   }
-  return Fail("unknown command \"" + command + "\"\n" + kUsage);
+  return Fail("unknown command \"" + command + "\"\n(kvmem help shows the usage)");
 }

@@ -1,0 +1,129 @@
+// `kvmemd`: the kvmem gRPC server. See KvmemdUsage() (kvmemd --help) for its flags.
+//
+// Start-up: flags -> model -> backend -> SessionManager -> workers -> gRPC server (AgentMemory,
+// health, reflection). Once listening it prints "kvmemd: listening on HOST:PORT" on stdout.
+// SIGTERM/SIGINT: health turns NOT_SERVING, the server stops accepting calls, in-flight calls
+// get --shutdown-grace-ms to finish and are cancelled after that (a cancelled generation keeps
+// nothing), the workers drain, the SessionManager closes (flushing its store), exit 0.
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <pthread.h>
+
+#include <algorithm>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu_backend.h"
+#include "engine/model.h"
+#include "service/agent_memory_service.h"
+#include "service/auth_tokens.h"
+#include "service/server_flags.h"
+#include "service/session_manager.h"
+#include "service/worker_pool.h"
+
+namespace kvmem {
+namespace {
+
+int Fail(const absl::Status& status) {
+  std::fprintf(stderr, "kvmemd: %s: %s\n", absl::StatusCodeToString(status.code()).c_str(),
+               std::string(status.message()).c_str());
+  return 1;
+}
+
+// "HOST:PORT" with the port gRPC actually bound (differs from `listen` for port 0).
+std::string BoundAddress(const std::string& listen, int port) {
+  const size_t colon = listen.rfind(':');
+  return absl::StrCat(colon == std::string::npos ? listen : listen.substr(0, colon), ":", port);
+}
+
+int Serve(const KvmemdOptions& options, const sigset_t& stop_signals) {
+  absl::StatusOr<std::string> dir = ResolveModelDir(options.model);
+  if (!dir.ok()) return Fail(dir.status());
+  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(*dir);
+  if (!model.ok()) return Fail(model.status());
+  std::unique_ptr<TokenTable> tokens;
+  if (!options.auth_tokens.empty()) {
+    absl::StatusOr<TokenTable> table = TokenTable::Load(options.auth_tokens);
+    if (!table.ok()) return Fail(table.status());
+    tokens = std::make_unique<TokenTable>(*std::move(table));
+  }
+  CpuBackend backend(**model, {.threads = options.backend_threads});
+  absl::StatusOr<std::unique_ptr<SessionManager>> sessions =
+      SessionManager::Open(**model, backend, options.sessions);
+  if (!sessions.ok()) return Fail(sessions.status());
+
+  WorkerPool workers(options.threads);
+  AgentMemoryService service(**sessions, workers, (*model)->config(), tokens.get());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  // Room for the longest content the SessionManager accepts, so an oversized turn gets its
+  // INVALID_ARGUMENT from the manager's check rather than a transport error.
+  const int64_t max_message = options.sessions.max_content_bytes + (1 << 20);
+  builder.SetMaxReceiveMessageSize(
+      static_cast<int>(std::min<int64_t>(max_message, std::numeric_limits<int>::max())));
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return Fail(absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.listen,
+                     " (address in use or malformed?); pick another with --listen HOST:PORT")));
+  }
+  server->GetHealthCheckService()->SetServingStatus(true);
+  std::printf("kvmemd: listening on %s\n", BoundAddress(options.listen, port).c_str());
+  std::fflush(stdout);
+  const std::string auth = tokens ? absl::StrCat(tokens->size(), " auth tokens") : "no auth";
+  const std::string store = options.sessions.data_dir.empty()
+                                ? "in memory"
+                                : absl::StrCat("data in ", options.sessions.data_dir);
+  std::fprintf(stderr, "kvmemd: model %s (fingerprint %s), %d workers, %s, %s\n", dir->c_str(),
+               (*model)->fingerprint().c_str(), workers.size(), auth.c_str(), store.c_str());
+
+  int signal_number = 0;
+  sigwait(&stop_signals, &signal_number);
+  std::fprintf(stderr, "kvmemd: %s: shutting down\n", strsignal(signal_number));
+  server->GetHealthCheckService()->SetServingStatus(false);
+  server->Shutdown(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(options.shutdown_grace_ms));
+  workers.Stop();
+  server->Wait();
+  sessions->reset();  // closes the store after the last call
+  std::fprintf(stderr, "kvmemd: stopped\n");
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvmem
+
+int main(int argc, char** argv) {
+  // Every thread (gRPC's, the workers', the backend's) inherits this mask, so SIGTERM and
+  // SIGINT reach only the sigwait in Serve.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      std::fputs(kvmem::KvmemdUsage().c_str(), stdout);
+      return 0;
+    }
+  }
+  absl::StatusOr<kvmem::KvmemdOptions> options = kvmem::ParseKvmemdFlags(argc, argv);
+  if (!options.ok()) {
+    std::fprintf(stderr, "kvmemd: %s\n", std::string(options.status().message()).c_str());
+    return 2;
+  }
+  return kvmem::Serve(*options, stop_signals);
+}
