@@ -489,6 +489,7 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Fork(SessionStorage storage) c
   }
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> fork,
                          Create(model_, backend_, options_, std::move(storage)));
+  fork->policy_ = policy_->Clone();  // stateful policies (h2o) carry their scores over
   fork->hot_ = hot_;
   fork->turns_ = turns_;
   fork->position_ = position_;

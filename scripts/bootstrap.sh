@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 packages=(build-essential cmake ninja-build ccache pkg-config git
           libabsl-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
           librocksdb-dev libsentencepiece-dev libgtest-dev libgmock-dev libopenblas-dev
-          nlohmann-json3-dev libssl-dev)
+          nlohmann-json3-dev libssl-dev gnuplot-nox
+          python3 python3-grpcio python3-protobuf)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

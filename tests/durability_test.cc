@@ -294,7 +294,9 @@ TEST_F(DurabilityTest, CorruptBlockFailsOnlyItsSession) {
 uint64_t UidOf(const std::string& dir, const std::string& id) {
   auto cold = ColdStore::Open({.path = dir});
   EXPECT_TRUE(cold.ok());
-  for (const SessionRecord& r : *(*cold)->ListSessions()) {
+  auto records = (*cold)->ListSessions();
+  EXPECT_TRUE(records.ok());
+  for (const SessionRecord& r : *records) {
     if (r.session_id == id) return r.uid;
   }
   return 0;
@@ -396,7 +398,7 @@ TEST_F(DurabilityTest, LongSessionWithSmallBudgetRecallsFromWarmAndCold) {
   Server server(*model_, options);
   ASSERT_TRUE(server->CreateSession({.session_id = "long"}).ok());
   int64_t recalled = 0, cold = 0, warm = 0;
-  for (int i = 0; i < 40; ++i) {
+  for (int i = 0; i < 100; ++i) {
     auto r = server->AppendTurn({.session_id = "long", .content = kUserTurns[i % 6]});
     ASSERT_TRUE(r.ok()) << r.status();
     recalled += r->recalled_blocks;
@@ -406,7 +408,7 @@ TEST_F(DurabilityTest, LongSessionWithSmallBudgetRecallsFromWarmAndCold) {
   }
   auto info = server->GetSession("", "long");
   ASSERT_TRUE(info.ok());
-  EXPECT_GT(info->stats.total_tokens, 700);
+  EXPECT_GT(info->stats.total_tokens, 2000);  // thousands of tokens, 48 hot per head
   EXPECT_GT(recalled, 0);
   EXPECT_GT(cold, 0);
   EXPECT_GT(warm, 0);
