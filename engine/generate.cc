@@ -106,6 +106,10 @@ absl::StatusOr<GenerationResult> DecodeTokens(const Model& model, Backend& backe
   std::vector<float> logits = std::move(request.logits);
   ForwardResult forward;
   for (int step = 0; step < params.max_tokens; ++step) {
+    if (request.cancelled && request.cancelled()) {
+      result.finish = FinishReason::kCancelled;
+      break;
+    }
     const int token = sampler.Sample(logits.data(), vocab);
     if (!params.ignore_eos && model.IsEos(token)) {
       result.finish = FinishReason::kEos;

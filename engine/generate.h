@@ -69,6 +69,9 @@ struct DecodeRequest {
   ForwardOptions forward_options;
   // Called after each decode step's forward pass, when set.
   std::function<void(const ForwardResult&)> on_forward;
+  // Polled before every step, when set: true cancels (FinishReason::kCancelled) even while
+  // no text is emitted.
+  std::function<bool()> cancelled;
 };
 
 // Samples up to params.max_tokens tokens, streaming text through on_text. Stops at EOS

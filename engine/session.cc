@@ -349,6 +349,7 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
   const ModelConfig& c = model_.config();
   GenerateResult result;
   result.hot_attended = hot_.TotalEntries();
+  result.start_position = position_;
   auto start = std::chrono::steady_clock::now();
 
   // Everything needed to undo this call: hot lengths and the position counter.
@@ -409,6 +410,7 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
   request.feed_final_token = true;
   request.forward_options.observe_last = window > 0 ? 1 : 0;
   request.on_forward = [&](const ForwardResult& f) { queries.Add(f.observed_queries); };
+  request.cancelled = options.cancelled;
   auto generated = DecodeTokens(model_, backend_, &hot_, std::move(request), options.sampling,
                                 on_text);
   if (!generated.ok()) {

@@ -10,6 +10,7 @@
 #define KVMEM_ENGINE_SESSION_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -78,11 +79,14 @@ struct GenerateOptions {
   // Default: true. Keep the generated text as the assistant turn; false leaves the session
   // exactly as it was.
   bool keep = true;
+  // Default: none. Polled before every decode step; true cancels and keeps nothing.
+  std::function<bool()> cancelled;
 };
 
 struct GenerateResult {
   GenerationResult generation;
   int64_t turn_index = -1;  // the kept assistant turn, or -1
+  int64_t start_position = 0;  // the session's position when the call began
   int64_t hot_attended = 0; // hot entries (all heads, all layers) when decoding began
   int64_t evicted = 0;
   double decode_ms = 0;

@@ -50,6 +50,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateRespon
     if (IsCancelled()) return Complete(CancelledStatus(), std::nullopt);
     absl::StatusOr<GenerateRequest> request = GenerateFromProto(proto, caller);
     if (!request.ok()) return Complete(ToGrpcStatus(request.status()), std::nullopt);
+    request->options.cancelled = [this] { return IsCancelled(); };
     absl::StatusOr<GenerateResult> result =
         sessions.Generate(*request, [this](std::string_view delta) { return Emit(delta); });
     if (!result.ok()) return Complete(ToGrpcStatus(result.status()), std::nullopt);

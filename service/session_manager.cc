@@ -4,6 +4,7 @@
 #include <cctype>
 #include <list>
 #include <chrono>
+#include <condition_variable>
 #include <deque>
 #include <mutex>
 #include <random>
@@ -124,8 +125,36 @@ class EntryCommitSink : public CommitSink {
   const ModelConfig& config_;
 };
 
+// A mutex that admits waiters in arrival order (a ticket lock), so calls on a busy session
+// are applied in the order they arrived rather than whichever thread wakes first.
+class FifoMutex {
+ public:
+  void lock() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const uint64_t ticket = next_ticket_++;
+    turn_.wait(lock, [&] { return serving_ == ticket; });
+  }
+  bool try_lock() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (serving_ != next_ticket_) return false;
+    ++next_ticket_;
+    return true;
+  }
+  void unlock() {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++serving_;
+    turn_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable turn_;
+  uint64_t next_ticket_ = 0;
+  uint64_t serving_ = 0;
+};
+
 struct Entry {
-  std::mutex mu;  // held for the whole of every call on this session, so calls apply in order
+  FifoMutex mu;  // held for the whole of every call on this session, so calls apply in order
   SessionRecord record;              // as last committed
   std::unique_ptr<Session> session;  // null while paged out
   std::shared_ptr<EntryCommitSink> sink;
@@ -209,7 +238,7 @@ class DurableSessionManager : public SessionManager {
     }
     KVMEM_RETURN_IF_ERROR(cold_->CreateSession(&record));
     auto entry = NewEntry(std::move(record));
-    std::lock_guard<std::mutex> entry_lock(entry->mu);
+    std::lock_guard<FifoMutex> entry_lock(entry->mu);
     {
       std::lock_guard<std::mutex> lock(mu_);
       sessions_[Key(request.tenant, id)] = entry;
@@ -228,7 +257,7 @@ class DurableSessionManager : public SessionManager {
                                                      options_.max_content_bytes));
     }
     KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, Find(request.tenant, request.session_id));
-    std::unique_lock<std::mutex> lock(entry->mu);
+    std::unique_lock<FifoMutex> lock(entry->mu);
     KVMEM_RETURN_IF_ERROR(CheckServable(*entry));
     if (!request.request_id.empty()) {
       auto it = entry->appended.find(request.request_id);
@@ -268,7 +297,7 @@ class DurableSessionManager : public SessionManager {
   absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request,
                                           const TextCallback& on_text) override {
     KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, Find(request.tenant, request.session_id));
-    std::unique_lock<std::mutex> lock(entry->mu);
+    std::unique_lock<FifoMutex> lock(entry->mu);
     KVMEM_RETURN_IF_ERROR(CheckServable(*entry));
     if (!request.request_id.empty()) {
       auto it = entry->generated.find(request.request_id);
@@ -314,7 +343,7 @@ class DurableSessionManager : public SessionManager {
   absl::StatusOr<SessionInfo> GetSession(const std::string& tenant,
                                          const std::string& session_id) override {
     KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, Find(tenant, session_id));
-    std::unique_lock<std::mutex> lock(entry->mu);
+    std::unique_lock<FifoMutex> lock(entry->mu);
     if (entry->deleted) return NotFound(session_id);
     if (!entry->foreign) {
       KVMEM_RETURN_IF_ERROR(Load(*entry));
@@ -339,7 +368,7 @@ class DurableSessionManager : public SessionManager {
     }
     ListSessionsResult result;
     for (const auto& entry : candidates) {
-      std::lock_guard<std::mutex> lock(entry->mu);
+      std::lock_guard<FifoMutex> lock(entry->mu);
       if (entry->deleted) continue;
       bool match = true;
       for (const auto& [k, v] : request.label_filter) {
@@ -363,7 +392,7 @@ class DurableSessionManager : public SessionManager {
     KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Entry> parent, Find(tenant, session_id));
     SessionRecord child;
     {
-      std::lock_guard<std::mutex> lock(parent->mu);
+      std::lock_guard<FifoMutex> lock(parent->mu);
       KVMEM_RETURN_IF_ERROR(CheckServable(*parent));
       {
         std::lock_guard<std::mutex> map_lock(mu_);
@@ -385,13 +414,13 @@ class DurableSessionManager : public SessionManager {
       std::lock_guard<std::mutex> lock(mu_);
       sessions_[Key(tenant, id)] = entry;
     }
-    std::lock_guard<std::mutex> lock(entry->mu);
+    std::lock_guard<FifoMutex> lock(entry->mu);
     return Describe(*entry);
   }
 
   absl::Status DeleteSession(const std::string& tenant, const std::string& session_id) override {
     KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<Entry> entry, Find(tenant, session_id));
-    std::lock_guard<std::mutex> lock(entry->mu);  // waits for a call in flight
+    std::lock_guard<FifoMutex> lock(entry->mu);  // waits for a call in flight
     if (entry->deleted) return NotFound(session_id);
     std::vector<uint64_t> freed;
     KVMEM_RETURN_IF_ERROR(cold_->DeleteSession(entry->record, &freed));
@@ -498,7 +527,7 @@ class DurableSessionManager : public SessionManager {
     for (const auto& e : resident) {
       if (total <= options_.hot_bytes) break;
       if (e.get() == current || e->hot_bytes == 0) continue;
-      std::unique_lock<std::mutex> lock(e->mu, std::try_to_lock);
+      std::unique_lock<FifoMutex> lock(e->mu, std::try_to_lock);
       if (!lock.owns_lock() || e->session == nullptr) continue;  // busy: not idle
       e->session.reset();
       std::lock_guard<std::mutex> lru_lock(lru_mu_);

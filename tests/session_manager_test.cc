@@ -1,0 +1,101 @@
+// SessionManager behaviour that needs no restart: call ordering and cancellation.
+#include "service/session_manager.h"
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "engine/cpu_backend.h"
+#include "gtest/gtest.h"
+
+namespace kvmem {
+namespace {
+
+class SessionManagerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto model = Model::Load(KVMEM_TEST_MODEL_DIR);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::move(*model);
+    backend_ = std::make_unique<CpuBackend>(*model_, CpuBackendOptions{.threads = 1});
+    SessionManagerOptions options;  // in memory
+    options.session_defaults.memory = {.policy = "snapkv", .budget = 64, .window = 8};
+    auto m = SessionManager::Open(*model_, *backend_, options);
+    ASSERT_TRUE(m.ok()) << m.status();
+    manager_ = std::move(*m);
+    ASSERT_TRUE(manager_->CreateSession({.session_id = "s"}).ok());
+    ASSERT_TRUE(manager_->AppendTurn({.session_id = "s", .content = "Once upon a time"}).ok());
+  }
+
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<CpuBackend> backend_;
+  std::unique_ptr<SessionManager> manager_;
+};
+
+TEST_F(SessionManagerTest, CallsOnABusySessionApplyInArrivalOrder) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool release = false, holding = false;
+  // A generation that holds the session until released.
+  std::thread holder([&] {
+    GenerateRequest g{.session_id = "s"};
+    g.options.sampling = {.max_tokens = 4, .ignore_eos = true};
+    g.options.keep = false;
+    auto r = manager_->Generate(g, [&](std::string_view) {
+      std::unique_lock<std::mutex> lock(mu);
+      holding = true;
+      cv.notify_all();
+      cv.wait(lock, [&] { return release; });
+      return true;
+    });
+    EXPECT_TRUE(r.ok());
+  });
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return holding; });
+  }
+  const std::vector<std::string> texts = {"one", "two", "three", "four", "five", "six"};
+  std::vector<std::thread> writers;
+  std::vector<int64_t> turn_of(texts.size(), -1);
+  for (size_t i = 0; i < texts.size(); ++i) {
+    writers.emplace_back([&, i] {
+      auto r = manager_->AppendTurn({.session_id = "s", .content = texts[i]});
+      EXPECT_TRUE(r.ok()) << r.status();
+      if (r.ok()) turn_of[i] = r->turn_index;
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(40));  // arrive one after another
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    release = true;
+  }
+  cv.notify_all();
+  holder.join();
+  for (auto& t : writers) t.join();
+  // The turns were applied in the order the calls arrived: turn 0 was appended in SetUp.
+  for (size_t i = 0; i < texts.size(); ++i) EXPECT_EQ(turn_of[i], static_cast<int64_t>(1 + i));
+  auto info = manager_->GetSession("", "s");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->stats.turns, 1 + static_cast<int64_t>(texts.size()));
+}
+
+TEST_F(SessionManagerTest, CancellationIsPolledEveryStepAndKeepsNothing) {
+  std::atomic<int> polls{0};
+  GenerateRequest g{.session_id = "s"};
+  g.options.sampling = {.max_tokens = 50, .ignore_eos = true};
+  g.options.cancelled = [&] { return ++polls > 3; };
+  auto r = manager_->Generate(g, nullptr);  // no text callback at all
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->generation.finish, FinishReason::kCancelled);
+  EXPECT_EQ(r->generation.tokens.size(), 3u);
+  auto info = manager_->GetSession("", "s");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->stats.turns, 1);
+  EXPECT_EQ(info->stats.total_tokens, r->start_position);
+}
+
+}  // namespace
+}  // namespace kvmem
