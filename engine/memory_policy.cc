@@ -29,47 +29,6 @@ std::vector<const HeadKv*> LayerHeads(const KvCache& kv, int layer) {
   return heads;
 }
 
-// Calls fn(query_head, self, row) for every observed query of every query head of KV head
-// `kv_head`'s group, where row[0..self] is the softmax attention of that query over the head's
-// entries [0, self] (self: the query's own entry, the head's entry size() - w + i for row i).
-// Entries masked by the sliding window get weight 0. queries: (num_heads, w, head_dim).
-template <typename Fn>
-void ForEachAttentionRow(const float* queries, int num_heads, int w, const HeadKv& head, int group,
-                         int kv_head, int sliding_window, Fn&& fn) {
-  const int64_t n = head.size();
-  KVMEM_CHECK(w <= n);
-  const int hd = static_cast<int>(head.keys.size() / std::max<int64_t>(n, 1));
-  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-  std::vector<double> row(n);
-  for (int g = 0; g < group; ++g) {
-    const int hq = kv_head * group + g;
-    for (int i = 0; i < w; ++i) {
-      const float* q = queries + (static_cast<int64_t>(hq) * w + i) * hd;
-      const int64_t self = n - w + i;
-      const int64_t pos = head.positions[self];
-      double max_logit = -std::numeric_limits<double>::infinity();
-      for (int64_t j = 0; j <= self; ++j) {
-        if (sliding_window > 0 && pos - head.positions[j] >= sliding_window) {
-          row[j] = -std::numeric_limits<double>::infinity();
-          continue;
-        }
-        const float* k = &head.keys[j * hd];
-        float dot = 0.f;
-        for (int d = 0; d < hd; ++d) dot += q[d] * k[d];
-        row[j] = dot * scale;
-        max_logit = std::max(max_logit, row[j]);
-      }
-      double denom = 0;
-      for (int64_t j = 0; j <= self; ++j) {
-        row[j] = std::exp(row[j] - max_logit);
-        denom += row[j];
-      }
-      for (int64_t j = 0; j <= self; ++j) row[j] /= denom;
-      fn(hq, self, row.data());
-    }
-  }
-}
-
 // The last `keep` of `w` rows of queries (num_heads, w, head_dim).
 std::vector<float> TrailingRows(const float* queries, int num_heads, int w, int keep,
                                 int head_dim) {

@@ -26,25 +26,19 @@ absl::Status ValidateSnapKvOptions(const SnapKvOptions& o) {
   return absl::OkStatus();
 }
 
-std::vector<double> SnapKvScores(const SnapKvOptions& options, const float* queries, int num_heads,
-                                 int w, const std::vector<const HeadKv*>& heads, int kv_head,
-                                 int sliding_window) {
-  const int num_kv_heads = static_cast<int>(heads.size());
-  const int group = num_heads / num_kv_heads;
-  const HeadKv& head = *heads[kv_head];
+void ForEachAttentionRow(const float* queries, int num_heads, int w, const HeadKv& head, int group,
+                         int kv_head, int sliding_window,
+                         const std::function<void(int, int64_t, const double*)>& fn) {
   const int64_t n = head.size();
-  const int64_t candidates = n - w;
-  KVMEM_CHECK(candidates >= 0);
+  KVMEM_CHECK(w <= n);
   const int hd = static_cast<int>(head.keys.size() / std::max<int64_t>(n, 1));
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-
-  std::vector<double> votes(candidates, 0.0);
   std::vector<double> row(n);
   for (int g = 0; g < group; ++g) {
     const int hq = kv_head * group + g;
     for (int i = 0; i < w; ++i) {
       const float* q = queries + (static_cast<int64_t>(hq) * w + i) * hd;
-      const int64_t self = candidates + i;  // the window token's own entry
+      const int64_t self = n - w + i;
       const int64_t pos = head.positions[self];
       double max_logit = -std::numeric_limits<double>::infinity();
       for (int64_t j = 0; j <= self; ++j) {
@@ -63,9 +57,24 @@ std::vector<double> SnapKvScores(const SnapKvOptions& options, const float* quer
         row[j] = std::exp(row[j] - max_logit);
         denom += row[j];
       }
-      for (int64_t j = 0; j < candidates; ++j) votes[j] += row[j] / denom;
+      for (int64_t j = 0; j <= self; ++j) row[j] /= denom;
+      fn(hq, self, row.data());
     }
   }
+}
+
+std::vector<double> SnapKvScores(const SnapKvOptions& options, const float* queries, int num_heads,
+                                 int w, const std::vector<const HeadKv*>& heads, int kv_head,
+                                 int sliding_window) {
+  const int group = num_heads / static_cast<int>(heads.size());
+  const HeadKv& head = *heads[kv_head];
+  const int64_t candidates = head.size() - w;
+  KVMEM_CHECK(candidates >= 0);
+  std::vector<double> votes(candidates, 0.0);
+  ForEachAttentionRow(queries, num_heads, w, head, group, kv_head, sliding_window,
+                      [&](int, int64_t, const double* row) {
+                        for (int64_t j = 0; j < candidates; ++j) votes[j] += row[j];
+                      });
   for (double& v : votes) v /= group;
 
   // Stride-1 pooling that keeps the length; the ends see only entries that exist.

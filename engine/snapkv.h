@@ -12,6 +12,7 @@
 #define KVMEM_ENGINE_SNAPKV_H_
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -35,6 +36,14 @@ struct SnapKvOptions {
 // INVALID_ARGUMENT for a budget not larger than the window, a non-positive window, or a kernel
 // that is not a positive odd number.
 absl::Status ValidateSnapKvOptions(const SnapKvOptions& options);
+
+// Calls fn(query_head, self, row) for every observed query of every query head of KV head
+// `kv_head`'s group, where row[0..self] is the softmax attention of that query over the head's
+// entries [0, self] (self: the query's own entry, the head's entry size() - w + i for row i).
+// Entries masked by the sliding window get weight 0. queries: (num_heads, w, head_dim).
+void ForEachAttentionRow(const float* queries, int num_heads, int w, const HeadKv& head, int group,
+                         int kv_head, int sliding_window,
+                         const std::function<void(int, int64_t, const double*)>& fn);
 
 // The pooled votes of the candidates (entries before the window) of one KV head.
 // queries: (num_heads, w, head_dim), the post-RoPE queries of the last w entries of every head

@@ -1,6 +1,7 @@
 // `kvmem-sim`: multi-turn memory simulations. Replays the sessions of a scenario (a JSON file
 // or the built-in generator) under several memory strategies and hot budgets with the
-// in-process engine, and writes CSV, a Markdown summary and gnuplot plots (see sim_report.h).
+// in-process engine (simulator.h) or a running kvmemd over gRPC (--server, sim_server.h), and
+// writes CSV, a Markdown summary and gnuplot plots (see sim_report.h).
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
@@ -8,6 +9,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -19,6 +21,7 @@
 #include "engine/model.h"
 #include "examples/sim_report.h"
 #include "examples/sim_scenario.h"
+#include "examples/sim_server.h"
 #include "examples/simulator.h"
 
 namespace {
@@ -43,23 +46,31 @@ Strategies and budgets:
   --window W              SnapKV observation window, h2o recent entries (default 8)
   --kernel K              SnapKV pooling kernel, odd (default 5)
   --pooling max|avg       SnapKV pooling (default max)
-  --sink-tokens S         window: attention sinks kept (default 4)
-  --min-head-share F      adakv: budget share every head keeps (default 0.2)
+  --sink-tokens S         window: attention sinks kept (default 4; in process only)
+  --min-head-share F      adakv: budget share every head keeps (default 0.2; in process only)
   --recall-blocks R       snapkv+recall: blocks recalled per layer and head (default 8)
-  --block-size B          positions per KV block (default 16)
+  --block-size B          positions per KV block (default 16; in process only)
 
 Output:
   --out DIR               output directory (default sim-out)
   --reference-budget B    budget of the main table, per-turn plot and heat maps
                           (default: the median budget)
-  --heatmap-session I     session whose per-head retention is mapped (default 0)
+  --heatmap-session I     session whose per-head retention is mapped (default 0; in process
+                          only)
   --gnuplot PROG          plot renderer (default gnuplot; '' writes scripts only)
 
-Engine:
+Engine (in process):
   --model DIR             model directory (default: $KVMEM_MODEL, else
                           ../shared/models/stories260K beside the project root)
   --threads N             CPU backend threads (default 1)
-  --server ADDR           drive a running kvmemd over gRPC instead (not available yet)
+
+Server (drive a running kvmemd over gRPC instead; metrics that need logits are n/a):
+  --server HOST:PORT      where kvmemd listens
+  --token T               bearer token (kvmemd --auth-tokens)
+  --greedy-tokens K       greedy tokens compared with full's at each probe (default 8)
+  --session-prefix P      prefix of the session ids the run creates and deletes
+                          (default kvmem-sim-<random hex>)
+  --timeout-ms MS         deadline of every call (default 0: none)
 )";
 
 int Fail(const std::string& message) {
@@ -177,19 +188,33 @@ int main(int argc, char** argv) {
     std::fputs(kUsage, stdout);
     return 0;
   }
-  if (!ParseFlags(argc, argv, {"scenario",    "sessions",         "turns",           "facts",
-                               "seed",        "filler-sentences", "write-scenario",  "strategies",
-                               "budgets",     "window",           "kernel",          "pooling",
-                               "sink-tokens", "min-head-share",   "recall-blocks",   "block-size",
-                               "out",         "reference-budget", "heatmap-session", "gnuplot",
-                               "model",       "threads",          "server"},
+  if (!ParseFlags(argc, argv, {"scenario",      "sessions",         "turns",           "facts",
+                               "seed",          "filler-sentences", "write-scenario",  "strategies",
+                               "budgets",       "window",           "kernel",          "pooling",
+                               "sink-tokens",   "min-head-share",   "recall-blocks",   "block-size",
+                               "out",           "reference-budget", "heatmap-session", "gnuplot",
+                               "model",         "threads",          "server",          "token",
+                               "greedy-tokens", "session-prefix",   "timeout-ms"},
                   {"synthetic"}, &flags, &error)) {
     return Fail(error + "\n" + kUsage);
   }
-  if (flags.Has("server")) {
-    return Fail(
-        "--server: the gRPC mode that drives a running kvmemd is not available yet (the service "
-        "is still being built); run without --server to simulate with the in-process engine");
+  const bool server = flags.Has("server");
+  if (server) {
+    // What kvmemd decides for every session, or what the API cannot show.
+    for (const char* local :
+         {"sink-tokens", "min-head-share", "block-size", "model", "threads", "heatmap-session"}) {
+      if (flags.Has(local)) {
+        return Fail(absl::StrCat("--", local, " applies in process only: with --server ",
+                                 std::string_view(local) == "heatmap-session"
+                                     ? "hot positions are not exposed over gRPC"
+                                     : "kvmemd's own flags set it"));
+      }
+    }
+    if (flags.Get("server").empty()) return Fail("--server needs HOST:PORT");
+  } else {
+    for (const char* remote : {"token", "greedy-tokens", "session-prefix", "timeout-ms"}) {
+      if (flags.Has(remote)) return Fail(absl::StrCat("--", remote, " configures --server"));
+    }
   }
   if (flags.Has("scenario") == flags.Has("synthetic")) {
     return Fail(std::string("give exactly one of --scenario FILE and --synthetic\n") + kUsage);
@@ -207,6 +232,9 @@ int main(int argc, char** argv) {
   report.gnuplot = flags.Get("gnuplot", "gnuplot");
   report.command_line = CommandLine(argc, argv);
   int threads = 1;
+  ServerSimOptions server_sim;
+  server_sim.session_prefix = flags.Get("session-prefix");
+  int64_t timeout_ms = 0;
   if (!ParseNumber(flags, "sessions", &synthetic.sessions, &error) ||
       !ParseNumber(flags, "turns", &synthetic.turns, &error) ||
       !ParseNumber(flags, "facts", &synthetic.facts, &error) ||
@@ -221,7 +249,9 @@ int main(int argc, char** argv) {
       !ParseNumber(flags, "block-size", &sim.block_size, &error) ||
       !ParseNumber(flags, "heatmap-session", &sim.retention_session, &error) ||
       !ParseNumber(flags, "reference-budget", &report.reference_budget, &error) ||
-      !ParseNumber(flags, "threads", &threads, &error)) {
+      !ParseNumber(flags, "threads", &threads, &error) ||
+      !ParseNumber(flags, "greedy-tokens", &server_sim.greedy_tokens, &error) ||
+      !ParseNumber(flags, "timeout-ms", &timeout_ms, &error)) {
     return Fail(error);
   }
   if (flags.Has("strategies")) {
@@ -256,6 +286,22 @@ int main(int argc, char** argv) {
     if (!out) return Fail("cannot write " + flags.Get("write-scenario"));
   }
 
+  sim.progress = [](const std::string& line) {
+    std::fprintf(stderr, "kvmem-sim: %s\n", line.c_str());
+  };
+  if (server) {
+    const std::string address = flags.Get("server");
+    AgentMemoryClient client(
+        {.address = address, .token = flags.Get("token"), .timeout_ms = timeout_ms});
+    auto results = RunServerSimulation(client, address, *scenario, sim, server_sim);
+    if (!results.ok()) return Fail(results.status());
+    report.model_name = "kvmemd at " + address;
+    if (absl::Status s = WriteReport(*results, report); !s.ok()) return Fail(s);
+    std::fprintf(stderr, "kvmem-sim: wrote %s/summary.md, CSV files%s\n", report.out_dir.c_str(),
+                 report.gnuplot.empty() ? " and plots.gp" : " and plots");
+    return 0;
+  }
+
   auto dir = ResolveModelDir(flags.Get("model"));
   if (!dir.ok()) return Fail(dir.status());
   auto model = Model::Load(*dir);
@@ -264,9 +310,6 @@ int main(int argc, char** argv) {
   if (report.model_name.empty()) report.model_name = *dir;
   CpuBackend backend(**model, {.threads = threads});
 
-  sim.progress = [](const std::string& line) {
-    std::fprintf(stderr, "kvmem-sim: %s\n", line.c_str());
-  };
   auto results = RunSimulation(**model, backend, *scenario, sim);
   if (!results.ok()) return Fail(results.status());
   if (absl::Status s = WriteReport(*results, report); !s.ok()) return Fail(s);

@@ -52,6 +52,14 @@ absl::Status WriteFile(const std::filesystem::path& path, const std::string& tex
   return absl::OkStatus();
 }
 
+// A CSV field, quoted when it holds a comma, quote or line break.
+std::string CsvField(const std::string& text) {
+  if (text.find_first_of(",\"\n\r") == std::string::npos) return text;
+  std::string out = "\"";
+  for (char c : text) out += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return out + "\"";
+}
+
 int ReferenceBudget(const SimResults& results, const ReportOptions& options) {
   const std::vector<int>& budgets = results.options.budgets;
   if (options.reference_budget != 0) return options.reference_budget;
@@ -62,7 +70,9 @@ std::string TurnsCsv(const SimResults& results) {
   std::string out =
       "strategy,budget,session,turn,role,probe,turn_tokens,first_position,kl,top1,fact_logprob,"
       "fact_prob,fact_hot,coverage_mean,coverage_min,hot_tokens,hot_per_head,hot_bytes,"
-      "block_bytes,evicted,blocks_recalled,warm_hits,cold_reads,turn_ms,prefill_ms,select_ms\n";
+      "block_bytes,evicted,blocks_recalled,warm_hits,cold_reads,turn_ms,prefill_ms,select_ms,"
+      "greedy_match,answer_hit,warm_blocks,warm_bytes,cold_blocks,cold_bytes,server_ms,queue_ms,"
+      "commit_ms\n";
   for (const TurnMetrics& m : results.turns) {
     absl::StrAppend(&out, m.strategy, ",", m.budget, ",", m.session, ",", m.turn, ",",
                     RoleName(m.role), ",", m.probe ? 1 : 0, ",", m.turn_tokens, ",",
@@ -71,7 +81,21 @@ std::string TurnsCsv(const SimResults& results) {
                     Num(m.coverage_min), ",", m.hot_tokens, ",", Num(m.hot_per_head), ",",
                     m.hot_bytes, ",", m.block_bytes, ",", m.evicted, ",", m.blocks_recalled, ",",
                     m.warm_hits, ",", m.cold_reads, ",", Num(m.turn_ms), ",", Num(m.prefill_ms),
-                    ",", Num(m.select_ms), "\n");
+                    ",", Num(m.select_ms), ",", Num(m.greedy_match), ",", Num(m.answer_hit), ",",
+                    m.warm_blocks, ",", m.warm_bytes, ",", m.cold_blocks, ",", m.cold_bytes, ",",
+                    Num(m.server_ms), ",", Num(m.queue_ms), ",", Num(m.commit_ms), "\n");
+  }
+  return out;
+}
+
+// Server mode: the greedy continuation of every probe.
+std::string ProbesCsv(const SimResults& results) {
+  std::string out = "strategy,budget,session,turn,top1,greedy_match,answer_hit,greedy_text\n";
+  for (const TurnMetrics& m : results.turns) {
+    if (!m.probe) continue;
+    absl::StrAppend(&out, m.strategy, ",", m.budget, ",", m.session, ",", m.turn, ",",
+                    Num(m.top1), ",", Num(m.greedy_match), ",", Num(m.answer_hit), ",",
+                    CsvField(m.greedy_text), "\n");
   }
   return out;
 }
@@ -92,14 +116,17 @@ std::string SummaryCsv(const std::vector<Aggregate>& aggregates) {
   std::string out =
       "strategy,budget,probes,probe_kl,probe_top1,fact_prob,fact_logprob_gap,fact_hot,"
       "probe_coverage,probe_coverage_min,kl,top1,final_hot_per_head,final_hot_bytes,"
-      "final_block_bytes,blocks_recalled,turn_ms\n";
+      "final_block_bytes,blocks_recalled,turn_ms,greedy_match,answer_hit,final_warm_bytes,"
+      "final_cold_bytes,server_ms\n";
   for (const Aggregate& a : aggregates) {
     absl::StrAppend(&out, a.strategy, ",", a.budget, ",", a.probes, ",", Num(a.probe_kl), ",",
                     Num(a.probe_top1), ",", Num(a.fact_prob), ",", Num(a.fact_logprob_gap), ",",
                     Num(a.fact_hot), ",", Num(a.probe_coverage), ",", Num(a.probe_coverage_min),
                     ",", Num(a.kl), ",", Num(a.top1), ",", Num(a.final_hot_per_head), ",",
                     Num(a.final_hot_bytes), ",", Num(a.final_block_bytes), ",",
-                    Num(a.blocks_recalled), ",", Num(a.turn_ms), "\n");
+                    Num(a.blocks_recalled), ",", Num(a.turn_ms), ",", Num(a.greedy_match), ",",
+                    Num(a.answer_hit), ",", Num(a.final_warm_bytes), ",", Num(a.final_cold_bytes),
+                    ",", Num(a.server_ms), "\n");
   }
   return out;
 }
@@ -127,12 +154,14 @@ absl::Status WritePlots(const SimResults& results, const std::vector<Aggregate>&
   std::string budget_dat;
   for (const std::string& s : strategies) {
     absl::StrAppend(&budget_dat, "# ", s,
-                    "\n# budget probe_kl probe_top1 fact_prob probe_coverage fact_hot kl\n");
+                    "\n# budget probe_kl probe_top1 fact_prob probe_coverage fact_hot kl "
+                    "greedy_match answer_hit final_hot_per_head blocks_recalled\n");
     for (int b : results.options.budgets) {
       const Aggregate* a = Find(aggregates, s, b);
       absl::StrAppend(&budget_dat, b, " ", Num(a->probe_kl), " ", Num(a->probe_top1), " ",
                       Num(a->fact_prob), " ", Num(a->probe_coverage), " ", Num(a->fact_hot), " ",
-                      Num(a->kl), "\n");
+                      Num(a->kl), " ", Num(a->greedy_match), " ", Num(a->answer_hit), " ",
+                      Num(a->final_hot_per_head), " ", Num(a->blocks_recalled), "\n");
     }
     budget_dat += "\n\n";
   }
@@ -142,7 +171,8 @@ absl::Status WritePlots(const SimResults& results, const std::vector<Aggregate>&
   std::string turn_dat;
   int max_turn = 0;
   for (const std::string& s : strategies) {
-    std::map<int, std::array<Mean, 4>> by_turn;  // kl, top1, coverage, hot per head
+    // kl, top1, coverage, hot per head, turn ms, server ms, blocks recalled
+    std::map<int, std::array<Mean, 7>> by_turn;
     for (const TurnMetrics& m : results.turns) {
       if (m.strategy != s || m.budget != reference_budget) continue;
       auto& means = by_turn[m.turn];
@@ -150,12 +180,17 @@ absl::Status WritePlots(const SimResults& results, const std::vector<Aggregate>&
       means[1].Add(m.top1);
       means[2].Add(m.coverage_mean);
       means[3].Add(m.hot_per_head);
+      means[4].Add(m.turn_ms);
+      means[5].Add(m.server_ms);
+      means[6].Add(static_cast<double>(m.blocks_recalled));
       max_turn = std::max(max_turn, m.turn);
     }
-    absl::StrAppend(&turn_dat, "# ", s, "\n# turn kl top1 coverage hot_per_head\n");
+    absl::StrAppend(&turn_dat, "# ", s,
+                    "\n# turn kl top1 coverage hot_per_head turn_ms server_ms blocks_recalled\n");
     for (const auto& [t, means] : by_turn) {
       absl::StrAppend(&turn_dat, t, " ", Num(means[0].Get()), " ", Num(means[1].Get()), " ",
-                      Num(means[2].Get()), " ", Num(means[3].Get()), "\n");
+                      Num(means[2].Get()), " ", Num(means[3].Get()), " ", Num(means[4].Get()),
+                      " ", Num(means[5].Get()), " ", Num(means[6].Get()), "\n");
     }
     turn_dat += "\n\n";
   }
@@ -218,6 +253,33 @@ absl::Status WritePlots(const SimResults& results, const std::vector<Aggregate>&
     return absl::StrCat("plot for [i=0:n-1] '", file, "' index i using 1:", col,
                         " ls (i % 7 + 1) title word(names, i+1)\n");
   };
+  const bool server = !results.server.empty();
+  if (server) {
+    // Over gRPC there are no logits or hot positions: what the API measures instead.
+    absl::StrAppend(
+        &gp, "set output 'sim_vs_budget.png'\n",
+        "set multiplot layout 2,2 title 'kvmem-sim (kvmemd at ", results.server, "): ",
+        results.scenario, ", probe turns vs hot budget (mean over probes)'\n",
+        "set xlabel 'hot budget (entries per layer and KV head)'\nset logscale x 2\n",
+        "set key bottom right box opaque\n", "set yrange [-0.02:1.02]\n",
+        "set ylabel 'top-1 agreement with full (greedy)'\n", plot("budget.dat", 3), "unset key\n",
+        "set ylabel 'first ", results.greedy_tokens, " greedy tokens equal full''s'\n",
+        plot("budget.dat", 8), "set ylabel 'greedy continuation starts with the answer'\n",
+        plot("budget.dat", 9),
+        "set autoscale y\nset ylabel 'hot entries per head (after the last turn)'\n",
+        plot("budget.dat", 10), "unset multiplot\nunset logscale x\nset autoscale y\n");
+    absl::StrAppend(
+        &gp, "set output 'sim_vs_turn.png'\n",
+        "set multiplot layout 2,2 title 'kvmem-sim (kvmemd at ", results.server, "): ",
+        results.scenario, ", every turn at hot budget ", reference_budget,
+        " (mean over sessions)'\n", "set xlabel 'turn'\nset xrange [-0.5:", max_turn, ".5]\n",
+        "set key top left box opaque\n", "set ylabel 'hot entries per head (after the turn)'\n",
+        plot("turn.dat", 5), "unset key\n", "set ylabel 'AppendTurn ms (client wall clock)'\n",
+        plot("turn.dat", 6), "set ylabel 'AppendTurn ms (server total)'\n", plot("turn.dat", 7),
+        "set ylabel 'blocks recalled'\n", plot("turn.dat", 8),
+        "unset multiplot\nset autoscale x\nset autoscale y\n");
+    return WriteFile(dir / "plots.gp", gp);
+  }
   absl::StrAppend(
       &gp, "set output 'sim_vs_budget.png'\n",
       "set multiplot layout 2,2 title 'kvmem-sim: ", results.scenario,
@@ -308,17 +370,21 @@ std::vector<Aggregate> Aggregates(const SimResults& results) {
     for (int b : results.options.budgets) {
       Aggregate a{.strategy = s, .budget = b};
       Mean probe_kl, probe_top1, fact_prob, gap, fact_hot, coverage, coverage_min, kl, top1,
-          hot_per_head, hot_bytes, block_bytes, turn_ms;
+          hot_per_head, hot_bytes, block_bytes, turn_ms, greedy_match, answer_hit, warm_bytes,
+          cold_bytes, server_ms;
       for (const TurnMetrics& m : results.turns) {
         if (m.strategy != s || m.budget != b) continue;
         kl.Add(m.kl);
         top1.Add(m.top1);
         turn_ms.Add(m.turn_ms);
+        server_ms.Add(m.server_ms);
         a.blocks_recalled += m.blocks_recalled;
         if (m.turn == last_turn[{b, m.session}]) {
           hot_per_head.Add(m.hot_per_head);
           hot_bytes.Add(static_cast<double>(m.hot_bytes));
           block_bytes.Add(static_cast<double>(m.block_bytes));
+          warm_bytes.Add(static_cast<double>(m.warm_bytes));
+          cold_bytes.Add(static_cast<double>(m.cold_bytes));
         }
         if (!m.probe) continue;
         ++a.probes;
@@ -329,6 +395,8 @@ std::vector<Aggregate> Aggregates(const SimResults& results) {
         fact_hot.Add(m.fact_hot);
         coverage.Add(m.coverage_mean);
         coverage_min.Add(m.coverage_min);
+        greedy_match.Add(m.greedy_match);
+        answer_hit.Add(m.answer_hit);
       }
       a.probe_kl = probe_kl.Get();
       a.probe_top1 = probe_top1.Get();
@@ -343,6 +411,11 @@ std::vector<Aggregate> Aggregates(const SimResults& results) {
       a.final_hot_bytes = hot_bytes.Get();
       a.final_block_bytes = block_bytes.Get();
       a.turn_ms = turn_ms.Get();
+      a.greedy_match = greedy_match.Get();
+      a.answer_hit = answer_hit.Get();
+      a.final_warm_bytes = results.server.empty() ? kNaN : warm_bytes.Get();
+      a.final_cold_bytes = results.server.empty() ? kNaN : cold_bytes.Get();
+      a.server_ms = server_ms.Get();
       a.blocks_recalled /= std::max(1, results.sessions);
       out.push_back(a);
     }
@@ -350,8 +423,105 @@ std::vector<Aggregate> Aggregates(const SimResults& results) {
   return out;
 }
 
+namespace {
+
+// The summary of a server-mode run: what the API measures, and n/a for what needs logits.
+std::string ServerSummaryMarkdown(const SimResults& results,
+                                  const std::vector<Aggregate>& aggregates,
+                                  const ReportOptions& options) {
+  const SimOptions& o = results.options;
+  const int reference = ReferenceBudget(results, options);
+  std::string md = absl::StrCat("# kvmem-sim: ", results.scenario, " (kvmemd at ", results.server,
+                                ")\n\n");
+  if (!options.command_line.empty()) {
+    absl::StrAppend(&md, "Command: `", options.command_line, "`\n\n");
+  }
+  const auto [shortest, longest] =
+      std::minmax_element(results.session_tokens.begin(), results.session_tokens.end());
+  int64_t turns = 0, probes = 0;
+  for (const TurnMetrics& m : results.turns) {
+    if (m.strategy == "full" && m.budget == o.budgets.front()) {
+      ++turns;
+      probes += m.probe;
+    }
+  }
+  absl::StrAppend(
+      &md, "- server: kvmemd at ", results.server, ", model fingerprint ",
+      results.model_fingerprint.empty() ? "(none)" : results.model_fingerprint, " (",
+      results.num_layers, " layers x ", results.num_kv_heads, " KV heads)\n",
+      "- sessions: ", results.sessions, ", turns: ", turns, " (", probes,
+      " probes), tokens per session: ", results.session_tokens.empty() ? 0 : *shortest, "-",
+      results.session_tokens.empty() ? 0 : *longest, "\n",
+      "- hot budgets (entries per layer and KV head): ", absl::StrJoin(o.budgets, ", "),
+      "; reference budget: ", reference, "\n", "- settings sent: SnapKV window ", o.window,
+      ", kernel ", o.kernel, " (", o.pooling == Pooling::kMax ? "max" : "avg",
+      " pooling); snapkv+recall recall_blocks ", o.recall_blocks,
+      "; the server's own: window sinks, h2o recent share, adakv min head share, block size ",
+      o.block_size, "\n");
+  for (const std::string& note : results.notes) absl::StrAppend(&md, "- ", note, "\n");
+  absl::StrAppend(
+      &md,
+      "\nMeasured over gRPC, which exposes no logits: at each probe a fork of the session "
+      "appends the probe prompt and is asked for greedy continuations (discarded). Top-1: the "
+      "first greedy token equals full's. First ", results.greedy_tokens,
+      " tokens: the first ", results.greedy_tokens,
+      " greedy tokens all equal full's. Answer hit: the continuation starts with the planted "
+      "answer. KL, P(answer) and attention coverage need logits or hot positions: n/a here (run "
+      "without --server for them). Hot entries and bytes are from GetSession after each "
+      "session's last turn; warm is the share of blocks cached in host RAM, cold every block "
+      "the session wrote. ms per turn: AppendTurn as the client timed it / as the server did "
+      "(Timings.total_ms).\n\n");
+  absl::StrAppend(&md, "## Strategies at hot budget ", reference, "\n\n");
+  md += absl::StrCat(
+      "| strategy | top-1 at probes | first ", results.greedy_tokens,
+      " tokens | answer hit | KL | P(answer) | coverage | hot per head | hot KiB | warm KiB | "
+      "cold KiB | blocks recalled | ms per turn (client / server) |\n"
+      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (const std::string& s : o.strategies) {
+    const Aggregate* a = Find(aggregates, s, reference);
+    if (a == nullptr) continue;
+    absl::StrAppend(&md, "| ", s, " | ", Fixed(a->probe_top1, 3), " | ",
+                    Fixed(a->greedy_match, 3), " | ", Fixed(a->answer_hit, 3),
+                    " | n/a | n/a | n/a | ", Fixed(a->final_hot_per_head, 1), " | ",
+                    Fixed(a->final_hot_bytes / 1024, 1), " | ",
+                    Fixed(a->final_warm_bytes / 1024, 1), " | ",
+                    Fixed(a->final_cold_bytes / 1024, 1), " | ", Fixed(a->blocks_recalled, 1),
+                    " | ", Fixed(a->turn_ms, 2), " / ", Fixed(a->server_ms, 2), " |\n");
+  }
+  auto by_budget = [&](const std::string& title, auto value, int decimals) {
+    absl::StrAppend(&md, "\n## ", title, " by hot budget\n\n| strategy |");
+    std::string rule = "|---|";
+    for (int b : o.budgets) {
+      absl::StrAppend(&md, " ", b, " |");
+      rule += "---:|";
+    }
+    absl::StrAppend(&md, "\n", rule, "\n");
+    for (const std::string& s : o.strategies) {
+      absl::StrAppend(&md, "| ", s, " |");
+      for (int b : o.budgets) {
+        const Aggregate* a = Find(aggregates, s, b);
+        absl::StrAppend(&md, " ", a ? Fixed(value(*a), decimals) : "–", " |");
+      }
+      md += "\n";
+    }
+  };
+  by_budget(
+      "Top-1 agreement at probes", [](const Aggregate& a) { return a.probe_top1; }, 3);
+  by_budget(
+      absl::StrCat("First ", results.greedy_tokens, " greedy tokens equal full's"),
+      [](const Aggregate& a) { return a.greedy_match; }, 3);
+  by_budget(
+      "Answer hit at probes", [](const Aggregate& a) { return a.answer_hit; }, 3);
+  by_budget(
+      "Hot entries per head", [](const Aggregate& a) { return a.final_hot_per_head; }, 1);
+  return md;
+}
+
+}  // namespace
+
 std::string SummaryMarkdown(const SimResults& results, const std::vector<Aggregate>& aggregates,
                             const ReportOptions& options) {
+  if (!results.server.empty()) return ServerSummaryMarkdown(results, aggregates, options);
   const SimOptions& o = results.options;
   const int reference = ReferenceBudget(results, options);
   std::string md = absl::StrCat("# kvmem-sim: ", results.scenario, "\n\n");
@@ -455,6 +625,9 @@ absl::Status WriteReport(const SimResults& results, const ReportOptions& options
   KVMEM_RETURN_IF_ERROR(WriteFile(dir / "turns.csv", TurnsCsv(results)));
   KVMEM_RETURN_IF_ERROR(WriteFile(dir / "heads.csv", HeadsCsv(results)));
   KVMEM_RETURN_IF_ERROR(WriteFile(dir / "summary.csv", SummaryCsv(aggregates)));
+  if (!results.server.empty()) {
+    KVMEM_RETURN_IF_ERROR(WriteFile(dir / "probes.csv", ProbesCsv(results)));
+  }
   KVMEM_RETURN_IF_ERROR(
       WriteFile(dir / "summary.md", SummaryMarkdown(results, aggregates, options)));
   KVMEM_RETURN_IF_ERROR(WritePlots(results, aggregates, reference, dir));

@@ -2,15 +2,23 @@
 //
 // Files written into the output directory:
 //   turns.csv         one row per (strategy, budget, session, turn): every TurnMetrics field
+//                     but greedy_text
+//   probes.csv        server mode only: one row per probe turn with its greedy continuation
 //   heads.csv         one row per (strategy, budget, session, turn > 0, layer, KV head): the
 //                     attention coverage of that head
 //   summary.csv       one row per (strategy, budget): the Aggregate below
 //   summary.md        the tables of summary.csv at the reference budget and across budgets
 //   plots.gp + *.dat  gnuplot script and its data; rendered (when gnuplot runs) to
 //     sim_vs_budget.png    probe KL, top-1, P(answer), attention coverage vs hot budget
+//                          (server mode: top-1, greedy match, answer hit, hot per head)
 //     sim_vs_turn.png      KL, top-1, coverage, hot entries per head vs turn (reference budget)
-//     sim_retention.png    per-head retention heat maps of one session (reference budget)
-//     sim_head_coverage.png  attention coverage at probes per strategy and head
+//                          (server mode: hot per head, client and server ms, blocks recalled)
+//     sim_retention.png    per-head retention heat maps of one session (reference budget;
+//                          not in server mode)
+//     sim_head_coverage.png  attention coverage at probes per strategy and head (not in
+//                          server mode)
+// In server mode (SimResults::server set) the metrics that need logits or hot positions are
+// written "nan" in CSV and "n/a" in the Markdown.
 #ifndef KVMEM_EXAMPLES_SIM_REPORT_H_
 #define KVMEM_EXAMPLES_SIM_REPORT_H_
 
@@ -43,6 +51,14 @@ struct Aggregate {
   double final_block_bytes = 0;
   double blocks_recalled = 0;  // per session: summed over its turns, mean over sessions
   double turn_ms = 0;          // mean AppendTurn wall time
+  // Server mode (NaN in process): means at probes of TurnMetrics::greedy_match and
+  // answer_hit, tier bytes after each session's last turn, and the mean server-side time of
+  // AppendTurn.
+  double greedy_match = 0;
+  double answer_hit = 0;
+  double final_warm_bytes = 0;
+  double final_cold_bytes = 0;
+  double server_ms = 0;
 };
 
 // Aggregates in the order of the results' strategies, then budgets.

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -106,9 +107,27 @@ struct TurnMetrics {
   int64_t blocks_recalled = 0;
   int64_t warm_hits = 0;
   int64_t cold_reads = 0;
-  double turn_ms = 0;  // AppendTurn, wall clock
+  double turn_ms = 0;  // AppendTurn, wall clock (client-measured in server mode)
   double prefill_ms = 0;
   double select_ms = 0;
+
+  // Server mode only (NaN or 0 in process; see sim_server.h). At probe turns: whether the
+  // first `greedy_tokens` greedy tokens after the probe prompt equal full's (1 or 0; `top1`
+  // holds the first token's agreement), and whether they start with the planted answer.
+  double greedy_match = std::numeric_limits<double>::quiet_NaN();
+  double answer_hit = std::numeric_limits<double>::quiet_NaN();
+  std::string greedy_text;  // the greedy continuation itself
+  // After the turn (GetSession): blocks and bytes in the warm tier (host RAM, a cache) and the
+  // cold tier (every block of the session).
+  int64_t warm_blocks = 0;
+  int64_t warm_bytes = 0;
+  int64_t cold_blocks = 0;
+  int64_t cold_bytes = 0;
+  // The server's timings of the AppendTurn call (Timings): arrival to answer, waiting for a
+  // worker, and writing the turn to the tiers.
+  double server_ms = std::numeric_limits<double>::quiet_NaN();
+  double queue_ms = std::numeric_limits<double>::quiet_NaN();
+  double commit_ms = std::numeric_limits<double>::quiet_NaN();
 };
 
 // Per-head retention of one session under one (strategy, budget): share[head * positions + p]
@@ -130,11 +149,19 @@ struct SimResults {
   int sessions = 0;
   int num_layers = 0;
   int num_kv_heads = 0;
-  int context = 0;                      // the model's max_position_embeddings
+  int context = 0;                      // the model's max_position_embeddings (0: unknown)
   std::vector<int64_t> session_tokens;  // total tokens of each session
   SimOptions options;                   // as run (strategies with full first)
   std::vector<TurnMetrics> turns;       // (strategy, budget, session, turn) in run order
   std::vector<RetentionMap> retention;
+
+  // Server mode (sim_server.h): the kvmemd address ("" in process), the fingerprint of the
+  // model it serves, the greedy tokens of TurnMetrics::greedy_match, and one line per
+  // strategy the server could not run (skipped).
+  std::string server;
+  std::string model_fingerprint;
+  int greedy_tokens = 0;
+  std::vector<std::string> notes;
 };
 
 // Runs every (strategy, budget) over every session of `scenario`.
