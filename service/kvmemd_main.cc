@@ -9,8 +9,10 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <pthread.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -43,7 +45,7 @@ std::string BoundAddress(const std::string& listen, int port) {
   return absl::StrCat(colon == std::string::npos ? listen : listen.substr(0, colon), ":", port);
 }
 
-int Serve(const KvmemdOptions& options, const sigset_t& stop_signals) {
+int Serve(const KvmemdOptions& options, int stop_fd) {
   absl::StatusOr<std::string> dir = ResolveModelDir(options.model);
   if (!dir.ok()) return Fail(dir.status());
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(*dir);
@@ -88,8 +90,9 @@ int Serve(const KvmemdOptions& options, const sigset_t& stop_signals) {
   std::fprintf(stderr, "kvmemd: model %s (fingerprint %s), %d workers, %s, %s\n", dir->c_str(),
                (*model)->fingerprint().c_str(), workers.size(), auth.c_str(), store.c_str());
 
-  int signal_number = 0;
-  sigwait(&stop_signals, &signal_number);
+  unsigned char signal_number = 0;
+  while (read(stop_fd, &signal_number, 1) < 0 && errno == EINTR) {
+  }
   std::fprintf(stderr, "kvmemd: %s: shutting down\n", strsignal(signal_number));
   server->GetHealthCheckService()->SetServingStatus(false);
   server->Shutdown(std::chrono::system_clock::now() +
@@ -104,14 +107,31 @@ int Serve(const KvmemdOptions& options, const sigset_t& stop_signals) {
 }  // namespace
 }  // namespace kvmem
 
+namespace {
+int stop_pipe[2] = {-1, -1};
+
+// Async-signal-safe: hands the signal to Serve's read. A handler (not a blocked mask and
+// sigwait) because threads that libraries start before main (OpenBLAS's pool) would not
+// inherit a mask and would die of the default action.
+void OnStopSignal(int signal_number) {
+  const int saved = errno;
+  const unsigned char byte = static_cast<unsigned char>(signal_number);
+  (void)!write(stop_pipe[1], &byte, 1);
+  errno = saved;
+}
+}  // namespace
+
 int main(int argc, char** argv) {
-  // Every thread (gRPC's, the workers', the backend's) inherits this mask, so SIGTERM and
-  // SIGINT reach only the sigwait in Serve.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  if (pipe(stop_pipe) != 0) {
+    std::perror("kvmemd: pipe");
+    return 1;
+  }
+  struct sigaction action = {};
+  action.sa_handler = OnStopSignal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
 
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -125,5 +145,5 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kvmemd: %s\n", std::string(options.status().message()).c_str());
     return 2;
   }
-  return kvmem::Serve(*options, stop_signals);
+  return kvmem::Serve(*options, stop_pipe[0]);
 }
