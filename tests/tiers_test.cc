@@ -32,6 +32,17 @@ TEST(Crc32cTest, MatchesKnownVectors) {
   EXPECT_EQ(Crc32c("56789", 5, Crc32c("1234", 4)), 0xe3069283u);  // streaming
 }
 
+TEST(Crc32cTest, HardwareAndTablePathsAgree) {
+  EXPECT_EQ(Crc32cPortable("123456789", 9), 0xe3069283u);
+  std::mt19937 rng(11);
+  for (size_t n : {0, 1, 7, 8, 9, 63, 64, 1000, 4097}) {
+    std::string bytes(n, '\0');
+    for (char& c : bytes) c = static_cast<char>(rng());
+    EXPECT_EQ(Crc32c(bytes.data(), n), Crc32cPortable(bytes.data(), n)) << n;
+    EXPECT_EQ(Crc32c(bytes.data(), n, 0x1234), Crc32cPortable(bytes.data(), n, 0x1234)) << n;
+  }
+}
+
 TEST(WarmStoreTest, KeepsItsByteBudgetExactlyAndEvictsLeastRecentlyUsed) {
   WarmStore warm(1000);
   for (int i = 0; i < 4; ++i) warm.Put({1, 0, i}, RandomBlock(i, 1, i), 250);

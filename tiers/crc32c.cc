@@ -53,6 +53,10 @@ uint32_t Crc32c(const void* data, size_t n, uint32_t crc) {
 #if defined(__x86_64__)
   if (HaveSse42()) return Crc32cSse42(static_cast<const uint8_t*>(data), n, crc);
 #endif
+  return Crc32cPortable(data, n, crc);
+}
+
+uint32_t Crc32cPortable(const void* data, size_t n, uint32_t crc) {
   const auto& t = GetTables().t;
   const uint8_t* p = static_cast<const uint8_t*>(data);
   crc = ~crc;
