@@ -46,6 +46,18 @@ std::string BoundAddress(const std::string& listen, int port) {
 }
 
 int Serve(const KvmemdOptions& options, int stop_fd) {
+  // The CUDA backend is not part of this build yet (kernels exist; the backend does not).
+  if (options.device == "cuda") {
+    return Fail(absl::FailedPreconditionError(
+        "--device cuda: this build has no CUDA backend yet; run with --device cpu or auto"));
+  }
+  if (options.device != "cpu" && options.device != "auto") {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--device must be cpu, cuda or auto, got \"", options.device, "\"")));
+  }
+  if (options.device == "auto") {
+    std::fprintf(stderr, "kvmemd: device auto: no CUDA backend in this build, using the CPU\n");
+  }
   absl::StatusOr<std::string> dir = ResolveModelDir(options.model);
   if (!dir.ok()) return Fail(dir.status());
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(*dir);

@@ -80,6 +80,8 @@ std::vector<FlagSpec> KvmemdFlags(KvmemdOptions* o) {
       IntFlag("threads", "N", "worker threads for engine work (0 = one per core)", &o->threads),
       IntFlag("backend-threads", "N", "CPU backend threads per forward pass (0 = one per core)",
               &o->backend_threads),
+      StringFlag("device", "cpu|cuda|auto", "compute backend (auto: CUDA when available, else CPU)",
+                 &o->device),
       StringFlag("auth-tokens", "FILE",
                  "lines \"TOKEN TENANT [read-only]\"; calls then need "
                  "\"authorization: Bearer TOKEN\"",

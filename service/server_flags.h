@@ -26,6 +26,8 @@ struct KvmemdOptions {
   int threads = 0;
   // Default: 0 (one per hardware thread). Threads of the CPU backend inside one forward pass.
   int backend_threads = 0;
+  // Default: "auto". Compute backend: "cpu", "cuda" or "auto" (CUDA when available, else CPU).
+  std::string device = "auto";
   // Default: "" (no authentication: one anonymous tenant). File of "TOKEN TENANT" lines.
   std::string auth_tokens;
   // Default: 5000. On SIGTERM/SIGINT, how long in-flight calls may run before cancellation.

@@ -146,5 +146,24 @@ TEST_F(KvmemCliTest, ErrorsPrintTheCodeNameAndExitNonZero) {
   EXPECT_NE(err.find("UNAVAILABLE"), std::string::npos) << err;
 }
 
+// Runs `command` through the shell; returns its exit status and sets *err to stderr.
+int RunForStderr(const std::string& command, std::string* err) {
+  FILE* pipe = popen((command + " 2>&1 >/dev/null").c_str(), "r");
+  if (pipe == nullptr) return -1;
+  char buf[256];
+  while (size_t n = fread(buf, 1, sizeof(buf), pipe)) err->append(buf, n);
+  return pclose(pipe);
+}
+
+TEST(KvmemdDeviceTest, UnavailableOrUnknownDeviceIsAClearErrorBeforeServing) {
+  const std::string kvmemd = std::string(KVMEM_BIN_DIR) + "/kvmemd --listen 127.0.0.1:0 ";
+  std::string cuda, gpu;
+  EXPECT_NE(RunForStderr(kvmemd + "--device cuda", &cuda), 0);
+  EXPECT_NE(cuda.find("FAILED_PRECONDITION"), std::string::npos) << cuda;
+  EXPECT_NE(cuda.find("--device cpu"), std::string::npos) << cuda;
+  EXPECT_NE(RunForStderr(kvmemd + "--device gpu", &gpu), 0);
+  EXPECT_NE(gpu.find("INVALID_ARGUMENT"), std::string::npos) << gpu;
+}
+
 }  // namespace
 }  // namespace kvmem
