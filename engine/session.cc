@@ -178,6 +178,9 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Restore(const Model& model, Ba
         if (block == nullptr || block->index != p / B) {
           KVMEM_ASSIGN_OR_RETURN(block, s->storage_.source->ReadBlock(s->KeyOf(l, p / B), nullptr));
         }
+        if (p % B >= block->filled) {
+          return absl::DataLossError(absl::StrCat("stored block ", p / B, " lacks position ", p));
+        }
         const int64_t off = ((p % B) * c.num_kv_heads + g) * c.head_dim;
         head.Append(p, &block->keys[off], &block->values[off], c.head_dim);
       }
@@ -312,6 +315,10 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
         it = loaded.emplace(b, std::move(block)).first;
       }
       const KvBlock& block = *it->second;
+      if (block.index != b || block.filled < std::min<int64_t>(B, committed_ - b * B)) {
+        return absl::DataLossError(absl::StrCat("stored block ", b, " of layer ", layer,
+                                                " holds fewer positions than committed"));
+      }
       for (int64_t p = b * B; p < std::min<int64_t>((b + 1) * B, committed_); ++p) {
         if (std::binary_search(head.positions.begin(), head.positions.end(), p)) continue;
         const int64_t off = ((p % B) * c.num_kv_heads + g) * hd;
@@ -424,7 +431,9 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
     return result;
   }
 
-  // Close the assistant turn and commit it like any other turn.
+  // Close the assistant turn and commit it like any other turn. Only tokens that were fed are
+  // kept: a token that completed a stop string was sampled but never entered the cache.
+  result.generation.tokens.resize(result.generation.decode_steps);
   turn_tokens.insert(turn_tokens.end(), result.generation.tokens.begin(),
                      result.generation.tokens.end());
   std::vector<float> final_logits = std::move(result.generation.last_logits);

@@ -91,7 +91,7 @@ class TieredBlockSource : public BlockSource {
     }
     KVMEM_ASSIGN_OR_RETURN(auto block,
                            cold_->ReadBlock(key, block_size_, config_.num_kv_heads, config_.head_dim));
-    warm_->Put(key, block, block_bytes_);
+    warm_->Offer(key, block, block_bytes_);
     if (from_cold != nullptr) *from_cold = true;
     return block;
   }
@@ -262,7 +262,9 @@ class DurableSessionManager : public SessionManager {
     if (!request.request_id.empty()) {
       auto it = entry->appended.find(request.request_id);
       if (it != entry->appended.end()) return it->second;
-      KVMEM_ASSIGN_OR_RETURN(auto done, cold_->FindRequest(entry->record.uid, request.request_id));
+      KVMEM_RETURN_IF_ERROR(CheckRequestKind(*entry, request.request_id, kAppendTag));
+      KVMEM_ASSIGN_OR_RETURN(
+          auto done, cold_->FindRequest(entry->record.uid, kAppendTag + request.request_id));
       if (done) {
         KVMEM_ASSIGN_OR_RETURN(TurnRecord turn, cold_->ReadTurn(entry->record.uid, *done));
         AppendResult replay;
@@ -280,7 +282,8 @@ class DurableSessionManager : public SessionManager {
           "session holds ", entry->session->position(), " tokens, the limit is ",
           options_.max_session_tokens, ": fork or start a new session"));
     }
-    entry->sink->request_id = request.request_id;
+    entry->sink->request_id =
+        request.request_id.empty() ? "" : kAppendTag + request.request_id;
     auto result = entry->session->AppendTurn(request.role, request.content);
     entry->sink->request_id.clear();
     AfterCall(*entry);
@@ -305,7 +308,9 @@ class DurableSessionManager : public SessionManager {
         if (on_text && !it->second.generation.text.empty()) on_text(it->second.generation.text);
         return it->second;
       }
-      KVMEM_ASSIGN_OR_RETURN(auto done, cold_->FindRequest(entry->record.uid, request.request_id));
+      KVMEM_RETURN_IF_ERROR(CheckRequestKind(*entry, request.request_id, kGenerateTag));
+      KVMEM_ASSIGN_OR_RETURN(
+          auto done, cold_->FindRequest(entry->record.uid, kGenerateTag + request.request_id));
       if (done) {
         KVMEM_ASSIGN_OR_RETURN(TurnRecord turn, cold_->ReadTurn(entry->record.uid, *done));
         GenerateResult replay;
@@ -326,7 +331,8 @@ class DurableSessionManager : public SessionManager {
           request.options.sampling.max_tokens, " more would pass the limit of ",
           options_.max_session_tokens, ": fork a new session or lower max_tokens"));
     }
-    entry->sink->request_id = request.request_id;
+    entry->sink->request_id =
+        request.request_id.empty() ? "" : kGenerateTag + request.request_id;
     auto result = entry->session->Generate(request.options, on_text);
     entry->sink->request_id.clear();
     AfterCall(*entry);
@@ -467,6 +473,24 @@ class DurableSessionManager : public SessionManager {
           "written with, or delete it"));
     }
     return absl::OkStatus();
+  }
+
+  // Request ids are stored tagged with the call that used them, so an id reused for the other
+  // kind of call is an error rather than a wrong replay.
+  static constexpr char kAppendTag[] = "append:";
+  static constexpr char kGenerateTag[] = "generate:";
+  absl::Status CheckRequestKind(const Entry& e, const std::string& id, const char* tag) {
+    const bool append = std::string_view(tag) == kAppendTag;
+    const char* other = append ? kGenerateTag : kAppendTag;
+    bool used = append ? e.generated.count(id) > 0 : e.appended.count(id) > 0;
+    if (!used) {
+      KVMEM_ASSIGN_OR_RETURN(auto found, cold_->FindRequest(e.record.uid, other + id));
+      used = found.has_value();
+    }
+    if (!used) return absl::OkStatus();
+    return absl::FailedPreconditionError(absl::StrCat(
+        "request id \"", id, "\" was already used by ", append ? "a Generate" : "an AppendTurn",
+        " call on this session; use a fresh request id for each call"));
   }
 
   static absl::Status CheckExpectedTurns(const Entry& e, const std::optional<int64_t>& expected) {

@@ -369,6 +369,27 @@ TEST_F(DurabilityTest, ForkSharesBlocksAndOutlivesItsParent) {
   EXPECT_EQ(BlocksOf(dir.path(), parent_uid), 0);
 }
 
+TEST_F(DurabilityTest, DeletingAForkChainFreesEveryBlock) {
+  TempDir dir;
+  {
+    Server server(*model_, Options(dir.path()));
+    ASSERT_TRUE(server->CreateSession({.session_id = "p"}).ok());
+    RunSteps(server.get(), "p", 0, 1);
+    ASSERT_TRUE(server->ForkSession("", "p", "c").ok());
+    ASSERT_TRUE(server->ForkSession("", "c", "d").ok());  // before c writes anything
+    RunSteps(server.get(), "c", 1, 2);
+    RunSteps(server.get(), "d", 2, 3);
+  }
+  const std::vector<uint64_t> uids = {UidOf(dir.path(), "p"), UidOf(dir.path(), "c"),
+                                      UidOf(dir.path(), "d")};
+  for (uint64_t uid : uids) EXPECT_GT(BlocksOf(dir.path(), uid), 0) << uid;
+  {
+    Server server(*model_, Options(dir.path()));
+    for (const char* id : {"d", "c", "p"}) ASSERT_TRUE(server->DeleteSession("", id).ok()) << id;
+  }
+  for (uint64_t uid : uids) EXPECT_EQ(BlocksOf(dir.path(), uid), 0) << uid;
+}
+
 TEST_F(DurabilityTest, HotBudgetPagesOutIdleSessionsAndPagesThemBackIn) {
   const std::vector<int32_t> want = Reference();
   TempDir dir;
@@ -432,6 +453,15 @@ TEST_F(DurabilityTest, RetriedRequestIdIsAppliedOnceEvenAcrossRestart) {
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->turn_index, 0);
   EXPECT_EQ(server->GetSession("", "s")->stats.turns, 1);
+  // An id used by one kind of call cannot be replayed by the other.
+  GenerateRequest g{.session_id = "s", .request_id = "r1"};
+  EXPECT_EQ(server->Generate(g, nullptr).status().code(), absl::StatusCode::kFailedPrecondition);
+  g.request_id = "g1";
+  ASSERT_TRUE(server->Generate(g, nullptr).ok());
+  EXPECT_EQ(server->AppendTurn({.session_id = "s", .content = "hi", .request_id = "g1"})
+                .status()
+                .code(),
+            absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(server->AppendTurn({.session_id = "s", .content = "x", .expected_turns = 5})
                 .status()
                 .code(),

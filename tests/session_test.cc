@@ -184,6 +184,31 @@ TEST_F(SessionTest, CancelledGenerationIsNotKept) {
   EXPECT_EQ(s->turns().size(), 1u);
 }
 
+TEST_F(SessionTest, StopStringKeepsOnlyTokensThatEnteredTheCache) {
+  auto s = NewSession({.policy = "snapkv", .budget = 40, .window = 8});
+  ASSERT_TRUE(s->AppendTurn(Role::kUser, "Once upon a time").ok());
+  const int64_t position = s->position();
+  // The very first token (",") completes the stop string: nothing was fed, nothing is kept.
+  SamplingParams first{.max_tokens = 20};
+  first.stop = {","};
+  auto none = s->Generate({.sampling = first}, nullptr);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->generation.finish, FinishReason::kStop);
+  EXPECT_EQ(none->turn_index, -1);
+  EXPECT_EQ(s->position(), position);
+  EXPECT_EQ(s->turns().size(), 1u);
+  // A later stop: the kept turn holds exactly the tokens that advanced the position.
+  SamplingParams later{.max_tokens = 40};
+  later.stop = {"She"};
+  auto some = s->Generate({.sampling = later}, nullptr);
+  ASSERT_TRUE(some.ok()) << some.status();
+  EXPECT_EQ(some->generation.finish, FinishReason::kStop);
+  ASSERT_EQ(s->turns().size(), 2u);
+  EXPECT_EQ(static_cast<int64_t>(s->turns()[1].tokens.size()), s->position() - position);
+  EXPECT_EQ(s->turns()[1].tokens, some->generation.tokens);
+  EXPECT_TRUE(s->AppendTurn(Role::kUser, "The end.").ok());
+}
+
 TEST_F(SessionTest, RawTemplateEncodesEachTurnOnItsOwnAfterOneBos) {
   auto s = NewSession({.policy = "full"});
   ASSERT_TRUE(s->AppendTurn(Role::kUser, "Once upon a time").ok());

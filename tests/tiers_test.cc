@@ -70,6 +70,17 @@ TEST(WarmStoreTest, KeepsItsByteBudgetExactlyAndEvictsLeastRecentlyUsed) {
   }
 }
 
+TEST(WarmStoreTest, OfferNeverReplacesAFullerCopy) {
+  WarmStore warm(1 << 20);
+  warm.Put({1, 0, 0}, RandomBlock(0, 9, 1), 100);   // a commit of 9 positions
+  warm.Offer({1, 0, 0}, RandomBlock(0, 5, 2), 100);  // a racing reader's older copy
+  EXPECT_EQ(warm.Get({1, 0, 0})->filled, 9);
+  warm.Offer({1, 0, 0}, RandomBlock(0, 12, 3), 100);
+  EXPECT_EQ(warm.Get({1, 0, 0})->filled, 12);
+  warm.Offer({1, 0, 1}, RandomBlock(1, 4, 4), 100);  // absent: inserted
+  EXPECT_TRUE(warm.Contains({1, 0, 1}));
+}
+
 TEST(WarmStoreTest, RoundTripIsTheSameBlock) {
   WarmStore warm(1 << 20);
   auto block = RandomBlock(7, 16, 1);

@@ -229,6 +229,9 @@ absl::StatusOr<std::shared_ptr<const KvBlock>> ColdStore::ReadBlock(const BlockK
   }
   KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading a block"));
   auto block = DecodeBlock(value.ToStringView(), block_size, num_kv_heads, head_dim);
+  if (block.ok() && block->index != key.index) {
+    block = absl::DataLossError("stored block index does not match its key");
+  }
   if (!block.ok()) {
     return absl::DataLossError(absl::StrCat("KV block (layer ", key.layer, ", index ", key.index,
                                             "): ", block.status().message()));
@@ -298,9 +301,8 @@ absl::Status ColdStore::ForkSession(const SessionRecord& parent, SessionRecord* 
   rocksdb::WriteBatch batch;
   batch.Put(handles_[kDefault], "next_uid", U64Value(uid + 1));
   batch.Put(handles_[kSessions], key, EncodeSessionRecord(*child));
-  std::vector<uint64_t> owners = DistinctOwners(parent);
-  owners.push_back(uid);
-  KVMEM_RETURN_IF_ERROR(AddRefs(owners, +1, &batch, nullptr));
+  // Exactly the owners the child's own delete will release.
+  KVMEM_RETURN_IF_ERROR(AddRefs(DistinctOwners(*child), +1, &batch, nullptr));
   for (int64_t t = 0; t < parent.turns; ++t) {
     std::string value;
     KVMEM_RETURN_IF_ERROR(

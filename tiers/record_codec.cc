@@ -30,6 +30,11 @@ void ByteWriter::F32(float v) {
   std::memcpy(&bits, &v, 4);
   U32(bits);
 }
+void ByteWriter::F64(double v) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, 8);
+  U64(bits);
+}
 void ByteWriter::Str(std::string_view s) {
   U64(s.size());
   out_.append(s.data(), s.size());
@@ -103,6 +108,12 @@ bool ByteReader::F32(float* v) {
   uint32_t bits;
   if (!U32(&bits)) return false;
   std::memcpy(v, &bits, 4);
+  return true;
+}
+bool ByteReader::F64(double* v) {
+  uint64_t bits;
+  if (!U64(&bits)) return false;
+  std::memcpy(v, &bits, 8);
   return true;
 }
 bool ByteReader::Str(std::string* s) {
@@ -245,6 +256,8 @@ std::string EncodeSessionRecord(const SessionRecord& s) {
   w.U32(static_cast<uint32_t>(o.block_size));
   w.U32(static_cast<uint32_t>(o.max_turn_tokens));
   w.U32(static_cast<uint32_t>(o.recall_blocks));
+  w.F64(o.memory.min_head_share);
+  w.F64(o.memory.recent_share);
   w.I64(s.created_unix_ms);
   w.I64(s.updated_unix_ms);
   w.I64(s.position);
@@ -275,7 +288,9 @@ absl::StatusOr<SessionRecord> DecodeSessionRecord(std::string_view value) {
   uint8_t pooling;
   ok = ok && r.Str(&o.chat_template) && r.Str(&o.memory.policy) && r.U32(&budget) &&
        r.U32(&window) && r.U32(&kernel) && r.U8(&pooling) && r.U32(&sinks) && r.U32(&block) &&
-       r.U32(&max_turn) && r.U32(&recall) && r.I64(&s.created_unix_ms) &&
+       r.U32(&max_turn) && r.U32(&recall) && r.F64(&o.memory.min_head_share) &&
+       r.F64(&o.memory.recent_share) &&
+       r.I64(&s.created_unix_ms) &&
        r.I64(&s.updated_unix_ms) && r.I64(&s.position) && r.I64(&s.turns) && r.U64(&owners);
   for (uint64_t i = 0; ok && i < owners; ++i) {
     int64_t first;

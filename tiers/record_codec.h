@@ -26,6 +26,7 @@ class ByteWriter {
   void U64(uint64_t v);
   void I64(int64_t v) { U64(static_cast<uint64_t>(v)); }
   void F32(float v);
+  void F64(double v);
   void Str(std::string_view s);
   void Floats(const std::vector<float>& v);
   void I64s(const std::vector<int64_t>& v);
@@ -46,6 +47,7 @@ class ByteReader {
   bool U64(uint64_t* v);
   bool I64(int64_t* v);
   bool F32(float* v);
+  bool F64(double* v);
   bool Str(std::string* s);
   bool Floats(std::vector<float>* v);
   bool I64s(std::vector<int64_t>* v);

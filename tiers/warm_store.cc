@@ -16,6 +16,11 @@ std::shared_ptr<const KvBlock> WarmStore::Get(const BlockKey& key) {
 
 void WarmStore::Put(const BlockKey& key, std::shared_ptr<const KvBlock> block, int64_t bytes) {
   std::lock_guard<std::mutex> lock(mu_);
+  PutLocked(key, std::move(block), bytes);
+}
+
+void WarmStore::PutLocked(const BlockKey& key, std::shared_ptr<const KvBlock> block,
+                          int64_t bytes) {
   auto it = slots_.find(key);
   if (it != slots_.end()) EraseLocked(it);
   if (bytes > budget_) return;
@@ -23,6 +28,13 @@ void WarmStore::Put(const BlockKey& key, std::shared_ptr<const KvBlock> block, i
   lru_.push_front(key);
   slots_.emplace(key, Slot{std::move(block), bytes, lru_.begin()});
   bytes_ += bytes;
+}
+
+void WarmStore::Offer(const BlockKey& key, std::shared_ptr<const KvBlock> block, int64_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = slots_.find(key);
+  if (it != slots_.end() && it->second.block->filled >= block->filled) return;
+  PutLocked(key, std::move(block), bytes);
 }
 
 void WarmStore::Erase(const BlockKey& key) {

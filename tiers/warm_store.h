@@ -23,6 +23,10 @@ class WarmStore {
   // Inserts or replaces a block of `bytes`, evicting least recently used blocks until the
   // total fits the budget. A block larger than the whole budget is not kept.
   void Put(const BlockKey& key, std::shared_ptr<const KvBlock> block, int64_t bytes);
+  // Like Put for a block read back from cold, except that a held copy with at least as many
+  // filled positions wins: a reader racing a commit of the same (partial) block must not
+  // replace the newer copy with its older one.
+  void Offer(const BlockKey& key, std::shared_ptr<const KvBlock> block, int64_t bytes);
   void Erase(const BlockKey& key);
   // Drops every block written by `owner`.
   void EraseOwner(uint64_t owner);
@@ -41,6 +45,7 @@ class WarmStore {
     std::list<BlockKey>::iterator lru;  // position in lru_
   };
   void EraseLocked(std::map<BlockKey, Slot>::iterator it);
+  void PutLocked(const BlockKey& key, std::shared_ptr<const KvBlock> block, int64_t bytes);
 
   const int64_t budget_;
   mutable std::mutex mu_;
