@@ -156,6 +156,7 @@ class FifoMutex {
 struct Entry {
   FifoMutex mu;  // held for the whole of every call on this session, so calls apply in order
   SessionRecord record;              // as last committed
+  std::mutex record_mu;  // guards writes of `record`, and its reads without `mu` (listing)
   std::unique_ptr<Session> session;  // null while paged out
   std::shared_ptr<EntryCommitSink> sink;
   bool foreign = false;  // written under another model fingerprint: never served
@@ -176,7 +177,10 @@ absl::Status EntryCommitSink::Commit(const TurnCommit& commit) {
   next.updated_unix_ms = NowUnixMs();
   KVMEM_RETURN_IF_ERROR(
       cold_->CommitTurn(next, commit, request_id, config_.num_kv_heads, config_.head_dim));
-  entry_->record = std::move(next);
+  {
+    std::lock_guard<std::mutex> lock(entry_->record_mu);
+    entry_->record = std::move(next);
+  }
   const int64_t bytes = BlockBytes(entry_->record.options, config_);
   for (const BlockWrite& w : commit.blocks) warm_->Put(w.key, w.block, bytes);
   return absl::OkStatus();
@@ -374,19 +378,29 @@ class DurableSessionManager : public SessionManager {
     }
     ListSessionsResult result;
     for (const auto& entry : candidates) {
-      std::lock_guard<FifoMutex> lock(entry->mu);
-      if (entry->deleted) continue;
+      // A session busy with a call (a long generation to a slow reader) is described from
+      // its last commit rather than waited for, so listing never stalls behind it.
+      std::unique_lock<FifoMutex> lock(entry->mu, std::try_to_lock);
+      SessionRecord busy_record;
+      if (lock.owns_lock()) {
+        if (entry->deleted) continue;
+      } else {
+        std::lock_guard<std::mutex> record_lock(entry->record_mu);
+        busy_record = entry->record;
+      }
+      const SessionRecord& record = lock.owns_lock() ? entry->record : busy_record;
       bool match = true;
       for (const auto& [k, v] : request.label_filter) {
-        auto l = entry->record.labels.find(k);
-        if (l == entry->record.labels.end() || l->second != v) match = false;
+        auto l = record.labels.find(k);
+        if (l == record.labels.end() || l->second != v) match = false;
       }
       if (!match) continue;
       if (static_cast<int>(result.sessions.size()) == page_size) {
         result.next_page_token = result.sessions.back().session_id;
         break;
       }
-      result.sessions.push_back(Describe(*entry));
+      result.sessions.push_back(lock.owns_lock() ? Describe(*entry)
+                                                 : DescribeRecord(record, nullptr, true));
     }
     return result;
   }
@@ -561,31 +575,38 @@ class DurableSessionManager : public SessionManager {
     }
   }
 
+  // Call with e.mu held.
   SessionInfo Describe(const Entry& e) const {
+    return DescribeRecord(e.record, e.session.get(), e.session != nullptr);
+  }
+
+  // `session` (may be null) supplies live statistics; otherwise they come from `record`.
+  SessionInfo DescribeRecord(const SessionRecord& record, const Session* session,
+                             bool resident) const {
     const ModelConfig& c = model_.config();
     SessionInfo info;
-    info.session_id = e.record.session_id;
-    info.labels = e.record.labels;
-    info.options = e.record.options;
-    info.created_unix_ms = e.record.created_unix_ms;
-    info.updated_unix_ms = e.record.updated_unix_ms;
-    info.model_fingerprint = e.record.fingerprint;
-    info.resident = e.session != nullptr;
-    if (e.session != nullptr) {
-      info.stats = e.session->Stats();
+    info.session_id = record.session_id;
+    info.labels = record.labels;
+    info.options = record.options;
+    info.created_unix_ms = record.created_unix_ms;
+    info.updated_unix_ms = record.updated_unix_ms;
+    info.model_fingerprint = record.fingerprint;
+    info.resident = resident;
+    if (session != nullptr) {
+      info.stats = session->Stats();
     } else {
-      info.stats.total_tokens = e.record.position;
-      info.stats.turns = e.record.turns;
+      info.stats.total_tokens = record.position;
+      info.stats.turns = record.turns;
     }
-    const int B = e.record.options.block_size;
-    const int64_t blocks = (e.record.position + B - 1) / B;
-    const int64_t block_bytes = BlockBytes(e.record.options, c);
+    const int B = record.options.block_size;
+    const int64_t blocks = (record.position + B - 1) / B;
+    const int64_t block_bytes = BlockBytes(record.options, c);
     info.cold_blocks = blocks * c.num_layers;
     info.cold_bytes = info.cold_blocks * block_bytes;
-    if (!e.record.owners.empty()) {
+    if (!record.owners.empty()) {
       for (int l = 0; l < c.num_layers; ++l) {
         for (int64_t b = 0; b < blocks; ++b) {
-          if (warm_.Contains({OwnerOf(e.record.owners, b), l, b})) ++info.warm_blocks;
+          if (warm_.Contains({OwnerOf(record.owners, b), l, b})) ++info.warm_blocks;
         }
       }
     }

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <future>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -80,6 +81,41 @@ TEST_F(SessionManagerTest, CallsOnABusySessionApplyInArrivalOrder) {
   auto info = manager_->GetSession("", "s");
   ASSERT_TRUE(info.ok());
   EXPECT_EQ(info->stats.turns, 1 + static_cast<int64_t>(texts.size()));
+}
+
+TEST_F(SessionManagerTest, ListingDoesNotWaitForABusySession) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool release = false, holding = false;
+  std::thread holder([&] {
+    GenerateRequest g{.session_id = "s"};
+    g.options.sampling = {.max_tokens = 4, .ignore_eos = true};
+    auto r = manager_->Generate(g, [&](std::string_view) {
+      std::unique_lock<std::mutex> lock(mu);
+      holding = true;
+      cv.notify_all();
+      cv.wait(lock, [&] { return release; });
+      return true;
+    });
+    EXPECT_TRUE(r.ok());
+  });
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return holding; });
+  }
+  auto listing = std::async(std::launch::async, [&] { return manager_->ListSessions({}); });
+  const bool answered = listing.wait_for(std::chrono::seconds(5)) == std::future_status::ready;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    release = true;
+  }
+  cv.notify_all();
+  holder.join();
+  ASSERT_TRUE(answered) << "ListSessions waited for the generation to end";
+  auto listed = listing.get();
+  ASSERT_TRUE(listed.ok());
+  ASSERT_EQ(listed->sessions.size(), 1u);
+  EXPECT_EQ(listed->sessions[0].stats.turns, 1);  // the last commit, before the generation
 }
 
 TEST_F(SessionManagerTest, CancellationIsPolledEveryStepAndKeepsNothing) {
