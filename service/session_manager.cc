@@ -521,6 +521,13 @@ class DurableSessionManager : public SessionManager {
   // whose last commit failed is dropped and restored. Call with entry.mu held.
   absl::Status Load(Entry& e) {
     if (e.session != nullptr && !e.session->broken()) return absl::OkStatus();
+    if (e.session != nullptr) {
+      // A failed commit: the durable record, not the in-memory one, is the truth.
+      KVMEM_ASSIGN_OR_RETURN(SessionRecord stored,
+                             cold_->ReadSession(e.record.tenant, e.record.session_id));
+      std::lock_guard<std::mutex> lock(e.record_mu);
+      e.record = std::move(stored);
+    }
     e.session.reset();
     const ModelConfig& c = model_.config();
     SessionStorage storage;

@@ -209,6 +209,38 @@ TEST_F(SessionTest, StopStringKeepsOnlyTokensThatEnteredTheCache) {
   EXPECT_TRUE(s->AppendTurn(Role::kUser, "The end.").ok());
 }
 
+// A store whose commits fail on demand.
+class FailingStore : public MemoryBlockStore {
+ public:
+  absl::Status Commit(const TurnCommit& commit) override {
+    if (fail) return absl::UnavailableError("disk on fire");
+    return MemoryBlockStore::Commit(commit);
+  }
+  bool fail = false;
+};
+
+TEST_F(SessionTest, FailedCommitBreaksTheSessionUntilRestored) {
+  auto store = std::make_shared<FailingStore>();
+  auto s = Session::Create(*model_, *backend_, {.memory = {.policy = "full"}}, {1, store, store});
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE((*s)->AppendTurn(Role::kUser, kTurns[0]).ok());
+  const SessionSnapshot committed = (*s)->Snapshot();
+  store->fail = true;
+  EXPECT_EQ((*s)->AppendTurn(Role::kUser, kTurns[1]).status().code(),
+            absl::StatusCode::kUnavailable);
+  EXPECT_TRUE((*s)->broken());
+  store->fail = false;
+  EXPECT_EQ((*s)->AppendTurn(Role::kUser, kTurns[1]).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*s)->Generate({}, nullptr).status().code(), absl::StatusCode::kFailedPrecondition);
+  // Restored from the last commit, it works again from there.
+  auto restored = Session::Restore(*model_, *backend_, {.memory = {.policy = "full"}},
+                                   {1, store, store}, committed);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_EQ((*restored)->turns().size(), 1u);
+  EXPECT_TRUE((*restored)->AppendTurn(Role::kUser, kTurns[1]).ok());
+}
+
 TEST_F(SessionTest, RawTemplateEncodesEachTurnOnItsOwnAfterOneBos) {
   auto s = NewSession({.policy = "full"});
   ASSERT_TRUE(s->AppendTurn(Role::kUser, "Once upon a time").ok());

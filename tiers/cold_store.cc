@@ -130,6 +130,15 @@ absl::StatusOr<std::vector<SessionRecord>> ColdStore::ListSessions() {
   return out;
 }
 
+absl::StatusOr<SessionRecord> ColdStore::ReadSession(const std::string& tenant,
+                                                     const std::string& id) {
+  std::string value;
+  rocksdb::Status s = db_->Get({}, handles_[kSessions], SessionKey(tenant, id), &value);
+  if (s.IsNotFound()) return absl::NotFoundError(absl::StrCat("no session \"", id, "\""));
+  KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading a session record"));
+  return DecodeSessionRecord(value);
+}
+
 absl::Status ColdStore::CreateSession(SessionRecord* record) {
   std::lock_guard<std::mutex> lock(meta_mu_);
   const std::string key = SessionKey(record->tenant, record->session_id);

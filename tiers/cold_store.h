@@ -53,6 +53,8 @@ class ColdStore {
   ~ColdStore();
 
   absl::StatusOr<std::vector<SessionRecord>> ListSessions();
+  // NOT_FOUND when the store has no such session.
+  absl::StatusOr<SessionRecord> ReadSession(const std::string& tenant, const std::string& id);
   // Assigns record->uid and writes the record. ALREADY_EXISTS for a taken (tenant, id).
   absl::Status CreateSession(SessionRecord* record);
   // One turn: the updated record, the turn, new blocks and digests, the hot index and
