@@ -201,9 +201,11 @@ grpc::ServerUnaryReactor* AgentMemoryService::AppendTurn(grpc::CallbackServerCon
                                                          const v1::AppendTurnRequest* request,
                                                          v1::AppendTurnResponse* response) {
   return RunUnary(context, /*mutates=*/true,
-                  [this, request, response](const Caller& caller, const CallTimes& times) {
+                  [this, context, request, response](const Caller& caller,
+                                                     const CallTimes& times) {
                     KVMEM_ASSIGN_OR_RETURN(AppendTurnRequest r,
                                            AppendTurnFromProto(*request, caller));
+                    r.cancelled = [context] { return context->IsCancelled(); };
                     KVMEM_ASSIGN_OR_RETURN(AppendResult result, sessions_.AppendTurn(r));
                     AppendResultToProto(result, response);
                     v1::Timings* timings = response->mutable_timings();

@@ -278,6 +278,7 @@ class DurableSessionManager : public SessionManager {
         return replay;
       }
     }
+    if (request.cancelled && request.cancelled()) return CancelledWhileWaiting();
     KVMEM_RETURN_IF_ERROR(CheckExpectedTurns(*entry, request.expected_turns));
     KVMEM_RETURN_IF_ERROR(Load(*entry));
     if (options_.max_session_tokens > 0 &&
@@ -325,6 +326,7 @@ class DurableSessionManager : public SessionManager {
         return replay;
       }
     }
+    if (request.options.cancelled && request.options.cancelled()) return CancelledWhileWaiting();
     KVMEM_RETURN_IF_ERROR(CheckExpectedTurns(*entry, request.expected_turns));
     KVMEM_RETURN_IF_ERROR(Load(*entry));
     if (options_.max_session_tokens > 0 &&
@@ -459,6 +461,10 @@ class DurableSessionManager : public SessionManager {
   }
   static absl::Status NotFound(const std::string& id) {
     return absl::NotFoundError(absl::StrCat("no session \"", id, "\""));
+  }
+  static absl::Status CancelledWhileWaiting() {
+    return absl::CancelledError(
+        "the call was cancelled while it waited for the session; nothing was applied");
   }
 
   std::shared_ptr<Entry> NewEntry(SessionRecord record) {

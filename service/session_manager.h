@@ -13,6 +13,7 @@
 #define KVMEM_SERVICE_SESSION_MANAGER_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -88,6 +89,9 @@ struct AppendTurnRequest {
   std::optional<int64_t> expected_turns;
   // When non-empty, a retry with the same id is applied once and answered the same.
   std::string request_id;
+  // Default: none. Checked once the call's turn on the session has come: true (the client
+  // went away or its deadline passed while it waited) returns CANCELLED, nothing applied.
+  std::function<bool()> cancelled;
 };
 
 struct GenerateRequest {

@@ -118,6 +118,45 @@ TEST_F(SessionManagerTest, ListingDoesNotWaitForABusySession) {
   EXPECT_EQ(listed->sessions[0].stats.turns, 1);  // the last commit, before the generation
 }
 
+TEST_F(SessionManagerTest, CallCancelledWhileQueuedIsNotApplied) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool release = false, holding = false;
+  std::thread holder([&] {
+    GenerateRequest g{.session_id = "s"};
+    g.options.sampling = {.max_tokens = 4, .ignore_eos = true};
+    g.options.keep = false;
+    auto r = manager_->Generate(g, [&](std::string_view) {
+      std::unique_lock<std::mutex> lock(mu);
+      holding = true;
+      cv.notify_all();
+      cv.wait(lock, [&] { return release; });
+      return true;
+    });
+    EXPECT_TRUE(r.ok());
+  });
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return holding; });
+  }
+  std::atomic<bool> gone{false};
+  auto queued = std::async(std::launch::async, [&] {
+    AppendTurnRequest a{.session_id = "s", .content = "late"};
+    a.cancelled = [&] { return gone.load(); };
+    return manager_->AppendTurn(a);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  gone = true;  // the client's deadline passes while it waits
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    release = true;
+  }
+  cv.notify_all();
+  holder.join();
+  EXPECT_EQ(queued.get().status().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(manager_->GetSession("", "s")->stats.turns, 1);
+}
+
 TEST_F(SessionManagerTest, CancellationIsPolledEveryStepAndKeepsNothing) {
   std::atomic<int> polls{0};
   GenerateRequest g{.session_id = "s"};
@@ -126,7 +165,8 @@ TEST_F(SessionManagerTest, CancellationIsPolledEveryStepAndKeepsNothing) {
   auto r = manager_->Generate(g, nullptr);  // no text callback at all
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->generation.finish, FinishReason::kCancelled);
-  EXPECT_EQ(r->generation.tokens.size(), 3u);
+  // Poll 1 when the call's turn on the session comes, then one before each decode step.
+  EXPECT_EQ(r->generation.tokens.size(), 2u);
   auto info = manager_->GetSession("", "s");
   ASSERT_TRUE(info.ok());
   EXPECT_EQ(info->stats.turns, 1);
