@@ -63,6 +63,8 @@ struct TurnCommit {
   const std::vector<std::pair<int64_t, uint64_t>>* owners = nullptr;
   // Hot positions after the memory policy, (layer * num_kv_heads + head) -> ascending.
   std::vector<std::vector<int64_t>> hot_positions;
+  // The memory policy's state aligned with hot_positions (empty for stateless policies).
+  std::vector<std::vector<double>> policy_scores;
   const std::vector<float>* last_logits = nullptr;  // (vocab)
 };
 

@@ -169,6 +169,23 @@ class H2oPolicy : public MemoryPolicy {
   std::unique_ptr<MemoryPolicy> Clone() const override {
     return std::make_unique<H2oPolicy>(*this);
   }
+  std::vector<std::vector<double>> SaveState() const override {
+    std::vector<std::vector<double>> state;
+    for (const HeadScores& h : memory_) state.push_back(h.scores);
+    return state;
+  }
+  void LoadState(const std::vector<std::vector<int64_t>>& hot_positions,
+                 const std::vector<std::vector<double>>& scores) override {
+    memory_.clear();
+    if (scores.size() != hot_positions.size()) return;  // nothing saved: start afresh
+    for (size_t i = 0; i < scores.size(); ++i) {
+      if (scores[i].size() != hot_positions[i].size()) {
+        memory_.clear();
+        return;
+      }
+      memory_.push_back({hot_positions[i], scores[i]});
+    }
+  }
 
  private:
   // Accumulated scores of the entries one (layer, KV head) kept at the last turn boundary.

@@ -81,6 +81,12 @@ class MemoryPolicy {
   virtual std::vector<std::vector<int64_t>> Select(const TurnView& turn) = 0;
   // A policy with the same settings and the same memory of the session, for a forked session.
   virtual std::unique_ptr<MemoryPolicy> Clone() const = 0;
+  // What a stateful policy remembers of the session, as one score per hot entry of every
+  // (layer, KV head) (layer-major), saved with each commit; empty for stateless policies.
+  virtual std::vector<std::vector<double>> SaveState() const { return {}; }
+  // Restores SaveState()'s output for the given hot positions (same layout).
+  virtual void LoadState(const std::vector<std::vector<int64_t>>& hot_positions,
+                         const std::vector<std::vector<double>>& scores) {}
 };
 
 // INVALID_ARGUMENT for an unknown policy name or invalid settings, naming the setting.

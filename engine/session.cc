@@ -146,6 +146,7 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Restore(const Model& model, Ba
       snapshot.owners.empty()) {
     return absl::DataLossError("stored session state does not match the model's shape");
   }
+  s->policy_->LoadState(snapshot.hot_positions, snapshot.policy_scores);
   s->turns_ = std::move(snapshot.turns);
   s->position_ = s->committed_ = snapshot.position;
   s->last_logits_ = std::move(snapshot.last_logits);
@@ -481,6 +482,7 @@ absl::Status Session::Commit(const TurnRecord& turn, std::vector<BlockWrite> blo
       commit.hot_positions.push_back(hot_.head(l, g).positions);
     }
   }
+  commit.policy_scores = policy_->SaveState();
   commit.last_logits = &last_logits_;
   absl::Status status = storage_.sink->Commit(commit);
   if (!status.ok()) {
@@ -523,6 +525,7 @@ SessionSnapshot Session::Snapshot() const {
   for (int l = 0; l < c.num_layers; ++l) {
     for (int g = 0; g < c.num_kv_heads; ++g) s.hot_positions.push_back(hot_.head(l, g).positions);
   }
+  s.policy_scores = policy_->SaveState();
   s.owners = owners_;
   return s;
 }

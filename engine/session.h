@@ -117,6 +117,7 @@ struct SessionSnapshot {
   int64_t position = 0;
   std::vector<float> last_logits;
   std::vector<std::vector<int64_t>> hot_positions;  // (layer * num_kv_heads + head)
+  std::vector<std::vector<double>> policy_scores;   // MemoryPolicy::SaveState() (may be empty)
   std::vector<std::pair<int64_t, uint64_t>> owners;  // (first block index, owner uid)
 };
 

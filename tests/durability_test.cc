@@ -125,6 +125,32 @@ bool ReadByte(int fd) {
   return read(fd, &c, 1) == 1;
 }
 
+TEST_F(DurabilityTest, StatefulPolicyRestartsWithItsMemory) {
+  // h2o accumulates attention scores across turns; they are saved with every commit.
+  auto options = [](const std::string& dir) {
+    SessionManagerOptions o = Options(dir);
+    o.session_defaults.memory = {.policy = "h2o", .budget = 24};
+    o.session_defaults.recall_blocks = 0;
+    return o;
+  };
+  std::vector<int32_t> want;
+  {
+    TempDir dir;
+    Server server(*model_, options(dir.path()));
+    ASSERT_TRUE(server->CreateSession({.session_id = "s"}).ok());
+    want = RunSteps(server.get(), "s", 0, kScript.size());
+  }
+  TempDir dir;
+  std::vector<int32_t> got;
+  for (size_t step = 0; step < kScript.size(); ++step) {  // a restart before every step
+    Server server(*model_, options(dir.path()));
+    if (step == 0) ASSERT_TRUE(server->CreateSession({.session_id = "s"}).ok());
+    auto part = RunSteps(server.get(), "s", step, step + 1);
+    got.insert(got.end(), part.begin(), part.end());
+  }
+  EXPECT_EQ(got, want);
+}
+
 TEST_F(DurabilityTest, KillNineMidSessionThenReopenContinuesTokenForToken) {
   const std::vector<int32_t> want = Reference();
   TempDir dir;

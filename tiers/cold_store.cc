@@ -179,8 +179,12 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
   const int layers = static_cast<int>(commit.hot_positions.size()) / num_kv_heads;
   for (int l = 0; l < layers; ++l) {
     for (int g = 0; g < num_kv_heads; ++g) {
+      const size_t i = static_cast<size_t>(l) * num_kv_heads + g;
+      static const std::vector<double> kNoScores;
       batch.Put(handles_[kHot], HotKey(record.uid, l, g),
-                EncodePositions(commit.hot_positions[l * num_kv_heads + g]));
+                EncodeHotIndex(commit.hot_positions[i], i < commit.policy_scores.size()
+                                                            ? commit.policy_scores[i]
+                                                            : kNoScores));
     }
   }
   if (!request_id.empty()) {
@@ -216,11 +220,15 @@ absl::StatusOr<SessionSnapshot> ColdStore::LoadSnapshot(const SessionRecord& rec
       rocksdb::Status s = db_->Get({}, handles_[kHot], HotKey(record.uid, l, g), &value);
       if (s.IsNotFound() && record.turns == 0) {
         snap.hot_positions.emplace_back();
+        snap.policy_scores.emplace_back();
         continue;
       }
       KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading the hot index"));
-      KVMEM_ASSIGN_OR_RETURN(auto positions, DecodePositions(value));
+      std::vector<int64_t> positions;
+      std::vector<double> scores;
+      KVMEM_RETURN_IF_ERROR(DecodeHotIndex(value, &positions, &scores));
       snap.hot_positions.push_back(std::move(positions));
+      snap.policy_scores.push_back(std::move(scores));
     }
   }
   return snap;

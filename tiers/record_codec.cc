@@ -199,17 +199,23 @@ absl::StatusOr<std::vector<float>> DecodeFloats(std::string_view value, std::str
   return v;
 }
 
-std::string EncodePositions(const std::vector<int64_t>& v) {
+std::string EncodeHotIndex(const std::vector<int64_t>& positions, const std::vector<double>& scores) {
   ByteWriter w;
-  w.I64s(v);
+  w.I64s(positions);
+  w.U64(scores.size());
+  for (double v : scores) w.F64(v);
   return w.Finish();
 }
 
-absl::StatusOr<std::vector<int64_t>> DecodePositions(std::string_view value) {
+absl::Status DecodeHotIndex(std::string_view value, std::vector<int64_t>* positions,
+                            std::vector<double>* scores) {
   KVMEM_ASSIGN_OR_RETURN(ByteReader r, ByteReader::Open(value, "hot index"));
-  std::vector<int64_t> v;
-  if (!r.I64s(&v) || !r.done()) return Corrupt("hot index");
-  return v;
+  uint64_t n;
+  bool ok = r.I64s(positions) && r.U64(&n) && n <= positions->size();
+  scores->resize(ok ? n : 0);
+  for (uint64_t i = 0; ok && i < n; ++i) ok = r.F64(&(*scores)[i]);
+  if (!ok || !r.done()) return Corrupt("hot index");
+  return absl::OkStatus();
 }
 
 std::string EncodeTurn(const TurnRecord& turn) {

@@ -68,8 +68,10 @@ absl::StatusOr<KvBlock> DecodeBlock(std::string_view value, int block_size, int 
 
 std::string EncodeFloats(const std::vector<float>& v);
 absl::StatusOr<std::vector<float>> DecodeFloats(std::string_view value, std::string_view what);
-std::string EncodePositions(const std::vector<int64_t>& v);
-absl::StatusOr<std::vector<int64_t>> DecodePositions(std::string_view value);
+// One (layer, KV head)'s hot positions and the memory policy's scores for them (may be empty).
+std::string EncodeHotIndex(const std::vector<int64_t>& positions, const std::vector<double>& scores);
+absl::Status DecodeHotIndex(std::string_view value, std::vector<int64_t>* positions,
+                            std::vector<double>* scores);
 
 std::string EncodeTurn(const TurnRecord& turn);
 absl::StatusOr<TurnRecord> DecodeTurn(std::string_view value);
