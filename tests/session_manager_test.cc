@@ -36,28 +36,46 @@ class SessionManagerTest : public ::testing::Test {
   std::unique_ptr<SessionManager> manager_;
 };
 
-TEST_F(SessionManagerTest, CallsOnABusySessionApplyInArrivalOrder) {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool release = false, holding = false;
-  // A generation that holds the session until released.
-  std::thread holder([&] {
-    GenerateRequest g{.session_id = "s"};
-    g.options.sampling = {.max_tokens = 4, .ignore_eos = true};
-    g.options.keep = false;
-    auto r = manager_->Generate(g, [&](std::string_view) {
-      std::unique_lock<std::mutex> lock(mu);
-      holding = true;
-      cv.notify_all();
-      cv.wait(lock, [&] { return release; });
-      return true;
+// A generation (not kept) on session "s" that holds the session from its first text delta
+// until Release().
+class SessionHolder {
+ public:
+  explicit SessionHolder(SessionManager& manager) {
+    thread_ = std::thread([this, &manager] {
+      GenerateRequest g{.session_id = "s"};
+      g.options.sampling = {.max_tokens = 4, .ignore_eos = true};
+      g.options.keep = false;
+      auto r = manager.Generate(g, [this](std::string_view) {
+        std::unique_lock<std::mutex> lock(mu_);
+        holding_ = true;
+        cv_.notify_all();
+        cv_.wait(lock, [this] { return released_; });
+        return true;
+      });
+      EXPECT_TRUE(r.ok()) << r.status();
     });
-    EXPECT_TRUE(r.ok());
-  });
-  {
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return holding; });
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return holding_; });
   }
+  ~SessionHolder() { Release(); }
+  void Release() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      released_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool holding_ = false, released_ = false;
+  std::thread thread_;
+};
+
+TEST_F(SessionManagerTest, CallsOnABusySessionApplyInArrivalOrder) {
+  SessionHolder holder(*manager_);
   const std::vector<std::string> texts = {"one", "two", "three", "four", "five", "six"};
   std::vector<std::thread> writers;
   std::vector<int64_t> turn_of(texts.size(), -1);
@@ -69,12 +87,7 @@ TEST_F(SessionManagerTest, CallsOnABusySessionApplyInArrivalOrder) {
     });
     std::this_thread::sleep_for(std::chrono::milliseconds(40));  // arrive one after another
   }
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    release = true;
-  }
-  cv.notify_all();
-  holder.join();
+  holder.Release();
   for (auto& t : writers) t.join();
   // The turns were applied in the order the calls arrived: turn 0 was appended in SetUp.
   for (size_t i = 0; i < texts.size(); ++i) EXPECT_EQ(turn_of[i], static_cast<int64_t>(1 + i));
@@ -84,33 +97,10 @@ TEST_F(SessionManagerTest, CallsOnABusySessionApplyInArrivalOrder) {
 }
 
 TEST_F(SessionManagerTest, ListingDoesNotWaitForABusySession) {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool release = false, holding = false;
-  std::thread holder([&] {
-    GenerateRequest g{.session_id = "s"};
-    g.options.sampling = {.max_tokens = 4, .ignore_eos = true};
-    auto r = manager_->Generate(g, [&](std::string_view) {
-      std::unique_lock<std::mutex> lock(mu);
-      holding = true;
-      cv.notify_all();
-      cv.wait(lock, [&] { return release; });
-      return true;
-    });
-    EXPECT_TRUE(r.ok());
-  });
-  {
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return holding; });
-  }
+  SessionHolder holder(*manager_);
   auto listing = std::async(std::launch::async, [&] { return manager_->ListSessions({}); });
   const bool answered = listing.wait_for(std::chrono::seconds(5)) == std::future_status::ready;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    release = true;
-  }
-  cv.notify_all();
-  holder.join();
+  holder.Release();
   ASSERT_TRUE(answered) << "ListSessions waited for the generation to end";
   auto listed = listing.get();
   ASSERT_TRUE(listed.ok());
@@ -119,26 +109,7 @@ TEST_F(SessionManagerTest, ListingDoesNotWaitForABusySession) {
 }
 
 TEST_F(SessionManagerTest, CallCancelledWhileQueuedIsNotApplied) {
-  std::mutex mu;
-  std::condition_variable cv;
-  bool release = false, holding = false;
-  std::thread holder([&] {
-    GenerateRequest g{.session_id = "s"};
-    g.options.sampling = {.max_tokens = 4, .ignore_eos = true};
-    g.options.keep = false;
-    auto r = manager_->Generate(g, [&](std::string_view) {
-      std::unique_lock<std::mutex> lock(mu);
-      holding = true;
-      cv.notify_all();
-      cv.wait(lock, [&] { return release; });
-      return true;
-    });
-    EXPECT_TRUE(r.ok());
-  });
-  {
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return holding; });
-  }
+  SessionHolder holder(*manager_);
   std::atomic<bool> gone{false};
   auto queued = std::async(std::launch::async, [&] {
     AppendTurnRequest a{.session_id = "s", .content = "late"};
@@ -147,12 +118,7 @@ TEST_F(SessionManagerTest, CallCancelledWhileQueuedIsNotApplied) {
   });
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   gone = true;  // the client's deadline passes while it waits
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    release = true;
-  }
-  cv.notify_all();
-  holder.join();
+  holder.Release();
   EXPECT_EQ(queued.get().status().code(), absl::StatusCode::kCancelled);
   EXPECT_EQ(manager_->GetSession("", "s")->stats.turns, 1);
 }
