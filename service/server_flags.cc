@@ -104,7 +104,7 @@ std::vector<FlagSpec> KvmemdFlags(KvmemdOptions* o) {
       IntFlag("block-size", "N", "positions per KV block", &d.block_size),
       // Session defaults; each session may override them.
       StringFlag("chat-template", "NAME", "raw, llama2, zephyr or chatml", &d.chat_template),
-      StringFlag("policy", "NAME", "memory policy: snapkv, window or full", &d.memory.policy),
+      StringFlag("policy", "NAME", "memory policy: snapkv, window, full, h2o, snapkv-adaptive or adakv", &d.memory.policy),
       IntFlag("hot-budget", "N", "hot tokens per (layer, KV head)", &d.memory.budget),
       IntFlag("window", "N", "SnapKV observation window", &d.memory.window),
       IntFlag("kernel", "N", "SnapKV pooling kernel (odd)", &d.memory.kernel),
