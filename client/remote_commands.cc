@@ -68,6 +68,18 @@ absl::Status ParseLabels(const CliArgs& args, const std::string& flag,
   return absl::OkStatus();
 }
 
+// --expected-turns and --request-id, shared by AppendTurn and Generate requests.
+template <typename Request>
+absl::Status SetRetryFields(const CliArgs& args, Request* request) {
+  if (args.Has("expected-turns")) {
+    int64_t expected = 0;
+    if (absl::Status s = args.GetInt64("expected-turns", &expected); !s.ok()) return s;
+    request->set_expected_turns(expected);
+  }
+  request->set_request_id(args.Get("request-id"));
+  return absl::OkStatus();
+}
+
 absl::Status ParseSampling(const CliArgs& args, v1::GenerateRequest* request) {
   int max_tokens = 0, top_k = 0;
   float temperature = 0, top_p = 0;
@@ -182,14 +194,9 @@ int Append(AgentMemoryClient& client, const CliArgs& args) {
     text.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
   }
   request.set_content(text);
-  if (args.Has("expected-turns")) {
-    int64_t expected = 0;
-    if (absl::Status s = args.GetInt64("expected-turns", &expected); !s.ok()) {
-      return UsageError(std::string(s.message()));
-    }
-    request.set_expected_turns(expected);
+  if (absl::Status s = SetRetryFields(args, &request); !s.ok()) {
+    return UsageError(std::string(s.message()));
   }
-  request.set_request_id(args.Get("request-id"));
   absl::StatusOr<v1::AppendTurnResponse> r = client.AppendTurn(request);
   if (!r.ok()) return Fail(r.status());
   if (args.Has("json")) {
@@ -242,14 +249,9 @@ int Generate(AgentMemoryClient& client, const CliArgs& args) {
   }
   request.set_discard(args.Has("discard"));
   request.set_ignore_eos(args.Has("ignore-eos"));
-  if (args.Has("expected-turns")) {
-    int64_t expected = 0;
-    if (absl::Status s = args.GetInt64("expected-turns", &expected); !s.ok()) {
-      return UsageError(std::string(s.message()));
-    }
-    request.set_expected_turns(expected);
+  if (absl::Status s = SetRetryFields(args, &request); !s.ok()) {
+    return UsageError(std::string(s.message()));
   }
-  request.set_request_id(args.Get("request-id"));
   return StreamGeneration(client, request, args.Has("json"));
 }
 
