@@ -3,6 +3,7 @@
 #define KVMEM_ENGINE_KV_CACHE_H_
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace kvmem {
@@ -19,17 +20,39 @@ struct HeadKv {
   void Append(int64_t position, const float* key, const float* value, int head_dim);
 };
 
+// The entries live in host memory (f32). A device backend keeps its own copy of them beside
+// the cache (the attachment) and brings it up to date before every pass; it learns which
+// heads changed from their versions: every mutable access to a head counts as a change.
 class KvCache {
  public:
   KvCache(int num_layers, int num_kv_heads, int head_dim);
+  // A copy holds the same entries but no attachment (a backend copies what it needs again).
+  KvCache(const KvCache& other);
+  KvCache& operator=(const KvCache& other);
+  // A move hands the attachment over with the entries.
+  KvCache(KvCache&& other) noexcept = default;
+  KvCache& operator=(KvCache&& other) noexcept = default;
 
   int num_layers() const { return num_layers_; }
   int num_kv_heads() const { return num_kv_heads_; }
   int head_dim() const { return head_dim_; }
-  HeadKv& head(int layer, int kv_head) { return heads_[layer * num_kv_heads_ + kv_head]; }
+  // Mutable access bumps the head's version, whether or not the caller then changes it.
+  HeadKv& head(int layer, int kv_head) {
+    const int i = layer * num_kv_heads_ + kv_head;
+    ++versions_[i];
+    return heads_[i];
+  }
   const HeadKv& head(int layer, int kv_head) const {
     return heads_[layer * num_kv_heads_ + kv_head];
   }
+  // Grows with every mutable access to the head (see head()).
+  uint64_t version(int layer, int kv_head) const {
+    return versions_[layer * num_kv_heads_ + kv_head];
+  }
+  // Backend-private state tied to this cache's lifetime (a device copy of the entries, freed
+  // with the cache). Only the backend that set it interprets it.
+  const std::shared_ptr<void>& attachment() const { return attachment_; }
+  void set_attachment(std::shared_ptr<void> attachment) { attachment_ = std::move(attachment); }
   // The largest position held by any head, or -1 when empty.
   int64_t MaxPosition() const;
   // Entries summed over all (layer, head).
@@ -42,6 +65,8 @@ class KvCache {
   int num_kv_heads_;
   int head_dim_;
   std::vector<HeadKv> heads_;  // (layer, kv_head)
+  std::vector<uint64_t> versions_;  // (layer, kv_head)
+  std::shared_ptr<void> attachment_;
 };
 
 }  // namespace kvmem

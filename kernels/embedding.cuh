@@ -2,6 +2,7 @@
 #ifndef KVMEM_KERNELS_EMBEDDING_CUH_
 #define KVMEM_KERNELS_EMBEDDING_CUH_
 
+#include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -13,6 +14,10 @@ namespace kvmem {
 // shows up downstream instead of corrupting memory. n == 0 launches nothing.
 // Returns the launch error (cudaSuccess when the kernel was queued on `stream`).
 cudaError_t LaunchEmbeddingGather(const float* table, int64_t vocab, int64_t dim,
+                                  const int32_t* ids, int64_t n, float* out, cudaStream_t stream);
+
+// The same gather from a bf16 table, widened to f32 rows.
+cudaError_t LaunchEmbeddingGather(const __nv_bfloat16* table, int64_t vocab, int64_t dim,
                                   const int32_t* ids, int64_t n, float* out, cudaStream_t stream);
 
 }  // namespace kvmem

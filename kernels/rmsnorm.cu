@@ -48,7 +48,64 @@ __global__ void AddRmsNormKernel(T* __restrict__ x, const T* residual, const T* 
   }
 }
 
+// Sum of `v` over the block in f64; every thread gets the result.
+__device__ double BlockSumF64(double v) {
+  __shared__ double warp_sums[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  v = lane < kThreads / 32 ? warp_sums[lane] : 0.0;
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename TOut>
+__global__ void ResidualRmsNormKernel(float* __restrict__ x, const float* __restrict__ residual,
+                                      const float* __restrict__ bias,
+                                      const float* __restrict__ weight, int64_t dim, double eps,
+                                      TOut* __restrict__ out) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * dim;
+  float* xr = x + row;
+  double sum_sq = 0.0;
+  for (int64_t i = threadIdx.x; i < dim; i += kThreads) {
+    float v = xr[i];
+    if (residual != nullptr) {
+      const float r = bias != nullptr ? __fadd_rn(residual[row + i], bias[i]) : residual[row + i];
+      v = __fadd_rn(v, r);
+      xr[i] = v;
+    } else if (bias != nullptr) {
+      v = __fadd_rn(v, bias[i]);
+      xr[i] = v;
+    }
+    sum_sq += static_cast<double>(v) * v;
+  }
+  const double total = BlockSumF64(sum_sq);
+  const float scale = static_cast<float>(1.0 / sqrt(total / static_cast<double>(dim) + eps));
+  for (int64_t i = threadIdx.x; i < dim; i += kThreads) {
+    FromFloat(__fmul_rn(__fmul_rn(xr[i], scale), weight[i]), &out[row + i]);
+  }
+}
+
 }  // namespace
+
+template <typename TOut>
+cudaError_t LaunchResidualRmsNorm(float* x, const float* residual, const float* bias,
+                                  const float* weight, int64_t n, int64_t dim, double eps,
+                                  TOut* out, cudaStream_t stream) {
+  if (n < 0 || dim <= 0 || n > INT32_MAX) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  ResidualRmsNormKernel<TOut><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
+      x, residual, bias, weight, dim, eps, out);
+  return cudaGetLastError();
+}
+
+template cudaError_t LaunchResidualRmsNorm<float>(float*, const float*, const float*,
+                                                  const float*, int64_t, int64_t, double, float*,
+                                                  cudaStream_t);
+template cudaError_t LaunchResidualRmsNorm<__nv_bfloat16>(float*, const float*, const float*,
+                                                          const float*, int64_t, int64_t, double,
+                                                          __nv_bfloat16*, cudaStream_t);
 
 template <typename T>
 cudaError_t LaunchAddRmsNorm(T* x, const T* residual, const T* weight, int64_t n, int64_t dim,

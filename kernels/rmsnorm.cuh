@@ -25,6 +25,25 @@ extern template cudaError_t LaunchAddRmsNorm<__nv_bfloat16>(__nv_bfloat16*, cons
                                                             const __nv_bfloat16*, int64_t, int64_t,
                                                             float, __nv_bfloat16*, cudaStream_t);
 
+// The CUDA backend's form: an f32 residual stream and an output in the GEMMs' input type.
+//   x (n, dim) += residual (n, dim) + bias (dim);  out = x / sqrt(mean(x^2) + eps) * weight,
+// with residual and bias each optional (null: nothing added), the residual and bias summed
+// first as a biased projection's output is in the CPU reference; the sum of squares is taken in
+// f64 and the scale rounded to f32 as engine/cpu_ops.cc's RmsNorm does. out must not overlap x,
+// residual or bias. n == 0 launches nothing. Instantiated for TOut = float and __nv_bfloat16.
+template <typename TOut>
+cudaError_t LaunchResidualRmsNorm(float* x, const float* residual, const float* bias,
+                                  const float* weight, int64_t n, int64_t dim, double eps,
+                                  TOut* out, cudaStream_t stream);
+
+extern template cudaError_t LaunchResidualRmsNorm<float>(float*, const float*, const float*,
+                                                         const float*, int64_t, int64_t, double,
+                                                         float*, cudaStream_t);
+extern template cudaError_t LaunchResidualRmsNorm<__nv_bfloat16>(float*, const float*,
+                                                                 const float*, const float*,
+                                                                 int64_t, int64_t, double,
+                                                                 __nv_bfloat16*, cudaStream_t);
+
 }  // namespace kvmem
 
 #endif  // KVMEM_KERNELS_RMSNORM_CUH_

@@ -1,0 +1,969 @@
+#include "engine/cuda_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/kv_sync_plan.h"
+#include "engine/status_macros.h"
+#include "kernels/convert.cuh"
+#include "kernels/cuda_check.cuh"
+#include "kernels/decode_attention.cuh"
+#include "kernels/embedding.cuh"
+#include "kernels/kv_append.cuh"
+#include "kernels/kv_gather.cuh"
+#include "kernels/prefill_attention.cuh"
+#include "kernels/qkv_rope.cuh"
+#include "kernels/rmsnorm.cuh"
+#include "kernels/swiglu.cuh"
+
+namespace kvmem {
+namespace {
+
+absl::Status CudaStatus(cudaError_t err, const char* what, const char* file, int line) {
+  const std::string message = CudaErrorMessage(err, what, file, line);
+  if (err == cudaErrorMemoryAllocation) {
+    return absl::ResourceExhaustedError(absl::StrCat("device memory exhausted: ", message));
+  }
+  return absl::InternalError(message);
+}
+
+// Returns a failed CUDA call as a Status (RESOURCE_EXHAUSTED for allocations, else INTERNAL).
+#define KVMEM_CUDA_RETURN_IF_ERROR(...)                                           \
+  do {                                                                            \
+    const cudaError_t kvmem_cuda_err_ = (__VA_ARGS__);                            \
+    if (kvmem_cuda_err_ != cudaSuccess) {                                         \
+      return CudaStatus(kvmem_cuda_err_, #__VA_ARGS__, __FILE__, __LINE__);        \
+    }                                                                             \
+  } while (0)
+
+#define KVMEM_CUBLAS_RETURN_IF_ERROR(expr)                                                   \
+  do {                                                                                       \
+    const cublasStatus_t kvmem_cublas_status_ = (expr);                                      \
+    if (kvmem_cublas_status_ != CUBLAS_STATUS_SUCCESS) {                                     \
+      return absl::InternalError(absl::StrCat(__FILE__, ":", __LINE__, ": ", #expr, ": ",    \
+                                              cublasGetStatusName(kvmem_cublas_status_)));   \
+    }                                                                                        \
+  } while (0)
+
+template <typename T>
+constexpr cudaDataType_t kCudaType = std::is_same_v<T, float> ? CUDA_R_32F : CUDA_R_16BF;
+
+// Host-side widening of a device element (bf16 is the top half of an f32).
+inline float HostToFloat(float v) { return v; }
+inline float HostToFloat(__nv_bfloat16 v) {
+  uint16_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+
+// The device, its stream and the lock every piece of work on them takes (forwards, and frees
+// of device KV copies, which may happen on any thread that drops a cache).
+struct CudaContext {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  std::recursive_mutex mu;
+
+  ~CudaContext() {
+    if (stream != nullptr) {
+      cudaSetDevice(device);
+      cudaStreamSynchronize(stream);
+      cudaStreamDestroy(stream);
+    }
+  }
+};
+
+// Device memory from the stream-ordered pool, freed in stream order.
+template <typename U>
+absl::StatusOr<U*> AllocAsync(size_t count, cudaStream_t stream) {
+  void* p = nullptr;
+  if (count == 0) return static_cast<U*>(nullptr);
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMallocAsync(&p, count * sizeof(U), stream));
+  return static_cast<U*>(p);
+}
+
+// A scratch allocation released (in stream order) when it goes out of scope.
+template <typename U>
+class Scratch {
+ public:
+  Scratch() = default;
+  ~Scratch() { Reset(); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+
+  absl::Status Allocate(size_t count, cudaStream_t stream) {
+    Reset();
+    stream_ = stream;
+    KVMEM_ASSIGN_OR_RETURN(ptr_, AllocAsync<U>(count, stream));
+    return absl::OkStatus();
+  }
+  U* get() const { return ptr_; }
+
+ private:
+  void Reset() {
+    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
+    ptr_ = nullptr;
+  }
+  U* ptr_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+};
+
+// One (layer, KV head) on the device: rows [0, mirrored.size()) of keys, values and positions,
+// in one allocation of `capacity` rows: [keys | values | positions].
+template <typename T>
+struct DeviceHead {
+  void* base = nullptr;
+  int64_t capacity = 0;
+  std::vector<int64_t> mirrored;  // positions of the rows, as the device holds them
+  uint64_t version = ~uint64_t{0};  // the KvCache head version last brought up to date
+
+  T* keys(int hd) const { return static_cast<T*>(base); }
+  T* values(int hd) const { return static_cast<T*>(base) + capacity * hd; }
+  int64_t* positions(int hd) const {
+    return reinterpret_cast<int64_t*>(static_cast<T*>(base) + 2 * capacity * hd);
+  }
+  static size_t Bytes(int64_t capacity, int hd) {
+    return static_cast<size_t>(capacity) * (2 * hd * sizeof(T) + sizeof(int64_t));
+  }
+};
+
+// The device copy of one KvCache, attached to it.
+template <typename T>
+struct DeviceKv {
+  std::shared_ptr<CudaContext> ctx;
+  const void* owner = nullptr;  // the backend that made it
+  int head_dim = 0;
+  std::vector<DeviceHead<T>> heads;  // (layer, kv_head)
+
+  ~DeviceKv() {
+    std::lock_guard<std::recursive_mutex> lock(ctx->mu);
+    cudaSetDevice(ctx->device);
+    for (DeviceHead<T>& h : heads) {
+      if (h.base != nullptr) cudaFreeAsync(h.base, ctx->stream);
+    }
+  }
+};
+
+// Device pointer tables the attention and append kernels read for every layer:
+// (layers * kv_heads) each, laid out in one allocation.
+template <typename T>
+struct HeadTables {
+  T** keys = nullptr;
+  T** values = nullptr;
+  int64_t** positions = nullptr;
+  int32_t* lengths = nullptr;
+};
+
+template <typename T>
+class CudaBackend : public Backend {
+ public:
+  CudaBackend(const ModelConfig& config, const CudaBackendOptions& options,
+              std::shared_ptr<CudaContext> ctx)
+      : config_(config), options_(options), ctx_(std::move(ctx)) {}
+
+  ~CudaBackend() override {
+    std::lock_guard<std::recursive_mutex> lock(ctx_->mu);
+    cudaSetDevice(ctx_->device);
+    cudaStreamSynchronize(ctx_->stream);
+    for (void* p : weight_allocations_) cudaFree(p);
+    if (cublas_ != nullptr) cublasDestroy(cublas_);
+    if (cublas_workspace_ != nullptr) cudaFree(cublas_workspace_);
+  }
+
+  const char* name() const override { return "cuda"; }
+
+  absl::Status Init(const ModelWeights* weights);
+
+  absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
+                       const ForwardOptions& options, ForwardResult* result) override {
+    const ModelConfig& c = config_;
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    if (n == 0) return absl::InvalidArgumentError("Forward needs at least one token");
+    for (int32_t t : tokens) {
+      if (t < 0 || t >= c.vocab_size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("token id ", t, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+      }
+    }
+    if (start_pos <= kv->MaxPosition()) {
+      return absl::InvalidArgumentError(absl::StrCat("start position ", start_pos,
+                                                     " does not follow the cached position ",
+                                                     kv->MaxPosition()));
+    }
+    std::shared_ptr<void> stale;  // a foreign attachment, dropped after the lock is released
+    std::lock_guard<std::recursive_mutex> lock(ctx_->mu);
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(ctx_->device));
+    absl::Status status = Run(tokens, start_pos, kv, options, result, &stale);
+    if (!status.ok()) {
+      // The device copy may be ahead of the host's entries: forget it; the next pass uploads
+      // the cache again.
+      kv->set_attachment(nullptr);
+    }
+    return status;
+  }
+
+ private:
+  struct LayerDevice {
+    T* w_qkv = nullptr;      // (q_dim + 2 kv_dim, hidden)
+    T* w_o = nullptr;        // (hidden, q_dim)
+    T* w_gate_up = nullptr;  // (2 intermediate, hidden): gate rows then up rows
+    T* w_down = nullptr;     // (hidden, intermediate)
+    float* attn_norm = nullptr;
+    float* mlp_norm = nullptr;
+    float* b_qkv = nullptr;      // or null
+    float* b_o = nullptr;        // or null
+    float* b_gate_up = nullptr;  // or null
+    float* b_down = nullptr;     // or null
+  };
+
+  template <typename U>
+  absl::StatusOr<U*> AllocWeight(size_t count) {
+    void* p = nullptr;
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(U)));
+    weight_allocations_.push_back(p);
+    return static_cast<U*>(p);
+  }
+  // Copies `rows` f32 host rows of `cols` from each of `parts` (stacked) into a new device
+  // matrix of T; random values instead when there are no host weights.
+  absl::StatusOr<T*> UploadMatrix(std::vector<const float*> parts, std::vector<int64_t> rows,
+                                  int64_t cols);
+  absl::StatusOr<float*> UploadVector(std::vector<const float*> parts,
+                                      std::vector<int64_t> sizes, bool random_ones);
+
+  absl::Status Gemm(const T* w, int64_t out_features, int64_t in_features, const T* x, int64_t n,
+                    float* y) {
+    const float alpha = 1.f, beta = 0.f;
+    const cublasComputeType_t compute = std::is_same_v<T, float> ? CUBLAS_COMPUTE_32F_PEDANTIC
+                                                                 : CUBLAS_COMPUTE_32F;
+    // Row-major y (n, out) = x (n, in) w^T: column-major y^T = w^T' x^T with w as (in, out).
+    KVMEM_CUBLAS_RETURN_IF_ERROR(cublasGemmEx(
+        cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out_features), static_cast<int>(n),
+        static_cast<int>(in_features), &alpha, w, kCudaType<T>, static_cast<int>(in_features), x,
+        kCudaType<T>, static_cast<int>(in_features), &beta, y, CUDA_R_32F,
+        static_cast<int>(out_features), compute, CUBLAS_GEMM_DEFAULT));
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<DeviceKv<T>*> Attach(KvCache* kv, std::shared_ptr<void>* stale);
+  absl::Status Reserve(DeviceKv<T>& dkv, DeviceHead<T>& head, int64_t rows);
+  absl::Status SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int first_layer, int last_layer);
+  absl::Status UploadTables(const DeviceKv<T>& dkv, int first_layer, int last_layer,
+                            int64_t appended, const HeadTables<T>& tables);
+  absl::Status Run(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
+                   const ForwardOptions& options, ForwardResult* result,
+                   std::shared_ptr<void>* stale);
+
+  const ModelConfig config_;
+  const CudaBackendOptions options_;
+  std::shared_ptr<CudaContext> ctx_;
+  cublasHandle_t cublas_ = nullptr;
+  void* cublas_workspace_ = nullptr;
+  std::vector<void*> weight_allocations_;
+  uint64_t random_counter_ = 0;
+  T* embed_ = nullptr;    // (vocab, hidden)
+  T* lm_head_ = nullptr;  // (vocab, hidden); == embed_ when tied
+  float* final_norm_ = nullptr;
+  double* inv_freq_ = nullptr;  // (head_dim / 2)
+  std::vector<LayerDevice> layers_;
+};
+
+template <typename T>
+absl::StatusOr<T*> CudaBackend<T>::UploadMatrix(std::vector<const float*> parts,
+                                                std::vector<int64_t> rows, int64_t cols) {
+  int64_t total_rows = 0;
+  for (int64_t r : rows) total_rows += r;
+  KVMEM_ASSIGN_OR_RETURN(T * out, AllocWeight<T>(static_cast<size_t>(total_rows * cols)));
+  if (parts.empty() || parts[0] == nullptr) {
+    // Random weights: uniform with variance 1 / cols keeps every projection's output at the
+    // scale of its input.
+    const float scale = std::sqrt(3.f / static_cast<float>(cols));
+    KVMEM_CUDA_RETURN_IF_ERROR(LaunchFillUniform(out, total_rows * cols,
+                                                 options_.random_weights_seed * 1000003 +
+                                                     ++random_counter_,
+                                                 scale, ctx_->stream));
+    return out;
+  }
+  // f32 rows through a bounded device staging buffer, converted to T on the device.
+  constexpr int64_t kStagingFloats = int64_t{16} << 20;
+  Scratch<float> staging;
+  KVMEM_RETURN_IF_ERROR(
+      staging.Allocate(static_cast<size_t>(std::min(kStagingFloats, total_rows * cols)),
+                       ctx_->stream));
+  int64_t done = 0;  // elements written to out
+  for (size_t p = 0; p < parts.size(); ++p) {
+    const int64_t count = rows[p] * cols;
+    for (int64_t off = 0; off < count; off += kStagingFloats) {
+      const int64_t chunk = std::min(kStagingFloats, count - off);
+      // A pageable source: the call returns once the host buffer may be reused.
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(staging.get(), parts[p] + off,
+                                                 chunk * sizeof(float), cudaMemcpyHostToDevice,
+                                                 ctx_->stream));
+      KVMEM_CUDA_RETURN_IF_ERROR(
+          LaunchConvert<float, T>(staging.get(), out + done + off, chunk, ctx_->stream));
+    }
+    done += count;
+  }
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ctx_->stream));
+  return out;
+}
+
+template <typename T>
+absl::StatusOr<float*> CudaBackend<T>::UploadVector(std::vector<const float*> parts,
+                                                    std::vector<int64_t> sizes, bool random_ones) {
+  int64_t total = 0;
+  for (int64_t s : sizes) total += s;
+  std::vector<float> host(total);
+  int64_t off = 0;
+  for (size_t p = 0; p < parts.size(); ++p) {
+    if (parts[p] != nullptr) {
+      std::memcpy(&host[off], parts[p], sizes[p] * sizeof(float));
+    } else {
+      std::fill(host.begin() + off, host.begin() + off + sizes[p], random_ones ? 1.f : 0.f);
+    }
+    off += sizes[p];
+  }
+  KVMEM_ASSIGN_OR_RETURN(float* out, AllocWeight<float>(host.size()));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpy(out, host.data(), host.size() * sizeof(float),
+                                        cudaMemcpyHostToDevice));
+  return out;
+}
+
+template <typename T>
+absl::Status CudaBackend<T>::Init(const ModelWeights* weights) {
+  const ModelConfig& c = config_;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(ctx_->device));
+  KVMEM_CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas_));
+  KVMEM_CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas_, ctx_->stream));
+  // A fixed workspace keeps cuBLAS from allocating during a pass (and lets passes be captured
+  // into CUDA graphs).
+  constexpr size_t kCublasWorkspace = size_t{32} << 20;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMalloc(&cublas_workspace_, kCublasWorkspace));
+  KVMEM_CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspace));
+  if (std::is_same_v<T, float>) {
+    KVMEM_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_PEDANTIC_MATH));
+  }
+  // Freed pool memory stays with the process: KV copies grow and shrink every turn.
+  cudaMemPool_t pool;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaDeviceGetDefaultMemPool(&pool, ctx_->device));
+  uint64_t threshold = ~uint64_t{0};
+  KVMEM_CUDA_RETURN_IF_ERROR(
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+
+  const bool host = weights != nullptr;
+  const int64_t h = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim(), inter = c.intermediate_size;
+  KVMEM_ASSIGN_OR_RETURN(embed_, UploadMatrix({host ? weights->embed : nullptr},
+                                              {c.vocab_size}, h));
+  if (host ? weights->lm_head == weights->embed : c.tie_word_embeddings) {
+    lm_head_ = embed_;
+  } else {
+    KVMEM_ASSIGN_OR_RETURN(lm_head_, UploadMatrix({host ? weights->lm_head : nullptr},
+                                                  {c.vocab_size}, h));
+  }
+  KVMEM_ASSIGN_OR_RETURN(final_norm_,
+                         UploadVector({host ? weights->final_norm : nullptr}, {h}, true));
+  layers_.resize(c.num_layers);
+  for (int l = 0; l < c.num_layers; ++l) {
+    const LayerWeights* lw = host ? &weights->layers[l] : nullptr;
+    LayerDevice& d = layers_[l];
+    auto p = [&](const float* LayerWeights::*field) { return lw ? lw->*field : nullptr; };
+    KVMEM_ASSIGN_OR_RETURN(d.w_qkv, UploadMatrix({p(&LayerWeights::wq), p(&LayerWeights::wk),
+                                                  p(&LayerWeights::wv)},
+                                                 {qd, kvd, kvd}, h));
+    KVMEM_ASSIGN_OR_RETURN(d.w_o, UploadMatrix({p(&LayerWeights::wo)}, {h}, qd));
+    KVMEM_ASSIGN_OR_RETURN(d.w_gate_up,
+                           UploadMatrix({p(&LayerWeights::w_gate), p(&LayerWeights::w_up)},
+                                        {inter, inter}, h));
+    KVMEM_ASSIGN_OR_RETURN(d.w_down, UploadMatrix({p(&LayerWeights::w_down)}, {h}, inter));
+    KVMEM_ASSIGN_OR_RETURN(d.attn_norm, UploadVector({p(&LayerWeights::attn_norm)}, {h}, true));
+    KVMEM_ASSIGN_OR_RETURN(d.mlp_norm, UploadVector({p(&LayerWeights::mlp_norm)}, {h}, true));
+    if (lw != nullptr && (lw->bq || lw->bk || lw->bv)) {
+      KVMEM_ASSIGN_OR_RETURN(d.b_qkv, UploadVector({lw->bq, lw->bk, lw->bv}, {qd, kvd, kvd},
+                                                   false));
+    }
+    if (lw != nullptr && lw->bo) {
+      KVMEM_ASSIGN_OR_RETURN(d.b_o, UploadVector({lw->bo}, {h}, false));
+    }
+    if (lw != nullptr && (lw->b_gate || lw->b_up)) {
+      KVMEM_ASSIGN_OR_RETURN(d.b_gate_up,
+                             UploadVector({lw->b_gate, lw->b_up}, {inter, inter}, false));
+    }
+    if (lw != nullptr && lw->b_down) {
+      KVMEM_ASSIGN_OR_RETURN(d.b_down, UploadVector({lw->b_down}, {h}, false));
+    }
+  }
+  const std::vector<double> inv_freq = c.RopeInverseFrequencies();
+  KVMEM_ASSIGN_OR_RETURN(inv_freq_, AllocWeight<double>(inv_freq.size()));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpy(inv_freq_, inv_freq.data(),
+                                        inv_freq.size() * sizeof(double),
+                                        cudaMemcpyHostToDevice));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ctx_->stream));
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::StatusOr<DeviceKv<T>*> CudaBackend<T>::Attach(KvCache* kv, std::shared_ptr<void>* stale) {
+  auto* existing = static_cast<DeviceKv<T>*>(kv->attachment().get());
+  if (existing != nullptr && existing->owner == this) return existing;
+  *stale = kv->attachment();
+  auto dkv = std::make_shared<DeviceKv<T>>();
+  dkv->ctx = ctx_;
+  dkv->owner = this;
+  dkv->head_dim = config_.head_dim;
+  dkv->heads.resize(static_cast<size_t>(config_.num_layers) * config_.num_kv_heads);
+  DeviceKv<T>* raw = dkv.get();
+  kv->set_attachment(std::move(dkv));
+  return raw;
+}
+
+// Makes room for `rows` rows, keeping the rows held (rounded up generously so a growing head
+// reallocates rarely).
+template <typename T>
+absl::Status CudaBackend<T>::Reserve(DeviceKv<T>& dkv, DeviceHead<T>& head, int64_t rows) {
+  if (rows <= head.capacity) return absl::OkStatus();
+  const int hd = dkv.head_dim;
+  const int64_t capacity = std::max<int64_t>({rows, head.capacity * 2, 256});
+  KVMEM_ASSIGN_OR_RETURN(uint8_t * base,
+                         AllocAsync<uint8_t>(DeviceHead<T>::Bytes(capacity, hd), ctx_->stream));
+  DeviceHead<T> grown;
+  grown.base = base;
+  grown.capacity = capacity;
+  const int64_t held = static_cast<int64_t>(head.mirrored.size());
+  if (held > 0) {
+    cudaStream_t s = ctx_->stream;
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(grown.keys(hd), head.keys(hd),
+                                               held * hd * sizeof(T), cudaMemcpyDeviceToDevice, s));
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(grown.values(hd), head.values(hd),
+                                               held * hd * sizeof(T), cudaMemcpyDeviceToDevice, s));
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(grown.positions(hd), head.positions(hd),
+                                               held * sizeof(int64_t), cudaMemcpyDeviceToDevice,
+                                               s));
+  }
+  if (head.base != nullptr) KVMEM_CUDA_RETURN_IF_ERROR(cudaFreeAsync(head.base, ctx_->stream));
+  head.base = grown.base;
+  head.capacity = capacity;
+  return absl::OkStatus();
+}
+
+// Brings every head of layers [first_layer, last_layer) whose version changed up to date with
+// the host: one packed upload for all of them, one scatter of the uploaded rows and one gather
+// for the heads that must be rebuilt.
+template <typename T>
+absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int first_layer,
+                                       int last_layer) {
+  const int kvh = config_.num_kv_heads, hd = config_.head_dim;
+  struct Pending {
+    int index;  // into dkv.heads
+    KvSyncPlan plan;
+  };
+  std::vector<Pending> pending;
+  int64_t upload_rows = 0;
+  for (int l = first_layer; l < last_layer; ++l) {
+    for (int g = 0; g < kvh; ++g) {
+      const int i = l * kvh + g;
+      DeviceHead<T>& dh = dkv.heads[i];
+      if (dh.version == kv.version(l, g)) continue;
+      KvSyncPlan plan = PlanKvSync(dh.mirrored, kv.head(l, g).positions);
+      if (plan.unchanged(static_cast<int64_t>(dh.mirrored.size()))) {
+        dh.version = kv.version(l, g);
+        continue;
+      }
+      upload_rows += static_cast<int64_t>(plan.uploads.size());
+      pending.push_back({i, std::move(plan)});
+    }
+  }
+  if (pending.empty()) return absl::OkStatus();
+
+  // Room for the uploads: after the kept prefix (in place) or past every held row (gather).
+  for (Pending& p : pending) {
+    DeviceHead<T>& dh = dkv.heads[p.index];
+    if (!p.plan.gather) dh.mirrored.resize(p.plan.keep);
+    KVMEM_RETURN_IF_ERROR(Reserve(
+        dkv, dh, static_cast<int64_t>(dh.mirrored.size() + p.plan.uploads.size())));
+  }
+
+  // Uploads, in bounded chunks: f32 rows from the host cache, scattered to their rows as T.
+  if (upload_rows > 0) {
+    constexpr int64_t kChunkRows = 65536;
+    const int64_t chunk_rows = std::min(kChunkRows, upload_rows);
+    Scratch<uint8_t> staging;
+    const size_t row_bytes = 2 * hd * sizeof(float) + sizeof(int64_t) + 3 * sizeof(void*);
+    KVMEM_RETURN_IF_ERROR(staging.Allocate(chunk_rows * row_bytes, ctx_->stream));
+    // Packed as [keys (rows, hd) | values (rows, hd) | positions | dst keys | dst values |
+    // dst positions], all 8-byte aligned.
+    std::vector<float> keys, values;
+    std::vector<int64_t> positions;
+    std::vector<T*> dst_keys, dst_values;
+    std::vector<int64_t*> dst_positions;
+    auto flush = [&]() -> absl::Status {
+      const int64_t rows = static_cast<int64_t>(positions.size());
+      if (rows == 0) return absl::OkStatus();
+      std::vector<uint8_t> packed(rows * row_bytes);
+      uint8_t* out = packed.data();
+      auto put = [&](const void* src, size_t bytes) {
+        std::memcpy(out, src, bytes);
+        out += bytes;
+      };
+      uint8_t* dev = staging.get();
+      const size_t kv_bytes = rows * hd * sizeof(float);
+      put(keys.data(), kv_bytes);
+      put(values.data(), kv_bytes);
+      put(positions.data(), rows * sizeof(int64_t));
+      put(dst_keys.data(), rows * sizeof(void*));
+      put(dst_values.data(), rows * sizeof(void*));
+      put(dst_positions.data(), rows * sizeof(void*));
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dev, packed.data(), packed.size(),
+                                                 cudaMemcpyHostToDevice, ctx_->stream));
+      ScatterKvRowsParams<T> sp;
+      sp.keys = reinterpret_cast<const float*>(dev);
+      sp.values = reinterpret_cast<const float*>(dev + kv_bytes);
+      sp.positions = reinterpret_cast<const int64_t*>(dev + 2 * kv_bytes);
+      uint8_t* tables = dev + 2 * kv_bytes + rows * sizeof(int64_t);
+      sp.dst_keys = reinterpret_cast<T* const*>(tables);
+      sp.dst_values = reinterpret_cast<T* const*>(tables + rows * sizeof(void*));
+      sp.dst_positions = reinterpret_cast<int64_t* const*>(tables + 2 * rows * sizeof(void*));
+      sp.rows = rows;
+      sp.head_dim = hd;
+      KVMEM_CUDA_RETURN_IF_ERROR(LaunchScatterKvRows(sp, ctx_->stream));
+      // The next chunk reuses the staging buffer: the scatter must have read it first.
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ctx_->stream));
+      keys.clear();
+      values.clear();
+      positions.clear();
+      dst_keys.clear();
+      dst_values.clear();
+      dst_positions.clear();
+      return absl::OkStatus();
+    };
+    for (Pending& p : pending) {
+      DeviceHead<T>& dh = dkv.heads[p.index];
+      const HeadKv& src = kv.head(p.index / kvh, p.index % kvh);
+      const int64_t first_row = static_cast<int64_t>(dh.mirrored.size());
+      for (size_t u = 0; u < p.plan.uploads.size(); ++u) {
+        const int64_t e = p.plan.uploads[u];
+        const int64_t row = first_row + static_cast<int64_t>(u);
+        keys.insert(keys.end(), &src.keys[e * hd], &src.keys[(e + 1) * hd]);
+        values.insert(values.end(), &src.values[e * hd], &src.values[(e + 1) * hd]);
+        positions.push_back(src.positions[e]);
+        dst_keys.push_back(dh.keys(hd) + row * hd);
+        dst_values.push_back(dh.values(hd) + row * hd);
+        dst_positions.push_back(dh.positions(hd) + row);
+        if (static_cast<int64_t>(positions.size()) == chunk_rows) KVMEM_RETURN_IF_ERROR(flush());
+      }
+    }
+    KVMEM_RETURN_IF_ERROR(flush());
+  }
+
+  // Heads rebuilt by a gather into fresh allocations, all in one launch.
+  std::vector<Pending*> gathers;
+  int32_t max_keep = 0;
+  for (Pending& p : pending) {
+    if (!p.plan.gather) continue;
+    gathers.push_back(&p);
+    max_keep = std::max<int32_t>(max_keep, static_cast<int32_t>(p.plan.sources.size()));
+  }
+  std::vector<void*> old_bases;
+  if (!gathers.empty()) {
+    const int count = static_cast<int>(gathers.size());
+    std::vector<const T*> src_keys(count), src_values(count);
+    std::vector<const int64_t*> src_positions(count);
+    std::vector<int32_t> src_lengths(count), keep_counts(count);
+    std::vector<T*> dst_keys(count), dst_values(count);
+    std::vector<int64_t*> dst_positions(count);
+    std::vector<int32_t> keep(static_cast<size_t>(count) * std::max<int32_t>(max_keep, 1), 0);
+    int32_t max_length = 0;
+    for (int j = 0; j < count; ++j) {
+      const Pending& p = *gathers[j];
+      DeviceHead<T>& dh = dkv.heads[p.index];
+      src_keys[j] = dh.keys(hd);
+      src_values[j] = dh.values(hd);
+      src_positions[j] = dh.positions(hd);
+      src_lengths[j] = static_cast<int32_t>(dh.mirrored.size() + p.plan.uploads.size());
+      max_length = std::max(max_length, src_lengths[j]);
+      keep_counts[j] = static_cast<int32_t>(p.plan.sources.size());
+      std::copy(p.plan.sources.begin(), p.plan.sources.end(),
+                keep.begin() + static_cast<size_t>(j) * std::max<int32_t>(max_keep, 1));
+      // The rebuilt head: room for what it keeps plus a growth margin.
+      const int64_t capacity = std::max<int64_t>(256, keep_counts[j] + keep_counts[j] / 4);
+      KVMEM_ASSIGN_OR_RETURN(uint8_t * base, AllocAsync<uint8_t>(
+                                                 DeviceHead<T>::Bytes(capacity, hd), ctx_->stream));
+      old_bases.push_back(dh.base);
+      dh.base = base;
+      dh.capacity = capacity;
+      dst_keys[j] = dh.keys(hd);
+      dst_values[j] = dh.values(hd);
+      dst_positions[j] = dh.positions(hd);
+    }
+    // Packed: [src keys | src values | src positions | dst keys | dst values | dst positions |
+    // src lengths | keep counts | keep], pointers first so everything stays aligned.
+    std::vector<uint8_t> packed;
+    auto put = [&](const void* src, size_t bytes) {
+      const uint8_t* b = static_cast<const uint8_t*>(src);
+      packed.insert(packed.end(), b, b + bytes);
+    };
+    const size_t ptrs = count * sizeof(void*);
+    put(src_keys.data(), ptrs);
+    put(src_values.data(), ptrs);
+    put(src_positions.data(), ptrs);
+    put(dst_keys.data(), ptrs);
+    put(dst_values.data(), ptrs);
+    put(dst_positions.data(), ptrs);
+    put(src_lengths.data(), count * sizeof(int32_t));
+    put(keep_counts.data(), count * sizeof(int32_t));
+    put(keep.data(), keep.size() * sizeof(int32_t));
+    Scratch<uint8_t> dev;
+    KVMEM_RETURN_IF_ERROR(dev.Allocate(packed.size(), ctx_->stream));
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dev.get(), packed.data(), packed.size(),
+                                               cudaMemcpyHostToDevice, ctx_->stream));
+    uint8_t* d = dev.get();
+    KvGatherParams<T> gp;
+    gp.src.keys = reinterpret_cast<const T* const*>(d);
+    gp.src.values = reinterpret_cast<const T* const*>(d + ptrs);
+    gp.src.positions = reinterpret_cast<const int64_t* const*>(d + 2 * ptrs);
+    gp.dst_keys = reinterpret_cast<T* const*>(d + 3 * ptrs);
+    gp.dst_values = reinterpret_cast<T* const*>(d + 4 * ptrs);
+    gp.dst_positions = reinterpret_cast<int64_t* const*>(d + 5 * ptrs);
+    gp.src.lengths = reinterpret_cast<const int32_t*>(d + 6 * ptrs);
+    gp.keep_counts = reinterpret_cast<const int32_t*>(d + 6 * ptrs + count * sizeof(int32_t));
+    gp.keep = reinterpret_cast<const int32_t*>(d + 6 * ptrs + 2 * count * sizeof(int32_t));
+    gp.src.num_kv_heads = count;
+    gp.src.head_dim = hd;
+    gp.src.max_length = max_length;
+    gp.keep_stride = std::max<int32_t>(max_keep, 1);
+    gp.max_keep = max_keep;
+    KVMEM_CUDA_RETURN_IF_ERROR(LaunchGatherKv(gp, ctx_->stream));
+    for (void* old : old_bases) {
+      if (old != nullptr) KVMEM_CUDA_RETURN_IF_ERROR(cudaFreeAsync(old, ctx_->stream));
+    }
+  }
+
+  // The device now holds exactly the host's positions.
+  for (Pending& p : pending) {
+    DeviceHead<T>& dh = dkv.heads[p.index];
+    const int l = p.index / kvh, g = p.index % kvh;
+    dh.mirrored = kv.head(l, g).positions;
+    dh.version = kv.version(l, g);
+  }
+  return absl::OkStatus();
+}
+
+// Writes the pointer tables of layers [first_layer, last_layer), with every head's length
+// grown by `appended` (the pass's new tokens, which AppendKv writes next).
+template <typename T>
+absl::Status CudaBackend<T>::UploadTables(const DeviceKv<T>& dkv, int first_layer,
+                                          int last_layer, int64_t appended,
+                                          const HeadTables<T>& tables) {
+  const int kvh = config_.num_kv_heads, hd = config_.head_dim;
+  const int begin = first_layer * kvh, end = last_layer * kvh, count = end - begin;
+  std::vector<T*> keys(count), values(count);
+  std::vector<int64_t*> positions(count);
+  std::vector<int32_t> lengths(count);
+  for (int i = begin; i < end; ++i) {
+    const DeviceHead<T>& dh = dkv.heads[i];
+    keys[i - begin] = dh.keys(hd);
+    values[i - begin] = dh.values(hd);
+    positions[i - begin] = dh.positions(hd);
+    lengths[i - begin] = static_cast<int32_t>(dh.mirrored.size() + appended);
+  }
+  cudaStream_t s = ctx_->stream;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tables.keys + begin, keys.data(),
+                                             count * sizeof(T*), cudaMemcpyHostToDevice, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tables.values + begin, values.data(),
+                                             count * sizeof(T*), cudaMemcpyHostToDevice, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tables.positions + begin, positions.data(),
+                                             count * sizeof(int64_t*), cudaMemcpyHostToDevice, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(tables.lengths + begin, lengths.data(),
+                                             count * sizeof(int32_t), cudaMemcpyHostToDevice, s));
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start_pos,
+                                 KvCache* kv, const ForwardOptions& options,
+                                 ForwardResult* result, std::shared_ptr<void>* stale) {
+  const ModelConfig& c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  const int64_t h = c.hidden_size, hd = c.head_dim, qd = c.q_dim(), kvd = c.kv_dim();
+  const int64_t inter = c.intermediate_size, kvh = c.num_kv_heads;
+  const int L = c.num_layers;
+  cudaStream_t s = ctx_->stream;
+  constexpr bool kF32 = std::is_same_v<T, float>;
+
+  // 1. The device copy of the hot set, up to date, with room for the new tokens.
+  KVMEM_ASSIGN_OR_RETURN(DeviceKv<T> * dkv, Attach(kv, stale));
+  KVMEM_RETURN_IF_ERROR(SyncHeads(*kv, *dkv, 0, L));
+  for (DeviceHead<T>& dh : dkv->heads) {
+    KVMEM_RETURN_IF_ERROR(Reserve(*dkv, dh, static_cast<int64_t>(dh.mirrored.size()) + n));
+  }
+
+  // 2. Scratch for this pass; freed in stream order when the pass returns.
+  const int observed = static_cast<int>(std::min<int64_t>(options.observe_last, n));
+  const int64_t first_logit = options.all_logits ? 0 : n - 1;
+  const int64_t logit_rows = n - first_logit;
+  Scratch<int32_t> ids;
+  Scratch<float> x, qkv, q, proj, gate_up, logits, observed_q;
+  Scratch<T> xn, q_t, new_k, new_v, attn, act;
+  Scratch<uint8_t> table_mem, decode_ws;
+  size_t decode_ws_bytes = 0;
+  KVMEM_RETURN_IF_ERROR(ids.Allocate(n, s));
+  KVMEM_RETURN_IF_ERROR(x.Allocate(n * h, s));
+  KVMEM_RETURN_IF_ERROR(xn.Allocate(n * std::max(h, inter), s));
+  KVMEM_RETURN_IF_ERROR(qkv.Allocate(n * (qd + 2 * kvd), s));
+  KVMEM_RETURN_IF_ERROR(q.Allocate(n * qd, s));
+  if (!kF32) KVMEM_RETURN_IF_ERROR(q_t.Allocate(n * qd, s));
+  KVMEM_RETURN_IF_ERROR(new_k.Allocate(L * n * kvd, s));  // (layer, n, kv_heads, head_dim)
+  KVMEM_RETURN_IF_ERROR(new_v.Allocate(L * n * kvd, s));
+  KVMEM_RETURN_IF_ERROR(attn.Allocate(n * qd, s));
+  KVMEM_RETURN_IF_ERROR(proj.Allocate(n * h, s));
+  KVMEM_RETURN_IF_ERROR(gate_up.Allocate(n * 2 * inter, s));
+  KVMEM_RETURN_IF_ERROR(act.Allocate(n * inter, s));
+  KVMEM_RETURN_IF_ERROR(logits.Allocate(logit_rows * c.vocab_size, s));
+  if (observed > 0) KVMEM_RETURN_IF_ERROR(observed_q.Allocate(L * observed * qd, s));
+  const size_t heads_total = static_cast<size_t>(L) * kvh;
+  KVMEM_RETURN_IF_ERROR(
+      table_mem.Allocate(heads_total * (3 * sizeof(void*) + sizeof(int32_t)), s));
+  HeadTables<T> tables;
+  tables.keys = reinterpret_cast<T**>(table_mem.get());
+  tables.values = reinterpret_cast<T**>(table_mem.get() + heads_total * sizeof(void*));
+  tables.positions = reinterpret_cast<int64_t**>(table_mem.get() + 2 * heads_total * sizeof(void*));
+  tables.lengths = reinterpret_cast<int32_t*>(table_mem.get() + 3 * heads_total * sizeof(void*));
+  KVMEM_RETURN_IF_ERROR(UploadTables(*dkv, 0, L, n, tables));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.get(), tokens.data(), n * sizeof(int32_t),
+                                             cudaMemcpyHostToDevice, s));
+  auto layer_max_length = [&](int l) {
+    int64_t m = 0;
+    for (int g = 0; g < kvh; ++g) {
+      m = std::max<int64_t>(m, static_cast<int64_t>(dkv->heads[l * kvh + g].mirrored.size()) + n);
+    }
+    return static_cast<int32_t>(m);
+  };
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  std::vector<float> host_q;  // (n, num_heads, head_dim) for the before_attention hook
+
+  // 3. The layers.
+  KVMEM_CUDA_RETURN_IF_ERROR(LaunchEmbeddingGather(embed_, c.vocab_size, h, ids.get(), n,
+                                                   x.get(), s));
+  const float* residual = nullptr;  // the previous block's output, added before the next norm
+  const float* residual_bias = nullptr;
+  for (int l = 0; l < L; ++l) {
+    const LayerDevice& lw = layers_[l];
+    T* layer_k = new_k.get() + static_cast<int64_t>(l) * n * kvd;
+    T* layer_v = new_v.get() + static_cast<int64_t>(l) * n * kvd;
+    // Attention block: norm, fused QKV projection, bias + RoPE + split.
+    KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(x.get(), residual, residual_bias,
+                                                        lw.attn_norm, n, h, c.rms_norm_eps,
+                                                        xn.get(), s));
+    KVMEM_RETURN_IF_ERROR(Gemm(lw.w_qkv, qd + 2 * kvd, h, xn.get(), n, qkv.get()));
+    QkvRopeParams<T> rp;
+    rp.qkv = qkv.get();
+    rp.bias = lw.b_qkv;
+    rp.n = n;
+    rp.start_position = start_pos;
+    rp.num_heads = c.num_heads;
+    rp.num_kv_heads = c.num_kv_heads;
+    rp.head_dim = c.head_dim;
+    rp.inv_freq = inv_freq_;
+    rp.q = q.get();
+    rp.q_t = kF32 ? nullptr : q_t.get();
+    rp.k = layer_k;
+    rp.v = layer_v;
+    KVMEM_CUDA_RETURN_IF_ERROR(LaunchQkvRope(rp, s));
+    if (observed > 0) {
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
+          observed_q.get() + static_cast<int64_t>(l) * observed * qd,
+          q.get() + (n - observed) * qd, observed * qd * sizeof(float), cudaMemcpyDeviceToDevice,
+          s));
+    }
+    if (options.before_attention) {
+      // Recall may change this layer's heads on the host: hand it the queries, then bring the
+      // layer's device copy up to date again.
+      host_q.resize(n * qd);
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_q.data(), q.get(), n * qd * sizeof(float),
+                                                 cudaMemcpyDeviceToHost, s));
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+      KVMEM_RETURN_IF_ERROR(options.before_attention(l, host_q.data(), n, kv));
+      KVMEM_RETURN_IF_ERROR(SyncHeads(*kv, *dkv, l, l + 1));
+      for (int g = 0; g < kvh; ++g) {
+        DeviceHead<T>& dh = dkv->heads[l * kvh + g];
+        KVMEM_RETURN_IF_ERROR(Reserve(*dkv, dh, static_cast<int64_t>(dh.mirrored.size()) + n));
+      }
+      KVMEM_RETURN_IF_ERROR(UploadTables(*dkv, l, l + 1, n, tables));
+    }
+    // The new tokens join their heads, then attend.
+    AppendKvParams<T> ap;
+    ap.keys = tables.keys + l * kvh;
+    ap.values = tables.values + l * kvh;
+    ap.positions = tables.positions + l * kvh;
+    ap.lengths = tables.lengths + l * kvh;
+    ap.k = layer_k;
+    ap.v = layer_v;
+    ap.n = n;
+    ap.start_position = start_pos;
+    ap.num_kv_heads = c.num_kv_heads;
+    ap.head_dim = c.head_dim;
+    KVMEM_CUDA_RETURN_IF_ERROR(LaunchAppendKv(ap, s));
+    RaggedKv<T> ragged;
+    ragged.keys = tables.keys + l * kvh;
+    ragged.values = tables.values + l * kvh;
+    ragged.positions = tables.positions + l * kvh;
+    ragged.lengths = tables.lengths + l * kvh;
+    ragged.num_kv_heads = c.num_kv_heads;
+    ragged.head_dim = c.head_dim;
+    ragged.max_length = layer_max_length(l);
+    const T* q_in = kF32 ? reinterpret_cast<const T*>(q.get()) : q_t.get();
+    if (n == 1) {
+      DecodeAttentionParams<T> dp;
+      dp.q = q_in;
+      dp.kv = ragged;
+      dp.num_heads = c.num_heads;
+      dp.scale = scale;
+      dp.sliding_window = c.sliding_window;
+      dp.q_position = start_pos;
+      dp.split_size = options_.decode_split;
+      dp.out = attn.get();
+      const size_t ws = DecodeAttentionWorkspaceBytes(c.num_heads, c.head_dim, ragged.max_length,
+                                                      options_.decode_split);
+      if (ws > decode_ws_bytes) {
+        KVMEM_RETURN_IF_ERROR(decode_ws.Allocate(ws, s));
+        decode_ws_bytes = ws;
+      }
+      KVMEM_CUDA_RETURN_IF_ERROR(LaunchDecodeAttention(dp, decode_ws.get(), decode_ws_bytes, s));
+    } else {
+      PrefillAttentionParams<T> pp;
+      pp.q = q_in;
+      pp.kv = ragged;
+      pp.n = n;
+      pp.num_heads = c.num_heads;
+      pp.scale = scale;
+      pp.sliding_window = c.sliding_window;
+      pp.start_position = start_pos;
+      pp.out = attn.get();
+      KVMEM_CUDA_RETURN_IF_ERROR(LaunchPrefillAttention(pp, s));
+    }
+    KVMEM_RETURN_IF_ERROR(Gemm(lw.w_o, h, qd, attn.get(), n, proj.get()));
+    // MLP block (SwiGLU).
+    KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(x.get(), proj.get(), lw.b_o, lw.mlp_norm,
+                                                        n, h, c.rms_norm_eps, xn.get(), s));
+    KVMEM_RETURN_IF_ERROR(Gemm(lw.w_gate_up, 2 * inter, h, xn.get(), n, gate_up.get()));
+    KVMEM_CUDA_RETURN_IF_ERROR(
+        LaunchSwiGluRows<T>(gate_up.get(), lw.b_gate_up, n, inter, act.get(), s));
+    KVMEM_RETURN_IF_ERROR(Gemm(lw.w_down, h, inter, act.get(), n, proj.get()));
+    residual = proj.get();
+    residual_bias = lw.b_down;
+  }
+
+  // 4. Logits of the rows asked for.
+  KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(
+      x.get() + first_logit * h, residual + first_logit * h, residual_bias, final_norm_,
+      logit_rows, h, c.rms_norm_eps, xn.get(), s));
+  KVMEM_RETURN_IF_ERROR(Gemm(lm_head_, c.vocab_size, h, xn.get(), logit_rows, logits.get()));
+
+  // 5. Results to the host: logits, observed queries, and the new entries for the host cache.
+  result->logits.resize(logit_rows * c.vocab_size);
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result->logits.data(), logits.get(),
+                                             result->logits.size() * sizeof(float),
+                                             cudaMemcpyDeviceToHost, s));
+  std::vector<float> obs(observed > 0 ? static_cast<size_t>(L) * observed * qd : 0);
+  if (observed > 0) {
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(obs.data(), observed_q.get(),
+                                               obs.size() * sizeof(float), cudaMemcpyDeviceToHost,
+                                               s));
+  }
+  std::vector<T> host_k(static_cast<size_t>(L) * n * kvd), host_v(host_k.size());
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_k.data(), new_k.get(), host_k.size() * sizeof(T),
+                                             cudaMemcpyDeviceToHost, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_v.data(), new_v.get(), host_v.size() * sizeof(T),
+                                             cudaMemcpyDeviceToHost, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+
+  result->observed_queries.assign(observed > 0 ? L : 0, {});
+  for (int l = 0; l < L && observed > 0; ++l) {
+    // (observed, num_heads, head_dim) on the device -> (num_heads, observed, head_dim).
+    std::vector<float>& oq = result->observed_queries[l];
+    oq.resize(static_cast<size_t>(c.num_heads) * observed * hd);
+    const float* src = &obs[static_cast<size_t>(l) * observed * qd];
+    for (int hq = 0; hq < c.num_heads; ++hq) {
+      for (int i = 0; i < observed; ++i) {
+        std::memcpy(&oq[(static_cast<size_t>(hq) * observed + i) * hd], src + (i * qd + hq * hd),
+                    hd * sizeof(float));
+      }
+    }
+  }
+  // The host cache gets the entries exactly as the device holds them (rounded to T), so a
+  // later upload of them reproduces the device's rows bit for bit.
+  std::vector<float> krow(hd), vrow(hd);
+  for (int l = 0; l < L; ++l) {
+    for (int g = 0; g < kvh; ++g) {
+      HeadKv& head = kv->head(l, g);
+      DeviceHead<T>& dh = dkv->heads[l * kvh + g];
+      for (int64_t t = 0; t < n; ++t) {
+        const size_t off = ((static_cast<size_t>(l) * n + t) * kvh + g) * hd;
+        for (int64_t d = 0; d < hd; ++d) {
+          krow[d] = HostToFloat(host_k[off + d]);
+          vrow[d] = HostToFloat(host_v[off + d]);
+        }
+        head.Append(start_pos + t, krow.data(), vrow.data(), static_cast<int>(hd));
+        dh.mirrored.push_back(start_pos + t);
+      }
+      dh.version = kv->version(l, g);
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool CudaBackendAvailable(int device, std::string* why) {
+  if (device != 0) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || device >= count || device < 0) {
+      cudaGetLastError();
+      if (why != nullptr) *why = absl::StrCat("CUDA device ", device, " does not exist");
+      return false;
+    }
+  }
+  return CudaDeviceAvailable(why);
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelConfig& config,
+                                                           const ModelWeights* weights,
+                                                           const CudaBackendOptions& options) {
+  std::string why;
+  if (!CudaBackendAvailable(options.device, &why)) {
+    return absl::UnavailableError(absl::StrCat("no usable CUDA device: ", why));
+  }
+  if (weights == nullptr && options.random_weights_seed == 0) {
+    return absl::InvalidArgumentError("CreateCudaBackend needs weights or a random seed");
+  }
+  if (config.head_dim > 256 || config.head_dim % 2 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("head_dim ", config.head_dim, " is not supported (even, at most 256)"));
+  }
+  if (options.decode_split < 0) {
+    return absl::InvalidArgumentError("decode_split must be 0 (default) or positive");
+  }
+  auto ctx = std::make_shared<CudaContext>();
+  ctx->device = options.device;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking));
+  if (options.dtype == DeviceDtype::kF32) {
+    auto backend = std::make_unique<CudaBackend<float>>(config, options, ctx);
+    KVMEM_RETURN_IF_ERROR(backend->Init(weights));
+    return std::unique_ptr<Backend>(std::move(backend));
+  }
+  auto backend = std::make_unique<CudaBackend<__nv_bfloat16>>(config, options, ctx);
+  KVMEM_RETURN_IF_ERROR(backend->Init(weights));
+  return std::unique_ptr<Backend>(std::move(backend));
+}
+
+}  // namespace kvmem

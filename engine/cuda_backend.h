@@ -1,0 +1,66 @@
+// The CUDA backend: the whole forward pass on one GPU, with the hot KV in device memory.
+//
+// Weights live on the device in the chosen type (bf16, or f32 for exact parity checks); the
+// residual stream, RoPE, softmax and every accumulation run in f32. GEMMs go through cuBLAS
+// (fused QKV and fused gate/up projections); norm, RoPE, attention over the ragged per-head KV
+// and the KV writes are our kernels (kernels/).
+//
+// The session's KvCache stays the host-side record of the hot set (what SnapKV, recall and the
+// commit read). The backend keeps a device copy of it attached to the cache (KvCache::
+// attachment()) and brings only the heads whose version changed up to date before each pass
+// (PlanKvSync: appended entries are uploaded in place, evictions are gathered on the device,
+// recalled entries are uploaded and gathered in). The copy is freed with the cache.
+//
+// This header needs no CUDA headers; in a build without CUDA the factory says so.
+#ifndef KVMEM_ENGINE_CUDA_BACKEND_H_
+#define KVMEM_ENGINE_CUDA_BACKEND_H_
+
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+#include "engine/model.h"
+
+namespace kvmem {
+
+// The element type of device weights and KV.
+enum class DeviceDtype { kF32, kBF16 };
+
+// "f32" or "bf16"; INVALID_ARGUMENT naming the accepted values otherwise.
+absl::StatusOr<DeviceDtype> ParseDeviceDtype(std::string_view name);
+const char* DeviceDtypeName(DeviceDtype dtype);
+
+struct CudaBackendOptions {
+  // Default: kBF16. Weights and KV on the device; kF32 matches the CPU reference to ~1e-5.
+  DeviceDtype dtype = DeviceDtype::kBF16;
+  // Default: 0. CUDA device ordinal.
+  int device = 0;
+  // Default: 0 (the kernel's 256). Entries per split of decode attention.
+  int decode_split = 0;
+  // Default: 0. Benchmarks only: with no host weights, fill the device weights with uniform
+  // values of this seed (scaled so activations stay finite) instead of uploading.
+  uint64_t random_weights_seed = 0;
+};
+
+// True when this build has the CUDA backend and device `device` can run it; otherwise false
+// and *why (when non-null) says why.
+bool CudaBackendAvailable(int device, std::string* why);
+
+// The backend for `config`. `weights` (nullable only with options.random_weights_seed) must
+// outlive the call; the backend copies them to the device and keeps no pointer to them.
+// UNAVAILABLE when the build has no CUDA or the device cannot be used (the message says why);
+// RESOURCE_EXHAUSTED when the weights do not fit in device memory; INVALID_ARGUMENT for
+// options or shapes the kernels do not support.
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelConfig& config,
+                                                           const ModelWeights* weights,
+                                                           const CudaBackendOptions& options);
+inline absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(
+    const Model& model, const CudaBackendOptions& options) {
+  return CreateCudaBackend(model.config(), &model.weights(), options);
+}
+
+}  // namespace kvmem
+
+#endif  // KVMEM_ENGINE_CUDA_BACKEND_H_

@@ -1,0 +1,78 @@
+#include "kernels/kv_append.cuh"
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/kernel_utils.cuh"
+
+namespace kvmem {
+namespace {
+
+constexpr int kWarps = 8;  // one warp per row, kWarps rows per block
+
+template <typename T>
+__global__ void AppendKvKernel(AppendKvParams<T> p) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (item >= p.n * p.num_kv_heads) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = item / p.num_kv_heads;
+  const int g = static_cast<int>(item % p.num_kv_heads);
+  const int64_t row = p.lengths[g] - p.n + t;
+  const T* k = p.k + item * p.head_dim;
+  const T* v = p.v + item * p.head_dim;
+  T* dk = p.keys[g] + row * p.head_dim;
+  T* dv = p.values[g] + row * p.head_dim;
+  for (int d = lane; d < p.head_dim; d += 32) {
+    dk[d] = k[d];
+    dv[d] = v[d];
+  }
+  if (lane == 0) p.positions[g][row] = p.start_position + t;
+}
+
+template <typename T>
+__global__ void ScatterKvRowsKernel(ScatterKvRowsParams<T> p) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (r >= p.rows) return;
+  const int lane = threadIdx.x % 32;
+  const float* k = p.keys + r * p.head_dim;
+  const float* v = p.values + r * p.head_dim;
+  T* dk = p.dst_keys[r];
+  T* dv = p.dst_values[r];
+  for (int d = lane; d < p.head_dim; d += 32) {
+    dk[d] = kernel_utils::FromFloat<T>(k[d]);
+    dv[d] = kernel_utils::FromFloat<T>(v[d]);
+  }
+  if (lane == 0) *p.dst_positions[r] = p.positions[r];
+}
+
+unsigned BlocksFor(int64_t rows) { return static_cast<unsigned>((rows + kWarps - 1) / kWarps); }
+
+}  // namespace
+
+template <typename T>
+cudaError_t LaunchAppendKv(const AppendKvParams<T>& p, cudaStream_t stream) {
+  if (p.n < 0 || p.num_kv_heads <= 0 || p.head_dim <= 0) return cudaErrorInvalidValue;
+  const int64_t items = p.n * p.num_kv_heads;
+  if (items == 0) return cudaSuccess;
+  if (BlocksFor(items) > INT32_MAX) return cudaErrorInvalidValue;
+  AppendKvKernel<T><<<BlocksFor(items), kWarps * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t LaunchScatterKvRows(const ScatterKvRowsParams<T>& p, cudaStream_t stream) {
+  if (p.rows < 0 || p.head_dim <= 0) return cudaErrorInvalidValue;
+  if (p.rows == 0) return cudaSuccess;
+  if (BlocksFor(p.rows) > INT32_MAX) return cudaErrorInvalidValue;
+  ScatterKvRowsKernel<T><<<BlocksFor(p.rows), kWarps * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template cudaError_t LaunchAppendKv<float>(const AppendKvParams<float>&, cudaStream_t);
+template cudaError_t LaunchAppendKv<__nv_bfloat16>(const AppendKvParams<__nv_bfloat16>&,
+                                                   cudaStream_t);
+template cudaError_t LaunchScatterKvRows<float>(const ScatterKvRowsParams<float>&, cudaStream_t);
+template cudaError_t LaunchScatterKvRows<__nv_bfloat16>(const ScatterKvRowsParams<__nv_bfloat16>&,
+                                                        cudaStream_t);
+
+}  // namespace kvmem

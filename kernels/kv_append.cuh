@@ -1,0 +1,66 @@
+// Writing new entries into a layer's ragged per-head KV: the turn's own tokens after their
+// projection (AppendKv), and rows uploaded from host memory (restored, recalled) wherever
+// they belong (ScatterKvRows).
+#ifndef KVMEM_KERNELS_KV_APPEND_CUH_
+#define KVMEM_KERNELS_KV_APPEND_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace kvmem {
+
+// For every KV head g and token t < n, with row = lengths[g] - n + t:
+//   keys[g][row] = k[t][g], values[g][row] = v[t][g] (head_dim elements; rows dense),
+//   positions[g][row] = start_position + t.
+// lengths are the heads' lengths after the append (each >= n), as the attention kernels read
+// them. All pointers, and the pointers in the arrays, are device pointers.
+template <typename T>
+struct AppendKvParams {
+  T* const* keys = nullptr;             // (num_kv_heads)
+  T* const* values = nullptr;           // (num_kv_heads)
+  int64_t* const* positions = nullptr;  // (num_kv_heads)
+  const int32_t* lengths = nullptr;     // (num_kv_heads)
+  const T* k = nullptr;                 // (n, num_kv_heads, head_dim)
+  const T* v = nullptr;                 // (n, num_kv_heads, head_dim)
+  int64_t n = 0;
+  int64_t start_position = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+};
+
+template <typename T>
+cudaError_t LaunchAppendKv(const AppendKvParams<T>& p, cudaStream_t stream);
+
+// Row r < rows of (keys, values, positions), f32 rows of head_dim elements from the host's
+// cache, goes to dst_keys[r], dst_values[r] (head_dim elements of T, rounded) and
+// dst_positions[r]. Destinations must not overlap one another or the sources.
+template <typename T>
+struct ScatterKvRowsParams {
+  const float* keys = nullptr;             // (rows, head_dim)
+  const float* values = nullptr;           // (rows, head_dim)
+  const int64_t* positions = nullptr;      // (rows)
+  T* const* dst_keys = nullptr;            // (rows)
+  T* const* dst_values = nullptr;          // (rows)
+  int64_t* const* dst_positions = nullptr;  // (rows)
+  int64_t rows = 0;
+  int head_dim = 0;
+};
+
+template <typename T>
+cudaError_t LaunchScatterKvRows(const ScatterKvRowsParams<T>& p, cudaStream_t stream);
+
+// Both: cudaErrorInvalidValue for non-positive head sizes or negative counts; otherwise the
+// launch error. Nothing is launched for zero rows. Instantiated for float and __nv_bfloat16.
+extern template cudaError_t LaunchAppendKv<float>(const AppendKvParams<float>&, cudaStream_t);
+extern template cudaError_t LaunchAppendKv<__nv_bfloat16>(const AppendKvParams<__nv_bfloat16>&,
+                                                          cudaStream_t);
+extern template cudaError_t LaunchScatterKvRows<float>(const ScatterKvRowsParams<float>&,
+                                                       cudaStream_t);
+extern template cudaError_t LaunchScatterKvRows<__nv_bfloat16>(
+    const ScatterKvRowsParams<__nv_bfloat16>&, cudaStream_t);
+
+}  // namespace kvmem
+
+#endif  // KVMEM_KERNELS_KV_APPEND_CUH_

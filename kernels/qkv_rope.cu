@@ -1,0 +1,82 @@
+#include "kernels/qkv_rope.cuh"
+
+#include <cstdint>
+
+#include "kernels/kernel_utils.cuh"
+
+namespace kvmem {
+namespace {
+
+constexpr int kThreads = 128;
+
+// One block per token: the token's cos/sin table first (shared memory), then every
+// (head, rotation pair) of its query and key heads and every value element.
+template <typename T>
+__global__ void QkvRopeKernel(QkvRopeParams<T> p) {
+  extern __shared__ float cos_sin[];  // (2, half): cos then sin
+  const int half = p.head_dim / 2;
+  const int64_t t = blockIdx.x;
+  const double pos = static_cast<double>(p.start_position + t);
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    double s, c;
+    sincos(pos * p.inv_freq[i], &s, &c);
+    cos_sin[i] = static_cast<float>(c);
+    cos_sin[half + i] = static_cast<float>(s);
+  }
+  __syncthreads();
+  const int qd = p.num_heads * p.head_dim, kvd = p.num_kv_heads * p.head_dim;
+  const float* row = p.qkv + t * (qd + 2 * kvd);
+  // Rotation pairs of the query heads then the key heads.
+  const int pairs = (p.num_heads + p.num_kv_heads) * half;
+  for (int j = threadIdx.x; j < pairs; j += blockDim.x) {
+    const int h = j / half, i = j % half;
+    const int col = h * p.head_dim;  // query heads first, key heads right after them
+    float x1 = row[col + i], x2 = row[col + i + half];
+    if (p.bias != nullptr) {
+      x1 = __fadd_rn(x1, p.bias[col + i]);
+      x2 = __fadd_rn(x2, p.bias[col + i + half]);
+    }
+    const float c = cos_sin[i], s = cos_sin[half + i];
+    const float y1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+    const float y2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+    if (h < p.num_heads) {
+      float* q = p.q + t * qd + col;
+      q[i] = y1;
+      q[i + half] = y2;
+      if (p.q_t != nullptr) {
+        T* qt = p.q_t + t * qd + col;
+        qt[i] = kernel_utils::FromFloat<T>(y1);
+        qt[i + half] = kernel_utils::FromFloat<T>(y2);
+      }
+    } else {
+      T* k = p.k + t * kvd + (col - qd);
+      k[i] = kernel_utils::FromFloat<T>(y1);
+      k[i + half] = kernel_utils::FromFloat<T>(y2);
+    }
+  }
+  for (int j = threadIdx.x; j < kvd; j += blockDim.x) {
+    float x = row[qd + kvd + j];
+    if (p.bias != nullptr) x = __fadd_rn(x, p.bias[qd + kvd + j]);
+    p.v[t * kvd + j] = kernel_utils::FromFloat<T>(x);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t LaunchQkvRope(const QkvRopeParams<T>& p, cudaStream_t stream) {
+  if (p.n < 0 || p.n > INT32_MAX || p.num_heads <= 0 || p.num_kv_heads <= 0 ||
+      p.head_dim < 2 || p.head_dim > 256 || p.head_dim % 2 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.n == 0) return cudaSuccess;
+  const size_t shared = sizeof(float) * p.head_dim;
+  QkvRopeKernel<T><<<static_cast<unsigned>(p.n), kThreads, shared, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template cudaError_t LaunchQkvRope<float>(const QkvRopeParams<float>&, cudaStream_t);
+template cudaError_t LaunchQkvRope<__nv_bfloat16>(const QkvRopeParams<__nv_bfloat16>&,
+                                                  cudaStream_t);
+
+}  // namespace kvmem
