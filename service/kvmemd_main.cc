@@ -23,6 +23,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu_backend.h"
+#include "engine/cuda_backend.h"
 #include "engine/model.h"
 #include "service/agent_memory_service.h"
 #include "service/auth_tokens.h"
@@ -45,19 +46,37 @@ std::string BoundAddress(const std::string& listen, int port) {
   return absl::StrCat(colon == std::string::npos ? listen : listen.substr(0, colon), ":", port);
 }
 
-int Serve(const KvmemdOptions& options, int stop_fd) {
-  // The CUDA backend is not part of this build yet (kernels exist; the backend does not).
-  if (options.device == "cuda") {
-    return Fail(absl::FailedPreconditionError(
-        "--device cuda: this build has no CUDA backend yet; run with --device cpu or auto"));
+// --device cuda: the GPU or an error saying why not. auto: the GPU when one is usable, else
+// the CPU, saying so in the log (a GPU that is present but fails, e.g. out of memory for the
+// weights, is an error rather than a silent fall back to a far slower backend).
+absl::StatusOr<std::unique_ptr<Backend>> SelectBackend(const KvmemdOptions& options,
+                                                       const Model& model, DeviceDtype dtype) {
+  if (options.device != "cpu") {
+    absl::StatusOr<std::unique_ptr<Backend>> gpu = CreateCudaBackend(model, {.dtype = dtype});
+    if (gpu.ok()) {
+      std::fprintf(stderr, "kvmemd: device %s: CUDA backend, %s weights and KV\n",
+                   options.device.c_str(), DeviceDtypeName(dtype));
+      return gpu;
+    }
+    if (options.device == "cuda" || gpu.status().code() != absl::StatusCode::kUnavailable) {
+      return absl::Status(gpu.status().code(),
+                          absl::StrCat("--device ", options.device, ": ", gpu.status().message(),
+                                       "; run with --device cpu to use the CPU backend"));
+    }
+    std::fprintf(stderr, "kvmemd: device auto: %s; using the CPU backend\n",
+                 std::string(gpu.status().message()).c_str());
   }
-  if (options.device != "cpu" && options.device != "auto") {
+  return std::unique_ptr<Backend>(
+      std::make_unique<CpuBackend>(model, CpuBackendOptions{.threads = options.backend_threads}));
+}
+
+int Serve(const KvmemdOptions& options, int stop_fd) {
+  if (options.device != "cpu" && options.device != "cuda" && options.device != "auto") {
     return Fail(absl::InvalidArgumentError(
         absl::StrCat("--device must be cpu, cuda or auto, got \"", options.device, "\"")));
   }
-  if (options.device == "auto") {
-    std::fprintf(stderr, "kvmemd: device auto: no CUDA backend in this build, using the CPU\n");
-  }
+  absl::StatusOr<DeviceDtype> dtype = ParseDeviceDtype(options.device_dtype);
+  if (!dtype.ok()) return Fail(dtype.status());
   absl::StatusOr<std::string> dir = ResolveModelDir(options.model);
   if (!dir.ok()) return Fail(dir.status());
   absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(*dir);
@@ -68,9 +87,10 @@ int Serve(const KvmemdOptions& options, int stop_fd) {
     if (!table.ok()) return Fail(table.status());
     tokens = std::make_unique<TokenTable>(*std::move(table));
   }
-  CpuBackend backend(**model, {.threads = options.backend_threads});
+  absl::StatusOr<std::unique_ptr<Backend>> backend = SelectBackend(options, **model, *dtype);
+  if (!backend.ok()) return Fail(backend.status());
   absl::StatusOr<std::unique_ptr<SessionManager>> sessions =
-      SessionManager::Open(**model, backend, options.sessions);
+      SessionManager::Open(**model, **backend, options.sessions);
   if (!sessions.ok()) return Fail(sessions.status());
 
   WorkerPool workers(options.threads);

@@ -5,9 +5,11 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -16,7 +18,10 @@
 #include "engine/safetensors.h"
 #include "gtest/gtest.h"
 #include "kernels/cuda_check.cuh"
+#include "kernels/convert.cuh"
 #include "kernels/embedding.cuh"
+#include "kernels/kv_append.cuh"
+#include "kernels/qkv_rope.cuh"
 #include "kernels/rmsnorm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/swiglu.cuh"
@@ -258,6 +263,206 @@ TEST_F(KernelsTest, SwiGluMatchesCpu) {
     EXPECT_EQ(CountNan(got), 0);
     EXPECT_LT(RelativeError(got, want), 1e-5);
   }
+}
+
+TEST_F(KernelsTest, SwiGluRowsMatchesCpuOnStackedGateAndUp) {
+  const int64_t n = 7, inter = 300;
+  const std::vector<float> gate_up = RandomNormal(n * 2 * inter, 42, 0.f, 2.f);
+  const std::vector<float> bias = RandomNormal(2 * inter, 43);
+  std::vector<float> want(n * inter);
+  for (int64_t t = 0; t < n; ++t) {
+    std::vector<float> g(inter), u(inter);
+    for (int64_t j = 0; j < inter; ++j) {
+      g[j] = gate_up[t * 2 * inter + j] + bias[j];
+      u[j] = gate_up[t * 2 * inter + inter + j] + bias[inter + j];
+    }
+    SwiGlu(g.data(), u.data(), inter);
+    std::copy(g.begin(), g.end(), want.begin() + t * inter);
+  }
+  DeviceArray<float> d_in(gate_up), d_bias(bias), d_out(n * inter);
+  Finish(LaunchSwiGluRows(d_in.get(), d_bias.get(), n, inter, d_out.get(), stream_));
+  EXPECT_LT(RelativeError(d_out.ToHost(), want), 1e-6);
+  DeviceArray<__nv_bfloat16> d_out16(n * inter);
+  Finish(LaunchSwiGluRows(d_in.get(), d_bias.get(), n, inter, d_out16.get(), stream_));
+  EXPECT_LT(RelativeError(FromBf16(d_out16.ToHost()), want), 1e-2);
+}
+
+TEST_F(KernelsTest, ResidualRmsNormAddsBiasedResidualThenNorms) {
+  for (const NormShape& s : kNormShapes) {
+    SCOPED_TRACE(testing::Message() << "n=" << s.n << " dim=" << s.dim);
+    const std::vector<float> x = RandomNormal(s.n * s.dim, 50);
+    const std::vector<float> residual = RandomNormal(s.n * s.dim, 51);
+    const std::vector<float> bias = RandomNormal(s.dim, 52);
+    const std::vector<float> weight = RandomNormal(s.dim, 53, 1.f, 0.1f);
+    std::vector<float> want_x = x;
+    for (int64_t i = 0; i < s.n * s.dim; ++i) want_x[i] += residual[i] + bias[i % s.dim];
+    std::vector<float> want(s.n * s.dim);
+    RmsNorm(want_x.data(), weight.data(), s.n, s.dim, 1e-5, want.data());
+
+    DeviceArray<float> d_x(x), d_res(residual), d_bias(bias), d_w(weight), d_out(s.n * s.dim);
+    Finish(LaunchResidualRmsNorm(d_x.get(), d_res.get(), d_bias.get(), d_w.get(), s.n, s.dim,
+                                 1e-5, d_out.get(), stream_));
+    EXPECT_EQ(d_x.ToHost(), want_x);
+    EXPECT_LT(RelativeError(d_out.ToHost(), want), 1e-6);
+    // Without a residual x is left alone and only normed, here into bf16.
+    DeviceArray<float> d_x2(x);
+    DeviceArray<__nv_bfloat16> d_out16(s.n * s.dim);
+    Finish(LaunchResidualRmsNorm(d_x2.get(), static_cast<const float*>(nullptr),
+                                 static_cast<const float*>(nullptr), d_w.get(), s.n, s.dim, 1e-5,
+                                 d_out16.get(), stream_));
+    std::vector<float> want2(s.n * s.dim);
+    RmsNorm(x.data(), weight.data(), s.n, s.dim, 1e-5, want2.data());
+    EXPECT_EQ(d_x2.ToHost(), x);
+    EXPECT_LT(RelativeError(FromBf16(d_out16.ToHost()), want2), 1e-2);
+  }
+}
+
+TEST_F(KernelsTest, QkvRopeSplitsBiasesAndRotatesLikeCpu) {
+  const int64_t n = 5, start = 1000;
+  const int heads = 4, kv_heads = 2, hd = 64;
+  const int qd = heads * hd, kvd = kv_heads * hd, row = qd + 2 * kvd;
+  const std::vector<float> qkv = RandomNormal(n * row, 60);
+  const std::vector<float> bias = RandomNormal(row, 61);
+  std::vector<double> inv_freq(hd / 2);
+  for (int i = 0; i < hd / 2; ++i) inv_freq[i] = std::pow(10000.0, -2.0 * i / hd);
+  std::vector<float> want_q(n * qd), want_k(n * kvd), want_v(n * kvd);
+  for (int64_t t = 0; t < n; ++t) {
+    std::vector<float> r(qkv.begin() + t * row, qkv.begin() + (t + 1) * row);
+    for (int j = 0; j < row; ++j) r[j] += bias[j];
+    ApplyRope(r.data(), heads, hd, start + t, inv_freq.data());
+    ApplyRope(r.data() + qd, kv_heads, hd, start + t, inv_freq.data());
+    std::copy(r.begin(), r.begin() + qd, want_q.begin() + t * qd);
+    std::copy(r.begin() + qd, r.begin() + qd + kvd, want_k.begin() + t * kvd);
+    std::copy(r.begin() + qd + kvd, r.end(), want_v.begin() + t * kvd);
+  }
+  DeviceArray<float> d_qkv(qkv), d_bias(bias), d_q(n * qd), d_k(n * kvd), d_v(n * kvd);
+  DeviceArray<double> d_freq(inv_freq);
+  QkvRopeParams<float> p;
+  p.qkv = d_qkv.get();
+  p.bias = d_bias.get();
+  p.n = n;
+  p.start_position = start;
+  p.num_heads = heads;
+  p.num_kv_heads = kv_heads;
+  p.head_dim = hd;
+  p.inv_freq = d_freq.get();
+  p.q = d_q.get();
+  p.k = d_k.get();
+  p.v = d_v.get();
+  Finish(LaunchQkvRope(p, stream_));
+  EXPECT_LT(RelativeError(d_q.ToHost(), want_q), 1e-6);
+  EXPECT_LT(RelativeError(d_k.ToHost(), want_k), 1e-6);
+  EXPECT_EQ(d_v.ToHost(), want_v);  // one f32 add, as on the CPU
+}
+
+TEST_F(KernelsTest, AppendAndScatterWriteRowsWhereTheHeadsSayAndConvertBackExactly) {
+  const int kv_heads = 3, hd = 40;
+  const int64_t n = 4, start = 77;
+  const std::vector<int32_t> lengths = {n, n + 5, n + 2};  // after the append
+  std::vector<float*> keys, values;
+  std::vector<int64_t*> positions;
+  std::vector<std::unique_ptr<DeviceArray<float>>> bufs;
+  std::vector<std::unique_ptr<DeviceArray<int64_t>>> pos_bufs;
+  for (int g = 0; g < kv_heads; ++g) {
+    bufs.push_back(std::make_unique<DeviceArray<float>>(16 * hd));
+    bufs.push_back(std::make_unique<DeviceArray<float>>(16 * hd));
+    pos_bufs.push_back(std::make_unique<DeviceArray<int64_t>>(16));
+    keys.push_back(bufs[2 * g]->get());
+    values.push_back(bufs[2 * g + 1]->get());
+    positions.push_back(pos_bufs[g]->get());
+  }
+  const std::vector<float> k = RandomNormal(n * kv_heads * hd, 70);
+  const std::vector<float> v = RandomNormal(n * kv_heads * hd, 71);
+  DeviceArray<float> d_k(k), d_v(v);
+  DeviceArray<float*> d_keys(keys), d_values(values);
+  DeviceArray<int64_t*> d_positions(positions);
+  DeviceArray<int32_t> d_lengths(lengths);
+  AppendKvParams<float> ap;
+  ap.keys = d_keys.get();
+  ap.values = d_values.get();
+  ap.positions = d_positions.get();
+  ap.lengths = d_lengths.get();
+  ap.k = d_k.get();
+  ap.v = d_v.get();
+  ap.n = n;
+  ap.start_position = start;
+  ap.num_kv_heads = kv_heads;
+  ap.head_dim = hd;
+  Finish(LaunchAppendKv(ap, stream_));
+  for (int g = 0; g < kv_heads; ++g) {
+    const std::vector<float> hk = bufs[2 * g]->ToHost(), hv = bufs[2 * g + 1]->ToHost();
+    const std::vector<int64_t> hp = pos_bufs[g]->ToHost();
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t r = lengths[g] - n + t;
+      EXPECT_EQ(hp[r], start + t);
+      for (int d = 0; d < hd; ++d) {
+        EXPECT_EQ(hk[r * hd + d], k[(t * kv_heads + g) * hd + d]);
+        EXPECT_EQ(hv[r * hd + d], v[(t * kv_heads + g) * hd + d]);
+      }
+    }
+  }
+  // Scatter bf16 rows to arbitrary destinations, then widen them back: bf16 -> f32 -> bf16
+  // is exact, so the host's copy of a device row reproduces the row bit for bit.
+  const int64_t rows = 6;
+  const std::vector<float> sk = RandomNormal(rows * hd, 72), sv = RandomNormal(rows * hd, 73);
+  const std::vector<int64_t> sp = {3, 9, 1, 4, 100, 2};
+  DeviceArray<__nv_bfloat16> dst_k(rows * hd), dst_v(rows * hd);
+  DeviceArray<int64_t> dst_p(rows);
+  std::vector<__nv_bfloat16*> pk, pv;
+  std::vector<int64_t*> pp;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t slot = (r * 5) % rows;  // a permutation
+    pk.push_back(dst_k.get() + slot * hd);
+    pv.push_back(dst_v.get() + slot * hd);
+    pp.push_back(dst_p.get() + slot);
+  }
+  DeviceArray<float> d_sk(sk), d_sv(sv);
+  DeviceArray<int64_t> d_sp(sp);
+  DeviceArray<__nv_bfloat16*> d_pk(pk), d_pv(pv);
+  DeviceArray<int64_t*> d_pp(pp);
+  ScatterKvRowsParams<__nv_bfloat16> s;
+  s.keys = d_sk.get();
+  s.values = d_sv.get();
+  s.positions = d_sp.get();
+  s.dst_keys = d_pk.get();
+  s.dst_values = d_pv.get();
+  s.dst_positions = d_pp.get();
+  s.rows = rows;
+  s.head_dim = hd;
+  Finish(LaunchScatterKvRows(s, stream_));
+  const std::vector<float> got_k = FromBf16(dst_k.ToHost());
+  const std::vector<int64_t> got_p = dst_p.ToHost();
+  const std::vector<float> want_k = FromBf16(ToBf16(sk));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t slot = (r * 5) % rows;
+    EXPECT_EQ(got_p[slot], sp[r]);
+    for (int d = 0; d < hd; ++d) EXPECT_EQ(got_k[slot * hd + d], want_k[r * hd + d]);
+  }
+  DeviceArray<float> widened(rows * hd);
+  DeviceArray<__nv_bfloat16> narrowed(rows * hd);
+  Finish(LaunchConvert(dst_k.get(), widened.get(), rows * hd, stream_));
+  Finish(LaunchConvert(widened.get(), narrowed.get(), rows * hd, stream_));
+  EXPECT_EQ(FromBf16(narrowed.ToHost()), got_k);
+}
+
+TEST_F(KernelsTest, FillUniformIsSeededBoundedAndIndependentOfLaunchShape) {
+  const int64_t count = 100000;
+  DeviceArray<float> a(count), b(count);
+  Finish(LaunchFillUniform(a.get(), count, 5, 0.25f, stream_));
+  Finish(LaunchFillUniform(b.get(), count, 5, 0.25f, stream_));
+  const std::vector<float> ha = a.ToHost();
+  EXPECT_EQ(ha, b.ToHost());
+  double mean = 0;
+  for (float x : ha) {
+    ASSERT_GE(x, -0.25f);
+    ASSERT_LT(x, 0.25f);
+    mean += x;
+  }
+  EXPECT_NEAR(mean / count, 0.0, 0.01);
+  // A prefix filled alone equals the prefix of the whole fill.
+  DeviceArray<float> c(1000);
+  Finish(LaunchFillUniform(c.get(), 1000, 5, 0.25f, stream_));
+  EXPECT_EQ(c.ToHost(), std::vector<float>(ha.begin(), ha.begin() + 1000));
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "engine/cuda_backend.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/kvmemd_process.h"
@@ -157,12 +158,17 @@ int RunForStderr(const std::string& command, std::string* err) {
 
 TEST(KvmemdDeviceTest, UnavailableOrUnknownDeviceIsAClearErrorBeforeServing) {
   const std::string kvmemd = std::string(KVMEM_BIN_DIR) + "/kvmemd --listen 127.0.0.1:0 ";
-  std::string cuda, gpu;
-  EXPECT_NE(RunForStderr(kvmemd + "--device cuda", &cuda), 0);
-  EXPECT_NE(cuda.find("FAILED_PRECONDITION"), std::string::npos) << cuda;
-  EXPECT_NE(cuda.find("--device cpu"), std::string::npos) << cuda;
+  std::string gpu, dtype;
   EXPECT_NE(RunForStderr(kvmemd + "--device gpu", &gpu), 0);
   EXPECT_NE(gpu.find("INVALID_ARGUMENT"), std::string::npos) << gpu;
+  EXPECT_NE(RunForStderr(kvmemd + "--device-dtype f8", &dtype), 0);
+  EXPECT_NE(dtype.find("bf16 or f32"), std::string::npos) << dtype;
+  std::string why;
+  if (CudaBackendAvailable(0, &why)) return;  // --device cuda would serve; not a failure here
+  std::string cuda;
+  EXPECT_NE(RunForStderr(kvmemd + "--device cuda", &cuda), 0);
+  EXPECT_NE(cuda.find("UNAVAILABLE"), std::string::npos) << cuda;
+  EXPECT_NE(cuda.find("--device cpu"), std::string::npos) << cuda;
 }
 
 }  // namespace

@@ -1,0 +1,371 @@
+// The CUDA backend against the CPU reference: logits of random-weight models of several shapes
+// (f32 within 1e-5, bf16 within 1e-2, relative L2), the device copy of the hot set through
+// every way a session edits it (append, roll back, evict, recall), and whole sessions on the
+// real stories260K model (greedy text, SnapKV with recall) giving the same tokens on both.
+// Skips, saying why, where no usable CUDA device is present.
+#include "engine/cuda_backend.h"
+
+#include <cmath>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/cpu_backend.h"
+#include "engine/session.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace kvmem {
+namespace {
+
+using testing::RandomModelSpec;
+using testing::TempDir;
+
+#define SKIP_WITHOUT_CUDA()                                               \
+  do {                                                                    \
+    std::string why;                                                      \
+    if (!CudaBackendAvailable(0, &why)) GTEST_SKIP() << "no GPU: " << why; \
+  } while (0)
+
+// sqrt(sum (got - want)^2 / sum want^2).
+double RelativeL2(const std::vector<float>& got, const std::vector<float>& want) {
+  EXPECT_EQ(got.size(), want.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+    const double d = static_cast<double>(got[i]) - want[i];
+    num += d * d;
+    den += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(num / den);
+}
+
+std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> t(n);
+  for (int32_t& v : t) v = static_cast<int32_t>(rng() % vocab);
+  return t;
+}
+
+double Tolerance(DeviceDtype dtype) { return dtype == DeviceDtype::kF32 ? 1e-5 : 1e-2; }
+
+// Keeps entries of every head of `kv` for which keep(layer, kv_head, position) holds.
+void Evict(KvCache* kv, const std::function<bool(int, int, int64_t)>& keep) {
+  const int hd = kv->head_dim();
+  for (int l = 0; l < kv->num_layers(); ++l) {
+    for (int g = 0; g < kv->num_kv_heads(); ++g) {
+      HeadKv& head = kv->head(l, g);
+      HeadKv kept;
+      for (int64_t i = 0; i < head.size(); ++i) {
+        if (keep(l, g, head.positions[i])) {
+          kept.Append(head.positions[i], &head.keys[i * hd], &head.values[i * hd], hd);
+        }
+      }
+      head = std::move(kept);
+    }
+  }
+}
+
+struct Case {
+  const char* name;
+  RandomModelSpec spec;
+  DeviceDtype dtype;
+};
+
+class CudaParityTest : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_CUDA();
+    testing::WriteRandomModel(dir_.path(), GetParam().spec);
+    auto model = Model::Load(dir_.path(), {.require_tokenizer = false});
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::move(*model);
+    cpu_ = std::make_unique<CpuBackend>(*model_, CpuBackendOptions{.threads = 2});
+    auto gpu = CreateCudaBackend(*model_, {.dtype = GetParam().dtype});
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    gpu_ = std::move(*gpu);
+  }
+
+  KvCache NewCache() const {
+    const ModelConfig& c = model_->config();
+    return KvCache(c.num_layers, c.num_kv_heads, c.head_dim);
+  }
+
+  TempDir dir_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<CpuBackend> cpu_;
+  std::unique_ptr<Backend> gpu_;
+};
+
+TEST_P(CudaParityTest, PrefillAndDecodeLogitsMatchTheCpu) {
+  const ModelConfig& c = model_->config();
+  const double tol = Tolerance(GetParam().dtype);
+  auto tokens = RandomTokens(40, c.vocab_size, 3);
+  KvCache cpu_kv = NewCache(), gpu_kv = NewCache();
+  ForwardResult want, got;
+  const int prompt = 29;
+  const ForwardOptions opts{.all_logits = true, .observe_last = 5};
+  auto prefix = absl::MakeConstSpan(tokens).subspan(0, prompt);
+  ASSERT_TRUE(cpu_->Forward(prefix, 0, &cpu_kv, opts, &want).ok());
+  ASSERT_TRUE(gpu_->Forward(prefix, 0, &gpu_kv, opts, &got).ok());
+  EXPECT_LT(RelativeL2(got.logits, want.logits), tol);
+  ASSERT_EQ(got.observed_queries.size(), want.observed_queries.size());
+  for (int l = 0; l < c.num_layers; ++l) {
+    EXPECT_LT(RelativeL2(got.observed_queries[l], want.observed_queries[l]), tol) << "layer " << l;
+  }
+  // The host cache receives the device's entries, positions in order.
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (int g = 0; g < c.num_kv_heads; ++g) {
+      EXPECT_EQ(gpu_kv.head(l, g).positions, cpu_kv.head(l, g).positions);
+      EXPECT_LT(RelativeL2(gpu_kv.head(l, g).keys, cpu_kv.head(l, g).keys), tol);
+      EXPECT_LT(RelativeL2(gpu_kv.head(l, g).values, cpu_kv.head(l, g).values), tol);
+    }
+  }
+  for (int t = prompt; t < static_cast<int>(tokens.size()); ++t) {
+    auto one = absl::MakeConstSpan(tokens).subspan(t, 1);
+    ASSERT_TRUE(cpu_->Forward(one, t, &cpu_kv, {.observe_last = 1}, &want).ok());
+    ASSERT_TRUE(gpu_->Forward(one, t, &gpu_kv, {.observe_last = 1}, &got).ok());
+    EXPECT_LT(RelativeL2(got.logits, want.logits), tol) << "decode at position " << t;
+  }
+}
+
+TEST_P(CudaParityTest, DeviceCopyFollowsEveryEditOfTheHotSet) {
+  const ModelConfig& c = model_->config();
+  const double tol = Tolerance(GetParam().dtype);
+  auto tokens = RandomTokens(80, c.vocab_size, 5);
+  KvCache cpu_kv = NewCache(), gpu_kv = NewCache();
+  ForwardResult want, got;
+  auto both = [&](int64_t from, int64_t count, const char* what) {
+    auto span = absl::MakeConstSpan(tokens).subspan(from, count);
+    ASSERT_TRUE(cpu_->Forward(span, from, &cpu_kv, {}, &want).ok());
+    ASSERT_TRUE(gpu_->Forward(span, from, &gpu_kv, {}, &got).ok());
+    EXPECT_LT(RelativeL2(got.logits, want.logits), tol) << what;
+  };
+  both(0, 24, "first prefill");
+  // Keep a different subset per head (eviction: a gather on the device).
+  const auto evict = [](int l, int g, int64_t p) { return p < 3 || (p * (g + 2) + l) % 5 < 2; };
+  Evict(&cpu_kv, evict);
+  Evict(&gpu_kv, evict);
+  both(24, 9, "after eviction");
+  // Roll back the last 4 tokens, then compute different tokens at those positions.
+  const auto before_33_minus_4 = [](int, int, int64_t p) { return p < 29; };
+  Evict(&cpu_kv, before_33_minus_4);
+  Evict(&gpu_kv, before_33_minus_4);
+  std::swap(tokens[30], tokens[60]);
+  both(29, 1, "decode after roll-back");
+  both(30, 1, "second decode after roll-back");
+  // Recall: a full host copy is kept aside and some evicted entries come back, per head.
+  KvCache full = NewCache();
+  ASSERT_TRUE(cpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 31), 0, &full, {}, &want).ok());
+  auto recall = [&](KvCache* kv) {
+    const int hd = c.head_dim;
+    for (int l = 0; l < c.num_layers; ++l) {
+      for (int g = 0; g < c.num_kv_heads; ++g) {
+        HeadKv& head = kv->head(l, g);
+        const HeadKv& src = full.head(l, g);
+        HeadKv merged;
+        size_t i = 0;
+        for (int64_t j = 0; j < src.size(); ++j) {
+          const int64_t p = src.positions[j];
+          const bool hot = i < head.positions.size() && head.positions[i] == p;
+          if (hot) {
+            merged.Append(p, &head.keys[i * hd], &head.values[i * hd], hd);
+            ++i;
+          } else if ((p + g) % 3 == 0) {
+            merged.Append(p, &src.keys[j * hd], &src.values[j * hd], hd);
+          }
+        }
+        head = std::move(merged);
+      }
+    }
+  };
+  recall(&cpu_kv);
+  recall(&gpu_kv);
+  both(31, 17, "prefill after recall");
+  both(48, 1, "decode after recall");
+  // A copy of the cache has no device copy: the backend uploads it whole.
+  KvCache copy = gpu_kv;
+  ASSERT_TRUE(gpu_->Forward(absl::MakeConstSpan(tokens).subspan(49, 3), 49, &copy, {}, &got).ok());
+  ASSERT_TRUE(cpu_->Forward(absl::MakeConstSpan(tokens).subspan(49, 3), 49, &cpu_kv, {}, &want).ok());
+  EXPECT_LT(RelativeL2(got.logits, want.logits), tol) << "a copied cache";
+}
+
+TEST_P(CudaParityTest, RecallHookChangesTheLayerBeforeItsAttention) {
+  // The session's recall inserts entries while the pass runs (ForwardOptions::before_attention).
+  const ModelConfig& c = model_->config();
+  const double tol = Tolerance(GetParam().dtype);
+  auto tokens = RandomTokens(50, c.vocab_size, 9);
+  KvCache full = NewCache();
+  ForwardResult want, got;
+  ASSERT_TRUE(cpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 40), 0, &full, {}, &want).ok());
+  KvCache cpu_kv = full, gpu_kv = full;
+  const auto sparse = [](int, int g, int64_t p) { return p % 4 == g % 4; };
+  Evict(&cpu_kv, sparse);
+  Evict(&gpu_kv, sparse);
+  int hook_calls = 0;
+  ForwardOptions opts;
+  opts.before_attention = [&](int layer, const float* q, int64_t n, KvCache* kv) {
+    ++hook_calls;
+    EXPECT_EQ(n, 10);
+    EXPECT_TRUE(std::isfinite(q[0]));
+    const int hd = c.head_dim;
+    for (int g = 0; g < c.num_kv_heads; ++g) {
+      // Bring back every entry of positions 8..15 for this layer.
+      HeadKv& head = kv->head(layer, g);
+      const HeadKv& src = full.head(layer, g);
+      HeadKv merged;
+      size_t i = 0;
+      for (int64_t j = 0; j < src.size(); ++j) {
+        const int64_t p = src.positions[j];
+        if (i < head.positions.size() && head.positions[i] == p) {
+          merged.Append(p, &head.keys[i * hd], &head.values[i * hd], hd);
+          ++i;
+        } else if (p >= 8 && p < 16) {
+          merged.Append(p, &src.keys[j * hd], &src.values[j * hd], hd);
+        }
+      }
+      head = std::move(merged);
+    }
+    return absl::OkStatus();
+  };
+  auto turn = absl::MakeConstSpan(tokens).subspan(40, 10);
+  ASSERT_TRUE(cpu_->Forward(turn, 40, &cpu_kv, opts, &want).ok());
+  ASSERT_TRUE(gpu_->Forward(turn, 40, &gpu_kv, opts, &got).ok());
+  EXPECT_EQ(hook_calls, 2 * c.num_layers);
+  EXPECT_LT(RelativeL2(got.logits, want.logits), tol);
+  for (int l = 0; l < c.num_layers; ++l) {
+    EXPECT_EQ(gpu_kv.head(l, 0).positions, cpu_kv.head(l, 0).positions);
+  }
+  // A failing hook fails the pass; the next pass still matches (the device copy is rebuilt).
+  ForwardOptions failing;
+  failing.before_attention = [](int layer, const float*, int64_t, KvCache*) {
+    return layer == 1 ? absl::DataLossError("planted") : absl::OkStatus();
+  };
+  EXPECT_EQ(gpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 1), 50, &gpu_kv, failing, &got)
+                .code(),
+            absl::StatusCode::kDataLoss);
+  ASSERT_TRUE(cpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 1), 50, &cpu_kv, {}, &want).ok());
+  ASSERT_TRUE(gpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 1), 50, &gpu_kv, {}, &got).ok());
+  EXPECT_LT(RelativeL2(got.logits, want.logits), tol);
+}
+
+RandomModelSpec Spec(std::function<void(RandomModelSpec&)> edit) {
+  RandomModelSpec s;
+  s.hidden = 64;
+  s.intermediate = 96;
+  s.heads = 4;
+  s.kv_heads = 2;
+  s.head_dim = 16;
+  s.vocab = 96;
+  edit(s);
+  return s;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaParityTest,
+    ::testing::Values(
+        Case{"GqaF32", Spec([](RandomModelSpec&) {}), DeviceDtype::kF32},
+        Case{"GqaBf16", Spec([](RandomModelSpec&) {}), DeviceDtype::kBF16},
+        Case{"MultiQueryF32", Spec([](RandomModelSpec& s) { s.kv_heads = 1; s.layers = 3; }),
+             DeviceDtype::kF32},
+        Case{"BiasesTiedF32", Spec([](RandomModelSpec& s) {
+               s.attention_bias = s.mlp_bias = s.tie_embeddings = true;
+               s.head_dim = 32;
+             }),
+             DeviceDtype::kF32},
+        Case{"Llama3RopeBf16", Spec([](RandomModelSpec& s) {
+               s.rope_theta = 500000.0;
+               s.rope_scaling = {{"rope_type", "llama3"}, {"factor", 8.0},
+                                 {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
+                                 {"original_max_position_embeddings", 16}};
+             }),
+             DeviceDtype::kBF16},
+        Case{"SlidingWindowF32", Spec([](RandomModelSpec& s) { s.sliding_window = 7; }),
+             DeviceDtype::kF32},
+        Case{"HeadDim128Bf16", Spec([](RandomModelSpec& s) {
+               s.head_dim = 128;
+               s.heads = 8;
+               s.kv_heads = 2;
+               s.hidden = 256;
+             }),
+             DeviceDtype::kBF16}),
+    [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+
+TEST(CudaBackendTest, RejectsBadTokensAndPositionsLikeTheCpu) {
+  SKIP_WITHOUT_CUDA();
+  TempDir dir;
+  testing::WriteRandomModel(dir.path(), RandomModelSpec{});
+  auto model = Model::Load(dir.path(), {.require_tokenizer = false});
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto gpu = CreateCudaBackend(**model, {.dtype = DeviceDtype::kF32});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  const ModelConfig& c = (*model)->config();
+  KvCache kv(c.num_layers, c.num_kv_heads, c.head_dim);
+  ForwardResult r;
+  std::vector<int32_t> bad = {1, c.vocab_size};
+  EXPECT_EQ((*gpu)->Forward(bad, 0, &kv, {}, &r).code(), absl::StatusCode::kInvalidArgument);
+  std::vector<int32_t> ok = {1, 2};
+  ASSERT_TRUE((*gpu)->Forward(ok, 0, &kv, {}, &r).ok());
+  EXPECT_EQ((*gpu)->Forward(ok, 1, &kv, {}, &r).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(kv.head(0, 0).size(), 2);
+}
+
+// Whole sessions on stories260K: the f32 GPU backend gives the CPU's tokens.
+class CudaSessionTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_CUDA();
+    auto model = Model::Load(KVMEM_TEST_MODEL_DIR);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::move(*model);
+    cpu_ = std::make_unique<CpuBackend>(*model_, CpuBackendOptions{.threads = 2});
+    auto gpu = CreateCudaBackend(*model_, {.dtype = DeviceDtype::kF32});
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    gpu_ = std::move(*gpu);
+  }
+
+  // Turns appended and generations kept, on one backend; returns every generated text.
+  std::vector<std::string> Run(Backend& backend, const SessionOptions& options) {
+    auto s = Session::Create(*model_, backend, options);
+    EXPECT_TRUE(s.ok()) << s.status();
+    if (!s.ok()) return {};
+    std::vector<std::string> texts;
+    const char* turns[] = {"Once upon a time there was a little dog named Max.",
+                           "Max liked to run in the park with his friend Sue.",
+                           "One day it started to rain and Max was sad.",
+                           "Sue gave Max a big red ball to play with."};
+    for (const char* t : turns) {
+      auto a = (*s)->AppendTurn(Role::kUser, t);
+      EXPECT_TRUE(a.ok()) << a.status();
+      auto g = (*s)->Generate({.sampling = {.max_tokens = 24}}, nullptr);
+      EXPECT_TRUE(g.ok()) << g.status();
+      if (g.ok()) texts.push_back(g->generation.text);
+    }
+    return texts;
+  }
+
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<CpuBackend> cpu_;
+  std::unique_ptr<Backend> gpu_;
+};
+
+TEST_F(CudaSessionTest, GreedyTextEqualsTheCpuInF32) {
+  const SessionOptions options{.memory = {.policy = "full"}, .recall_blocks = 0};
+  const std::vector<std::string> want = Run(*cpu_, options);
+  ASSERT_EQ(want.size(), 4u);
+  EXPECT_FALSE(want[0].empty());
+  EXPECT_EQ(Run(*gpu_, options), want);
+}
+
+TEST_F(CudaSessionTest, SnapKvSessionWithRecallGivesTheSameTokens) {
+  SessionOptions options;
+  options.memory = {.policy = "snapkv", .budget = 24, .window = 8, .kernel = 3};
+  options.block_size = 8;
+  options.recall_blocks = 2;
+  const std::vector<std::string> want = Run(*cpu_, options);
+  ASSERT_EQ(want.size(), 4u);
+  EXPECT_EQ(Run(*gpu_, options), want);
+}
+
+}  // namespace
+}  // namespace kvmem
