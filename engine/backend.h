@@ -7,8 +7,10 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engine/kv_cache.h"
+#include "engine/snapkv.h"
 
 namespace kvmem {
 
@@ -43,6 +45,17 @@ class Backend {
   // on error `kv` is unchanged.
   virtual absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
                                const ForwardOptions& options, ForwardResult* result) = 0;
+
+  // SelectSnapKv (engine/snapkv.h) for every layer of `kv`, run where the backend keeps its
+  // own copy of the cache (the CUDA backend: on the device), returning the same entries.
+  // queries: per layer (num_heads, w, head_dim), the last w entries' queries of every head.
+  // Result: (layer, KV head) lists of ascending entry indices to keep. UNIMPLEMENTED when the
+  // backend has no such path: the caller then selects on the host.
+  virtual absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
+      const KvCache& kv, const SnapKvOptions& options,
+      const std::vector<std::vector<float>>& queries, int w) {
+    return absl::UnimplementedError("this backend selects SnapKV on the host");
+  }
 };
 
 }  // namespace kvmem

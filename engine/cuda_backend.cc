@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <atomic>
 #include <mutex>
 #include <type_traits>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "kernels/prefill_attention.cuh"
 #include "kernels/qkv_rope.cuh"
 #include "kernels/rmsnorm.cuh"
+#include "kernels/snapkv.cuh"
 #include "kernels/swiglu.cuh"
 
 namespace kvmem {
@@ -41,6 +43,7 @@ absl::Status CudaStatus(cudaError_t err, const char* what, const char* file, int
   do {                                                                            \
     const cudaError_t kvmem_cuda_err_ = (__VA_ARGS__);                            \
     if (kvmem_cuda_err_ != cudaSuccess) {                                         \
+      cudaGetLastError(); /* a recoverable error must not fail the next call */   \
       return CudaStatus(kvmem_cuda_err_, #__VA_ARGS__, __FILE__, __LINE__);        \
     }                                                                             \
   } while (0)
@@ -138,15 +141,24 @@ struct DeviceHead {
   }
 };
 
+// Identifies a backend for the lifetime of the process (addresses are reused).
+std::atomic<uint64_t> next_backend_id{1};
+
+// What every device copy of a KvCache starts with, whatever its element type: the attachment
+// points at this base, so a backend can tell its own copies from another backend's.
+struct DeviceKvBase {
+  virtual ~DeviceKvBase() = default;
+  std::shared_ptr<CudaContext> ctx;
+  uint64_t owner = 0;  // id of the backend that made it (which fixes the element type)
+};
+
 // The device copy of one KvCache, attached to it.
 template <typename T>
-struct DeviceKv {
-  std::shared_ptr<CudaContext> ctx;
-  const void* owner = nullptr;  // the backend that made it
+struct DeviceKv : DeviceKvBase {
   int head_dim = 0;
   std::vector<DeviceHead<T>> heads;  // (layer, kv_head)
 
-  ~DeviceKv() {
+  ~DeviceKv() override {
     std::lock_guard<std::recursive_mutex> lock(ctx->mu);
     cudaSetDevice(ctx->device);
     for (DeviceHead<T>& h : heads) {
@@ -170,7 +182,7 @@ class CudaBackend : public Backend {
  public:
   CudaBackend(const ModelConfig& config, const CudaBackendOptions& options,
               std::shared_ptr<CudaContext> ctx)
-      : config_(config), options_(options), ctx_(std::move(ctx)) {}
+      : config_(config), options_(options), ctx_(std::move(ctx)), id_(next_backend_id++) {}
 
   ~CudaBackend() override {
     std::lock_guard<std::recursive_mutex> lock(ctx_->mu);
@@ -196,6 +208,10 @@ class CudaBackend : public Backend {
             absl::StrCat("token id ", t, " is outside the vocabulary [0, ", c.vocab_size, ")"));
       }
     }
+    if (kv->num_layers() != c.num_layers || kv->num_kv_heads() != c.num_kv_heads ||
+        kv->head_dim() != c.head_dim) {
+      return absl::InvalidArgumentError("the KV cache's shape does not match the model");
+    }
     if (start_pos <= kv->MaxPosition()) {
       return absl::InvalidArgumentError(absl::StrCat("start position ", start_pos,
                                                      " does not follow the cached position ",
@@ -212,6 +228,10 @@ class CudaBackend : public Backend {
     }
     return status;
   }
+
+  absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
+      const KvCache& kv, const SnapKvOptions& options,
+      const std::vector<std::vector<float>>& queries, int w) override;
 
  private:
   struct LayerDevice {
@@ -255,7 +275,15 @@ class CudaBackend : public Backend {
     return absl::OkStatus();
   }
 
+  // This backend's device copy of `kv`, or null. (Attachments are set only by CUDA backends,
+  // always pointing at a DeviceKvBase.)
+  DeviceKv<T>* OwnCopy(const KvCache& kv) const {
+    auto* base = static_cast<DeviceKvBase*>(kv.attachment().get());
+    if (base == nullptr || base->owner != id_ || base->ctx != ctx_) return nullptr;
+    return static_cast<DeviceKv<T>*>(base);
+  }
   absl::StatusOr<DeviceKv<T>*> Attach(KvCache* kv, std::shared_ptr<void>* stale);
+  absl::Status AllocateTables(Scratch<uint8_t>* memory, HeadTables<T>* tables);
   absl::Status Reserve(DeviceKv<T>& dkv, DeviceHead<T>& head, int64_t rows);
   absl::Status SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int first_layer, int last_layer);
   absl::Status UploadTables(const DeviceKv<T>& dkv, int first_layer, int last_layer,
@@ -267,6 +295,7 @@ class CudaBackend : public Backend {
   const ModelConfig config_;
   const CudaBackendOptions options_;
   std::shared_ptr<CudaContext> ctx_;
+  const uint64_t id_;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
   std::vector<void*> weight_allocations_;
@@ -413,16 +442,15 @@ absl::Status CudaBackend<T>::Init(const ModelWeights* weights) {
 
 template <typename T>
 absl::StatusOr<DeviceKv<T>*> CudaBackend<T>::Attach(KvCache* kv, std::shared_ptr<void>* stale) {
-  auto* existing = static_cast<DeviceKv<T>*>(kv->attachment().get());
-  if (existing != nullptr && existing->owner == this) return existing;
+  if (DeviceKv<T>* existing = OwnCopy(*kv)) return existing;
   *stale = kv->attachment();
   auto dkv = std::make_shared<DeviceKv<T>>();
   dkv->ctx = ctx_;
-  dkv->owner = this;
+  dkv->owner = id_;
   dkv->head_dim = config_.head_dim;
   dkv->heads.resize(static_cast<size_t>(config_.num_layers) * config_.num_kv_heads);
   DeviceKv<T>* raw = dkv.get();
-  kv->set_attachment(std::move(dkv));
+  kv->set_attachment(std::static_pointer_cast<void>(std::shared_ptr<DeviceKvBase>(std::move(dkv))));
   return raw;
 }
 
@@ -441,13 +469,21 @@ absl::Status CudaBackend<T>::Reserve(DeviceKv<T>& dkv, DeviceHead<T>& head, int6
   const int64_t held = static_cast<int64_t>(head.mirrored.size());
   if (held > 0) {
     cudaStream_t s = ctx_->stream;
-    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(grown.keys(hd), head.keys(hd),
-                                               held * hd * sizeof(T), cudaMemcpyDeviceToDevice, s));
-    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(grown.values(hd), head.values(hd),
-                                               held * hd * sizeof(T), cudaMemcpyDeviceToDevice, s));
-    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(grown.positions(hd), head.positions(hd),
-                                               held * sizeof(int64_t), cudaMemcpyDeviceToDevice,
-                                               s));
+    cudaError_t err = cudaMemcpyAsync(grown.keys(hd), head.keys(hd), held * hd * sizeof(T),
+                                      cudaMemcpyDeviceToDevice, s);
+    if (err == cudaSuccess) {
+      err = cudaMemcpyAsync(grown.values(hd), head.values(hd), held * hd * sizeof(T),
+                            cudaMemcpyDeviceToDevice, s);
+    }
+    if (err == cudaSuccess) {
+      err = cudaMemcpyAsync(grown.positions(hd), head.positions(hd), held * sizeof(int64_t),
+                            cudaMemcpyDeviceToDevice, s);
+    }
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      cudaFreeAsync(base, s);
+      return CudaStatus(err, "growing a device KV head", __FILE__, __LINE__);
+    }
   }
   if (head.base != nullptr) KVMEM_CUDA_RETURN_IF_ERROR(cudaFreeAsync(head.base, ctx_->stream));
   head.base = grown.base;
@@ -534,9 +570,8 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
       sp.dst_positions = reinterpret_cast<int64_t* const*>(tables + 2 * rows * sizeof(void*));
       sp.rows = rows;
       sp.head_dim = hd;
+      // The next chunk's copy into the staging buffer is queued after this scatter.
       KVMEM_CUDA_RETURN_IF_ERROR(LaunchScatterKvRows(sp, ctx_->stream));
-      // The next chunk reuses the staging buffer: the scatter must have read it first.
-      KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ctx_->stream));
       keys.clear();
       values.clear();
       positions.clear();
@@ -552,8 +587,9 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
       for (size_t u = 0; u < p.plan.uploads.size(); ++u) {
         const int64_t e = p.plan.uploads[u];
         const int64_t row = first_row + static_cast<int64_t>(u);
-        keys.insert(keys.end(), &src.keys[e * hd], &src.keys[(e + 1) * hd]);
-        values.insert(values.end(), &src.values[e * hd], &src.values[(e + 1) * hd]);
+        keys.insert(keys.end(), src.keys.data() + e * hd, src.keys.data() + (e + 1) * hd);
+        values.insert(values.end(), src.values.data() + e * hd,
+                      src.values.data() + (e + 1) * hd);
         positions.push_back(src.positions[e]);
         dst_keys.push_back(dh.keys(hd) + row * hd);
         dst_values.push_back(dh.values(hd) + row * hd);
@@ -572,7 +608,16 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
     gathers.push_back(&p);
     max_keep = std::max<int32_t>(max_keep, static_cast<int32_t>(p.plan.sources.size()));
   }
-  std::vector<void*> old_bases;
+  // Buffers the gather replaces, freed (in stream order) however this function returns.
+  struct FreeOnExit {
+    cudaStream_t stream;
+    std::vector<void*> bases;
+    ~FreeOnExit() {
+      for (void* b : bases) {
+        if (b != nullptr) cudaFreeAsync(b, stream);
+      }
+    }
+  } old_bases{ctx_->stream, {}};
   if (!gathers.empty()) {
     const int count = static_cast<int>(gathers.size());
     std::vector<const T*> src_keys(count), src_values(count);
@@ -597,7 +642,7 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
       const int64_t capacity = std::max<int64_t>(256, keep_counts[j] + keep_counts[j] / 4);
       KVMEM_ASSIGN_OR_RETURN(uint8_t * base, AllocAsync<uint8_t>(
                                                  DeviceHead<T>::Bytes(capacity, hd), ctx_->stream));
-      old_bases.push_back(dh.base);
+      old_bases.bases.push_back(dh.base);
       dh.base = base;
       dh.capacity = capacity;
       dst_keys[j] = dh.keys(hd);
@@ -642,9 +687,6 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
     gp.keep_stride = std::max<int32_t>(max_keep, 1);
     gp.max_keep = max_keep;
     KVMEM_CUDA_RETURN_IF_ERROR(LaunchGatherKv(gp, ctx_->stream));
-    for (void* old : old_bases) {
-      if (old != nullptr) KVMEM_CUDA_RETURN_IF_ERROR(cudaFreeAsync(old, ctx_->stream));
-    }
   }
 
   // The device now holds exactly the host's positions.
@@ -655,6 +697,101 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
     dh.version = kv.version(l, g);
   }
   return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status CudaBackend<T>::AllocateTables(Scratch<uint8_t>* memory, HeadTables<T>* tables) {
+  const size_t heads = static_cast<size_t>(config_.num_layers) * config_.num_kv_heads;
+  KVMEM_RETURN_IF_ERROR(
+      memory->Allocate(heads * (3 * sizeof(void*) + sizeof(int32_t)), ctx_->stream));
+  uint8_t* base = memory->get();
+  tables->keys = reinterpret_cast<T**>(base);
+  tables->values = reinterpret_cast<T**>(base + heads * sizeof(void*));
+  tables->positions = reinterpret_cast<int64_t**>(base + 2 * heads * sizeof(void*));
+  tables->lengths = reinterpret_cast<int32_t*>(base + 3 * heads * sizeof(void*));
+  return absl::OkStatus();
+}
+
+template <typename T>
+absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
+    const KvCache& kv, const SnapKvOptions& options,
+    const std::vector<std::vector<float>>& queries, int w) {
+  const ModelConfig& c = config_;
+  const int L = c.num_layers, kvh = c.num_kv_heads;
+  if (kv.num_layers() != L || kv.num_kv_heads() != kvh || kv.head_dim() != c.head_dim ||
+      static_cast<int>(queries.size()) != L || w <= 0 || options.budget <= w) {
+    return absl::InvalidArgumentError("SelectSnapKv: queries per layer and 0 < w < budget");
+  }
+  const size_t per_layer = static_cast<size_t>(c.num_heads) * w * c.head_dim;
+  for (const std::vector<float>& q : queries) {
+    if (q.size() != per_layer) return absl::InvalidArgumentError("SelectSnapKv: query shape");
+  }
+  std::lock_guard<std::recursive_mutex> lock(ctx_->mu);
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(ctx_->device));
+  DeviceKv<T>* dkv = OwnCopy(kv);
+  if (dkv == nullptr) {
+    // No device copy (the cache never ran here): selecting on the host is cheaper than a
+    // whole upload.
+    return absl::UnimplementedError("the cache has no copy on this device");
+  }
+  cudaStream_t s = ctx_->stream;
+  KVMEM_RETURN_IF_ERROR(SyncHeads(kv, *dkv, 0, L));
+  int32_t max_length = 0;
+  for (const DeviceHead<T>& dh : dkv->heads) {
+    max_length = std::max<int32_t>(max_length, static_cast<int32_t>(dh.mirrored.size()));
+  }
+  Scratch<uint8_t> table_mem, workspace;
+  HeadTables<T> tables;
+  KVMEM_RETURN_IF_ERROR(AllocateTables(&table_mem, &tables));
+  KVMEM_RETURN_IF_ERROR(UploadTables(*dkv, 0, L, 0, tables));
+  Scratch<float> d_queries;
+  KVMEM_RETURN_IF_ERROR(d_queries.Allocate(per_layer * L, s));
+  for (int l = 0; l < L; ++l) {
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_queries.get() + per_layer * l,
+                                               queries[l].data(), per_layer * sizeof(float),
+                                               cudaMemcpyHostToDevice, s));
+  }
+  const int budget = options.budget;
+  Scratch<int32_t> keep, counts;
+  KVMEM_RETURN_IF_ERROR(keep.Allocate(static_cast<size_t>(L) * kvh * budget, s));
+  KVMEM_RETURN_IF_ERROR(counts.Allocate(static_cast<size_t>(L) * kvh, s));
+  const size_t ws = SnapKvWorkspaceBytes(c.num_heads, kvh, w, max_length);
+  KVMEM_RETURN_IF_ERROR(workspace.Allocate(ws, s));
+  for (int l = 0; l < L; ++l) {
+    SnapKvParams<T> p;
+    p.queries = d_queries.get() + per_layer * l;
+    p.num_heads = c.num_heads;
+    p.w = w;
+    p.kv.keys = tables.keys + l * kvh;
+    p.kv.values = tables.values + l * kvh;
+    p.kv.positions = tables.positions + l * kvh;
+    p.kv.lengths = tables.lengths + l * kvh;
+    p.kv.num_kv_heads = kvh;
+    p.kv.head_dim = c.head_dim;
+    p.kv.max_length = max_length;
+    p.kernel = options.kernel;
+    p.pooling = options.pooling == Pooling::kMax ? SnapKvPool::kMax : SnapKvPool::kAvg;
+    p.budget = budget;
+    p.sliding_window = c.sliding_window;
+    p.keep = keep.get() + static_cast<size_t>(l) * kvh * budget;
+    p.keep_counts = counts.get() + static_cast<size_t>(l) * kvh;
+    KVMEM_CUDA_RETURN_IF_ERROR(LaunchSnapKv(p, workspace.get(), ws, s));
+  }
+  std::vector<int32_t> host_keep(static_cast<size_t>(L) * kvh * budget);
+  std::vector<int32_t> host_counts(static_cast<size_t>(L) * kvh);
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_keep.data(), keep.get(),
+                                             host_keep.size() * sizeof(int32_t),
+                                             cudaMemcpyDeviceToHost, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_counts.data(), counts.get(),
+                                             host_counts.size() * sizeof(int32_t),
+                                             cudaMemcpyDeviceToHost, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  std::vector<std::vector<int64_t>> result(static_cast<size_t>(L) * kvh);
+  for (size_t i = 0; i < result.size(); ++i) {
+    const int32_t* k = &host_keep[i * budget];
+    result[i].assign(k, k + host_counts[i]);
+  }
+  return result;
 }
 
 // Writes the pointer tables of layers [first_layer, last_layer), with every head's length
@@ -717,7 +854,7 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
   size_t decode_ws_bytes = 0;
   KVMEM_RETURN_IF_ERROR(ids.Allocate(n, s));
   KVMEM_RETURN_IF_ERROR(x.Allocate(n * h, s));
-  KVMEM_RETURN_IF_ERROR(xn.Allocate(n * std::max(h, inter), s));
+  KVMEM_RETURN_IF_ERROR(xn.Allocate(n * h, s));
   KVMEM_RETURN_IF_ERROR(qkv.Allocate(n * (qd + 2 * kvd), s));
   KVMEM_RETURN_IF_ERROR(q.Allocate(n * qd, s));
   if (!kF32) KVMEM_RETURN_IF_ERROR(q_t.Allocate(n * qd, s));
@@ -729,14 +866,8 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
   KVMEM_RETURN_IF_ERROR(act.Allocate(n * inter, s));
   KVMEM_RETURN_IF_ERROR(logits.Allocate(logit_rows * c.vocab_size, s));
   if (observed > 0) KVMEM_RETURN_IF_ERROR(observed_q.Allocate(L * observed * qd, s));
-  const size_t heads_total = static_cast<size_t>(L) * kvh;
-  KVMEM_RETURN_IF_ERROR(
-      table_mem.Allocate(heads_total * (3 * sizeof(void*) + sizeof(int32_t)), s));
   HeadTables<T> tables;
-  tables.keys = reinterpret_cast<T**>(table_mem.get());
-  tables.values = reinterpret_cast<T**>(table_mem.get() + heads_total * sizeof(void*));
-  tables.positions = reinterpret_cast<int64_t**>(table_mem.get() + 2 * heads_total * sizeof(void*));
-  tables.lengths = reinterpret_cast<int32_t*>(table_mem.get() + 3 * heads_total * sizeof(void*));
+  KVMEM_RETURN_IF_ERROR(AllocateTables(&table_mem, &tables));
   KVMEM_RETURN_IF_ERROR(UploadTables(*dkv, 0, L, n, tables));
   KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.get(), tokens.data(), n * sizeof(int32_t),
                                              cudaMemcpyHostToDevice, s));
@@ -904,8 +1035,15 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
   std::vector<float> krow(hd), vrow(hd);
   for (int l = 0; l < L; ++l) {
     for (int g = 0; g < kvh; ++g) {
-      HeadKv& head = kv->head(l, g);
       DeviceHead<T>& dh = dkv->heads[l * kvh + g];
+      // A head changed on the host after its layer was synced (only a hook editing another
+      // layer could do that) no longer matches the device copy: upload it whole next time.
+      const bool in_step = dh.version == kv->version(l, g);
+      HeadKv& head = kv->head(l, g);
+      if (!in_step) {
+        dh.mirrored.clear();
+        dh.version = ~uint64_t{0};
+      }
       for (int64_t t = 0; t < n; ++t) {
         const size_t off = ((static_cast<size_t>(l) * n + t) * kvh + g) * hd;
         for (int64_t d = 0; d < hd; ++d) {
@@ -913,9 +1051,9 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
           vrow[d] = HostToFloat(host_v[off + d]);
         }
         head.Append(start_pos + t, krow.data(), vrow.data(), static_cast<int>(hd));
-        dh.mirrored.push_back(start_pos + t);
+        if (in_step) dh.mirrored.push_back(start_pos + t);
       }
-      dh.version = kv->version(l, g);
+      if (in_step) dh.version = kv->version(l, g);
     }
   }
   return absl::OkStatus();
@@ -924,15 +1062,23 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
 }  // namespace
 
 bool CudaBackendAvailable(int device, std::string* why) {
-  if (device != 0) {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || device >= count || device < 0) {
-      cudaGetLastError();
-      if (why != nullptr) *why = absl::StrCat("CUDA device ", device, " does not exist");
-      return false;
-    }
+  if (!CudaDeviceAvailable(why)) return false;  // driver, runtime and device 0
+  int count = 0;
+  cudaDeviceProp prop;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count ||
+      cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+    cudaGetLastError();
+    if (why != nullptr) *why = absl::StrCat("CUDA device ", device, " does not exist");
+    return false;
   }
-  return CudaDeviceAvailable(why);
+  if (prop.major < 9) {
+    if (why != nullptr) {
+      *why = absl::StrCat(prop.name, " (device ", device, ") has compute capability ", prop.major,
+                          ".", prop.minor, "; kernels are built for 9.0 and newer");
+    }
+    return false;
+  }
+  return true;
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelConfig& config,
@@ -945,6 +1091,7 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelConfig& co
   if (weights == nullptr && options.random_weights_seed == 0) {
     return absl::InvalidArgumentError("CreateCudaBackend needs weights or a random seed");
   }
+  if (config.num_layers <= 0) return absl::InvalidArgumentError("the model has no layers");
   if (config.head_dim > 256 || config.head_dim % 2 != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("head_dim ", config.head_dim, " is not supported (even, at most 256)"));

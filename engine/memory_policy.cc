@@ -98,6 +98,12 @@ class SnapKvPolicy : public MemoryPolicy {
     const KvCache& kv = *turn.kv;
     const int w = static_cast<int>(std::min<int64_t>(turn.observed, turn.new_tokens));
     KVMEM_CHECK(w == turn.observed && w > 0);
+    if (turn.backend != nullptr) {
+      // The backend's own copy of the cache (the GPU's) picks the same entries, without
+      // bringing the keys to the host. Any failure there falls back to the host below.
+      auto on_backend = turn.backend->SelectSnapKv(kv, options_, *turn.observed_queries, w);
+      if (on_backend.ok()) return *std::move(on_backend);
+    }
     std::vector<std::vector<int64_t>> keep;
     for (int l = 0; l < kv.num_layers(); ++l) {
       auto layer_keep = SelectSnapKv(options_, (*turn.observed_queries)[l].data(), turn.num_heads,

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/backend.h"
 #include "engine/kv_cache.h"
 #include "engine/snapkv.h"
 
@@ -64,6 +65,8 @@ struct TurnView {
   int observed = 0;
   int num_heads = 0;
   int sliding_window = 0;
+  // Default: null. The session's backend: SnapKV selects there when it can (same entries).
+  Backend* backend = nullptr;
 };
 
 class MemoryPolicy {

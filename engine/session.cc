@@ -8,6 +8,7 @@
 #include <limits>
 #include <map>
 #include <numeric>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
@@ -607,14 +608,16 @@ int64_t Session::ApplyPolicy(int64_t new_tokens, const std::vector<std::vector<f
                 .observed_queries = &queries,
                 .observed = observed,
                 .num_heads = c.num_heads,
-                .sliding_window = c.sliding_window};
+                .sliding_window = c.sliding_window,
+                .backend = &backend_};
   std::vector<std::vector<int64_t>> keep = policy_->Select(view);
   int64_t evicted = 0;
   for (int l = 0; l < c.num_layers; ++l) {
     for (int g = 0; g < c.num_kv_heads; ++g) {
-      HeadKv& h = hot_.head(l, g);
       const std::vector<int64_t>& k = keep[l * c.num_kv_heads + g];
-      if (static_cast<int64_t>(k.size()) == h.size()) continue;
+      // Only heads that lose entries are touched (a mutable access marks a head changed).
+      if (static_cast<int64_t>(k.size()) == std::as_const(hot_).head(l, g).size()) continue;
+      HeadKv& h = hot_.head(l, g);
       evicted += h.size() - static_cast<int64_t>(k.size());
       // Compact in place: kept indices are ascending, so each moves down or stays.
       for (size_t i = 0; i < k.size(); ++i) {

@@ -45,7 +45,7 @@ __global__ void ScatterKvRowsKernel(ScatterKvRowsParams<T> p) {
   if (lane == 0) *p.dst_positions[r] = p.positions[r];
 }
 
-unsigned BlocksFor(int64_t rows) { return static_cast<unsigned>((rows + kWarps - 1) / kWarps); }
+int64_t BlocksFor(int64_t rows) { return (rows + kWarps - 1) / kWarps; }
 
 }  // namespace
 
@@ -55,7 +55,7 @@ cudaError_t LaunchAppendKv(const AppendKvParams<T>& p, cudaStream_t stream) {
   const int64_t items = p.n * p.num_kv_heads;
   if (items == 0) return cudaSuccess;
   if (BlocksFor(items) > INT32_MAX) return cudaErrorInvalidValue;
-  AppendKvKernel<T><<<BlocksFor(items), kWarps * 32, 0, stream>>>(p);
+  AppendKvKernel<T><<<static_cast<unsigned>(BlocksFor(items)), kWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -64,7 +64,7 @@ cudaError_t LaunchScatterKvRows(const ScatterKvRowsParams<T>& p, cudaStream_t st
   if (p.rows < 0 || p.head_dim <= 0) return cudaErrorInvalidValue;
   if (p.rows == 0) return cudaSuccess;
   if (BlocksFor(p.rows) > INT32_MAX) return cudaErrorInvalidValue;
-  ScatterKvRowsKernel<T><<<BlocksFor(p.rows), kWarps * 32, 0, stream>>>(p);
+  ScatterKvRowsKernel<T><<<static_cast<unsigned>(BlocksFor(p.rows)), kWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <functional>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -71,6 +72,8 @@ struct Case {
   RandomModelSpec spec;
   DeviceDtype dtype;
 };
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 class CudaParityTest : public ::testing::TestWithParam<Case> {
  protected:
@@ -247,6 +250,37 @@ TEST_P(CudaParityTest, RecallHookChangesTheLayerBeforeItsAttention) {
   ASSERT_TRUE(cpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 1), 50, &cpu_kv, {}, &want).ok());
   ASSERT_TRUE(gpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 1), 50, &gpu_kv, {}, &got).ok());
   EXPECT_LT(RelativeL2(got.logits, want.logits), tol);
+}
+
+TEST_P(CudaParityTest, SnapKvOnTheDevicePicksTheHostsEntries) {
+  const ModelConfig& c = model_->config();
+  auto tokens = RandomTokens(70, c.vocab_size, 13);
+  KvCache gpu_kv = NewCache();
+  ForwardResult got;
+  const int w = 8;
+  ASSERT_TRUE(gpu_->Forward(tokens, 0, &gpu_kv, {.observe_last = w}, &got).ok());
+  // A ragged cache: heads already differ before this selection.
+  const auto evict = [](int l, int g, int64_t p) { return p >= 40 || (p + l + g) % 3 != 0; };
+  Evict(&gpu_kv, evict);
+  const SnapKvOptions options{.window = w, .kernel = 3, .pooling = Pooling::kMax, .budget = 20};
+  auto on_device = gpu_->SelectSnapKv(gpu_kv, options, got.observed_queries, w);
+  ASSERT_TRUE(on_device.ok()) << on_device.status();
+  ASSERT_EQ(on_device->size(), static_cast<size_t>(c.num_layers * c.num_kv_heads));
+  for (int l = 0; l < c.num_layers; ++l) {
+    std::vector<const HeadKv*> heads;
+    for (int g = 0; g < c.num_kv_heads; ++g) heads.push_back(&gpu_kv.head(l, g));
+    const auto want = SelectSnapKv(options, got.observed_queries[l].data(), c.num_heads, w, heads,
+                                   c.sliding_window);
+    for (int g = 0; g < c.num_kv_heads; ++g) {
+      EXPECT_EQ((*on_device)[l * c.num_kv_heads + g], want[g]) << "layer " << l << " head " << g;
+    }
+  }
+  // The CPU backend and a cache the device has never seen leave selection to the host.
+  EXPECT_EQ(cpu_->SelectSnapKv(gpu_kv, options, got.observed_queries, w).status().code(),
+            absl::StatusCode::kUnimplemented);
+  KvCache fresh = gpu_kv;
+  EXPECT_EQ(gpu_->SelectSnapKv(fresh, options, got.observed_queries, w).status().code(),
+            absl::StatusCode::kUnimplemented);
 }
 
 RandomModelSpec Spec(std::function<void(RandomModelSpec&)> edit) {
