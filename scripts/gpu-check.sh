@@ -6,20 +6,25 @@
 #       test models into gpu-pack/ (git-ignored; name it in the device tool's `carry`);
 #   there (the GPU machine):           scripts/gpu-check.sh run
 #       runs every CUDA test, then the kernel tests again under compute-sanitizer (memcheck,
-#       racecheck), writing logs to $OUT when set.
+#       racecheck), writing logs to $OUT when set;
+#   there:                             scripts/gpu-check.sh bench
+#       runs bench/cuda_bench (decode roofline, turn append, page-in) into $OUT/cuda_bench.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
   pack)
     scripts/bootstrap.sh -DKVMEM_CUDA=ON
     ../shared/tools/pack-binaries.sh build gpu-pack
+    # The commit the binaries were built from (the GPU machine gets no .git).
+    echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo -dirty)" >gpu-pack/COMMIT
     ;;
   run)
     export LD_LIBRARY_PATH="$PWD/gpu-pack/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     out="${OUT:-/tmp}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+    export KVMEM_TEST_MODEL_DIR="$PWD/gpu-pack/models/stories260K"
     status=0
-    for t in kernels_test kernels_attention_test; do
+    for t in kernels_test kernels_attention_test cuda_backend_test; do
       gpu-pack/bin/$t 2>&1 | tee "$out/$t.log" | tail -3 || status=1
     done
     sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
@@ -28,11 +33,21 @@ case "${1:-}" in
         "$sanitizer" --tool "$tool" --error-exitcode 99 gpu-pack/bin/kernels_attention_test \
           >"$out/sanitizer-$tool.log" 2>&1 || { status=1; tail -20 "$out/sanitizer-$tool.log"; }
       done
+      # The backend's own bookkeeping (uploads, gathers, appends) under memcheck.
+      "$sanitizer" --tool memcheck --error-exitcode 99 gpu-pack/bin/cuda_backend_test \
+        --gtest_filter='*GqaF32*:*GqaBf16*:CudaSession*' >"$out/sanitizer-backend.log" 2>&1 ||
+        { status=1; tail -20 "$out/sanitizer-backend.log"; }
     fi
     exit $status
     ;;
+  bench)
+    export LD_LIBRARY_PATH="$PWD/gpu-pack/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    out="${OUT:-/tmp}"
+    echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" | tee "$out/cuda_bench.md"
+    gpu-pack/bin/cuda_bench "${@:2}" | tee -a "$out/cuda_bench.md"
+    ;;
   *)
-    echo "usage: scripts/gpu-check.sh pack|run" >&2
+    echo "usage: scripts/gpu-check.sh pack|run|bench [cuda_bench flags]" >&2
     exit 2
     ;;
 esac

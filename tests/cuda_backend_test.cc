@@ -6,6 +6,7 @@
 #include "engine/cuda_backend.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <ostream>
 #include <random>
@@ -349,7 +350,9 @@ class CudaSessionTest : public ::testing::Test {
  protected:
   void SetUp() override {
     SKIP_WITHOUT_CUDA();
-    auto model = Model::Load(KVMEM_TEST_MODEL_DIR);
+    // A GPU machine has the test models in gpu-pack/ (scripts/gpu-check.sh points here).
+    const char* dir = std::getenv("KVMEM_TEST_MODEL_DIR");
+    auto model = Model::Load(dir != nullptr ? dir : KVMEM_TEST_MODEL_DIR);
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
     cpu_ = std::make_unique<CpuBackend>(*model_, CpuBackendOptions{.threads = 2});
