@@ -7,7 +7,7 @@
 //   page-in    a paged-out 16K-token hot set from host memory (warm) to the device, in GB/s of
 //              device KV written against the pinned host->device copy bandwidth.
 // Usage: cuda_bench [--shapes 1b,8b] [--lengths 1024,4096,16384,32768] [--steps N]
-//                   [--dtype bf16|f32]
+//                   [--dtype bf16|f16|f32]
 // Exits 0 with a message when no usable GPU is present.
 #include <cuda_runtime_api.h>
 
@@ -177,7 +177,7 @@ int Run(int argc, char** argv) {
   cudaGetDeviceProperties(&prop, 0);
   const double copy_gbps = DeviceCopyGbps();
   const double pinned_gbps = PinnedUploadGbps();
-  const size_t elem = dtype == DeviceDtype::kF32 ? 4 : 2;
+  const size_t elem = dtype == DeviceDtype::kF32 ? 4 : 2;  // bf16 and f16: 2 bytes
   std::printf("device: %s; dtype %s\n", prop.name, DeviceDtypeName(dtype));
   std::printf("device-to-device copy: %.0f GB/s (read + write); pinned host->device: %.1f GB/s\n\n",
               copy_gbps, pinned_gbps);

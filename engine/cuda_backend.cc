@@ -2,6 +2,7 @@
 
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -58,10 +59,13 @@ absl::Status CudaStatus(cudaError_t err, const char* what, const char* file, int
   } while (0)
 
 template <typename T>
-constexpr cudaDataType_t kCudaType = std::is_same_v<T, float> ? CUDA_R_32F : CUDA_R_16BF;
+constexpr cudaDataType_t kCudaType = std::is_same_v<T, float>           ? CUDA_R_32F
+                                     : std::is_same_v<T, __nv_bfloat16> ? CUDA_R_16BF
+                                                                        : CUDA_R_16F;
 
 // Host-side widening of a device element (bf16 is the top half of an f32).
 inline float HostToFloat(float v) { return v; }
+inline float HostToFloat(__half v) { return __half2float(v); }
 inline float HostToFloat(__nv_bfloat16 v) {
   uint16_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
@@ -1059,6 +1063,16 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
   return absl::OkStatus();
 }
 
+template <typename T>
+absl::StatusOr<std::unique_ptr<Backend>> MakeBackend(const ModelConfig& config,
+                                                     const ModelWeights* weights,
+                                                     const CudaBackendOptions& options,
+                                                     std::shared_ptr<CudaContext> ctx) {
+  auto backend = std::make_unique<CudaBackend<T>>(config, options, std::move(ctx));
+  KVMEM_RETURN_IF_ERROR(backend->Init(weights));
+  return std::unique_ptr<Backend>(std::move(backend));
+}
+
 }  // namespace
 
 bool CudaBackendAvailable(int device, std::string* why) {
@@ -1103,14 +1117,15 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelConfig& co
   ctx->device = options.device;
   KVMEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
   KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking));
-  if (options.dtype == DeviceDtype::kF32) {
-    auto backend = std::make_unique<CudaBackend<float>>(config, options, ctx);
-    KVMEM_RETURN_IF_ERROR(backend->Init(weights));
-    return std::unique_ptr<Backend>(std::move(backend));
+  switch (options.dtype) {
+    case DeviceDtype::kF32:
+      return MakeBackend<float>(config, weights, options, std::move(ctx));
+    case DeviceDtype::kF16:
+      return MakeBackend<__half>(config, weights, options, std::move(ctx));
+    case DeviceDtype::kBF16:
+      break;
   }
-  auto backend = std::make_unique<CudaBackend<__nv_bfloat16>>(config, options, ctx);
-  KVMEM_RETURN_IF_ERROR(backend->Init(weights));
-  return std::unique_ptr<Backend>(std::move(backend));
+  return MakeBackend<__nv_bfloat16>(config, weights, options, std::move(ctx));
 }
 
 }  // namespace kvmem

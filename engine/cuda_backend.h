@@ -1,6 +1,6 @@
 // The CUDA backend: the whole forward pass on one GPU, with the hot KV in device memory.
 //
-// Weights live on the device in the chosen type (bf16, or f32 for exact parity checks); the
+// Weights live on the device in the chosen type (bf16, f16, or f32 for exact parity checks); the
 // residual stream, RoPE, softmax and every accumulation run in f32. GEMMs go through cuBLAS
 // (fused QKV and fused gate/up projections); norm, RoPE, attention over the ragged per-head KV
 // and the KV writes are our kernels (kernels/).
@@ -26,14 +26,15 @@
 namespace kvmem {
 
 // The element type of device weights and KV.
-enum class DeviceDtype { kF32, kBF16 };
+enum class DeviceDtype { kF32, kBF16, kF16 };
 
-// "f32" or "bf16"; INVALID_ARGUMENT naming the accepted values otherwise.
+// "f32", "bf16" or "f16"; INVALID_ARGUMENT naming the accepted values otherwise.
 absl::StatusOr<DeviceDtype> ParseDeviceDtype(std::string_view name);
 const char* DeviceDtypeName(DeviceDtype dtype);
 
 struct CudaBackendOptions {
   // Default: kBF16. Weights and KV on the device; kF32 matches the CPU reference to ~1e-5.
+  // kF16 has 3 more mantissa bits than bf16 but overflows past 65504.
   DeviceDtype dtype = DeviceDtype::kBF16;
   // Default: 0. CUDA device ordinal.
   int device = 0;

@@ -1,8 +1,7 @@
-#include "kernels/convert.cuh"
-
 #include <algorithm>
 #include <cstdint>
 
+#include "kernels/convert.cuh"
 #include "kernels/kernel_utils.cuh"
 
 namespace kvmem {
@@ -46,14 +45,15 @@ cudaError_t LaunchFillUniform(T* out, int64_t count, uint64_t seed, float scale,
   if (count < 0) return cudaErrorInvalidValue;
   if (count == 0) return cudaSuccess;
   const int64_t blocks = std::min(kMaxBlocks, (count + kThreads - 1) / kThreads);
-  FillUniformKernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(out, count, seed,
-                                                                              scale);
+  FillUniformKernel<T>
+      <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(out, count, seed, scale);
   return cudaGetLastError();
 }
 
 template cudaError_t LaunchFillUniform<float>(float*, int64_t, uint64_t, float, cudaStream_t);
 template cudaError_t LaunchFillUniform<__nv_bfloat16>(__nv_bfloat16*, int64_t, uint64_t, float,
                                                       cudaStream_t);
+template cudaError_t LaunchFillUniform<__half>(__half*, int64_t, uint64_t, float, cudaStream_t);
 
 template <typename TIn, typename TOut>
 cudaError_t LaunchConvert(const TIn* in, TOut* out, int64_t count, cudaStream_t stream) {
@@ -66,8 +66,10 @@ cudaError_t LaunchConvert(const TIn* in, TOut* out, int64_t count, cudaStream_t 
 
 template cudaError_t LaunchConvert<float, __nv_bfloat16>(const float*, __nv_bfloat16*, int64_t,
                                                          cudaStream_t);
+template cudaError_t LaunchConvert<float, __half>(const float*, __half*, int64_t, cudaStream_t);
 template cudaError_t LaunchConvert<__nv_bfloat16, float>(const __nv_bfloat16*, float*, int64_t,
                                                          cudaStream_t);
+template cudaError_t LaunchConvert<__half, float>(const __half*, float*, int64_t, cudaStream_t);
 template cudaError_t LaunchConvert<float, float>(const float*, float*, int64_t, cudaStream_t);
 
 }  // namespace kvmem

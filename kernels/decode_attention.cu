@@ -203,5 +203,7 @@ template cudaError_t LaunchDecodeAttention<float>(const DecodeAttentionParams<fl
                                                   size_t, cudaStream_t);
 template cudaError_t LaunchDecodeAttention<__nv_bfloat16>(
     const DecodeAttentionParams<__nv_bfloat16>&, void*, size_t, cudaStream_t);
+template cudaError_t LaunchDecodeAttention<__half>(const DecodeAttentionParams<__half>&, void*,
+                                                   size_t, cudaStream_t);
 
 }  // namespace kvmem

@@ -4,6 +4,7 @@
 #define KVMEM_KERNELS_DECODE_ATTENTION_CUH_
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
@@ -48,7 +49,7 @@ size_t DecodeAttentionWorkspaceBytes(int num_heads, int head_dim, int32_t max_le
 // bytes, 16-byte aligned, not in use by other work on the stream meanwhile.
 // cudaErrorInvalidValue for a head_dim outside [1, 256], a num_heads that is not a positive
 // multiple of num_kv_heads, a negative split size or max_length, or a short workspace; otherwise
-// the launch error. Instantiated for T = float and T = __nv_bfloat16.
+// the launch error. Instantiated for T = float, __nv_bfloat16 and __half.
 template <typename T>
 cudaError_t LaunchDecodeAttention(const DecodeAttentionParams<T>& p, void* workspace,
                                   size_t workspace_bytes, cudaStream_t stream);
@@ -57,6 +58,8 @@ extern template cudaError_t LaunchDecodeAttention<float>(const DecodeAttentionPa
                                                          size_t, cudaStream_t);
 extern template cudaError_t LaunchDecodeAttention<__nv_bfloat16>(
     const DecodeAttentionParams<__nv_bfloat16>&, void*, size_t, cudaStream_t);
+extern template cudaError_t LaunchDecodeAttention<__half>(const DecodeAttentionParams<__half>&,
+                                                          void*, size_t, cudaStream_t);
 
 }  // namespace kvmem
 

@@ -1,7 +1,6 @@
-#include "kernels/embedding.cuh"
-
 #include <cmath>
 
+#include "kernels/embedding.cuh"
 #include "kernels/kernel_utils.cuh"
 
 namespace kvmem {
@@ -40,6 +39,11 @@ cudaError_t LaunchEmbeddingGather(const float* table, int64_t vocab, int64_t dim
 }
 
 cudaError_t LaunchEmbeddingGather(const __nv_bfloat16* table, int64_t vocab, int64_t dim,
+                                  const int32_t* ids, int64_t n, float* out, cudaStream_t stream) {
+  return Gather(table, vocab, dim, ids, n, out, stream);
+}
+
+cudaError_t LaunchEmbeddingGather(const __half* table, int64_t vocab, int64_t dim,
                                   const int32_t* ids, int64_t n, float* out, cudaStream_t stream) {
   return Gather(table, vocab, dim, ids, n, out, stream);
 }

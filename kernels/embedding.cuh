@@ -3,6 +3,7 @@
 #define KVMEM_KERNELS_EMBEDDING_CUH_
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -16,8 +17,10 @@ namespace kvmem {
 cudaError_t LaunchEmbeddingGather(const float* table, int64_t vocab, int64_t dim,
                                   const int32_t* ids, int64_t n, float* out, cudaStream_t stream);
 
-// The same gather from a bf16 table, widened to f32 rows.
+// The same gather from a bf16 or f16 table, widened to f32 rows.
 cudaError_t LaunchEmbeddingGather(const __nv_bfloat16* table, int64_t vocab, int64_t dim,
+                                  const int32_t* ids, int64_t n, float* out, cudaStream_t stream);
+cudaError_t LaunchEmbeddingGather(const __half* table, int64_t vocab, int64_t dim,
                                   const int32_t* ids, int64_t n, float* out, cudaStream_t stream);
 
 }  // namespace kvmem

@@ -4,6 +4,7 @@
 #define KVMEM_KERNELS_KERNEL_UTILS_CUH_
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -14,6 +15,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float ToFloat(float v) { return v; }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
 template <typename T>
 __device__ __forceinline__ T FromFloat(float v);
 template <>
@@ -23,6 +25,10 @@ __device__ __forceinline__ float FromFloat<float>(float v) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float v) {
+  return __float2half_rn(v);
 }
 
 // Butterfly reductions: every lane of the (full) warp gets the result.

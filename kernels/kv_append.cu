@@ -1,9 +1,8 @@
-#include "kernels/kv_append.cuh"
-
 #include <algorithm>
 #include <cstdint>
 
 #include "kernels/kernel_utils.cuh"
+#include "kernels/kv_append.cuh"
 
 namespace kvmem {
 namespace {
@@ -71,8 +70,10 @@ cudaError_t LaunchScatterKvRows(const ScatterKvRowsParams<T>& p, cudaStream_t st
 template cudaError_t LaunchAppendKv<float>(const AppendKvParams<float>&, cudaStream_t);
 template cudaError_t LaunchAppendKv<__nv_bfloat16>(const AppendKvParams<__nv_bfloat16>&,
                                                    cudaStream_t);
+template cudaError_t LaunchAppendKv<__half>(const AppendKvParams<__half>&, cudaStream_t);
 template cudaError_t LaunchScatterKvRows<float>(const ScatterKvRowsParams<float>&, cudaStream_t);
 template cudaError_t LaunchScatterKvRows<__nv_bfloat16>(const ScatterKvRowsParams<__nv_bfloat16>&,
                                                         cudaStream_t);
+template cudaError_t LaunchScatterKvRows<__half>(const ScatterKvRowsParams<__half>&, cudaStream_t);
 
 }  // namespace kvmem

@@ -5,6 +5,7 @@
 #define KVMEM_KERNELS_KV_APPEND_CUH_
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -38,11 +39,11 @@ cudaError_t LaunchAppendKv(const AppendKvParams<T>& p, cudaStream_t stream);
 // dst_positions[r]. Destinations must not overlap one another or the sources.
 template <typename T>
 struct ScatterKvRowsParams {
-  const float* keys = nullptr;             // (rows, head_dim)
-  const float* values = nullptr;           // (rows, head_dim)
-  const int64_t* positions = nullptr;      // (rows)
-  T* const* dst_keys = nullptr;            // (rows)
-  T* const* dst_values = nullptr;          // (rows)
+  const float* keys = nullptr;              // (rows, head_dim)
+  const float* values = nullptr;            // (rows, head_dim)
+  const int64_t* positions = nullptr;       // (rows)
+  T* const* dst_keys = nullptr;             // (rows)
+  T* const* dst_values = nullptr;           // (rows)
   int64_t* const* dst_positions = nullptr;  // (rows)
   int64_t rows = 0;
   int head_dim = 0;
@@ -52,14 +53,18 @@ template <typename T>
 cudaError_t LaunchScatterKvRows(const ScatterKvRowsParams<T>& p, cudaStream_t stream);
 
 // Both: cudaErrorInvalidValue for non-positive head sizes or negative counts; otherwise the
-// launch error. Nothing is launched for zero rows. Instantiated for float and __nv_bfloat16.
+// launch error. Nothing is launched for zero rows. Instantiated for float, __nv_bfloat16 and
+// __half.
 extern template cudaError_t LaunchAppendKv<float>(const AppendKvParams<float>&, cudaStream_t);
 extern template cudaError_t LaunchAppendKv<__nv_bfloat16>(const AppendKvParams<__nv_bfloat16>&,
                                                           cudaStream_t);
+extern template cudaError_t LaunchAppendKv<__half>(const AppendKvParams<__half>&, cudaStream_t);
 extern template cudaError_t LaunchScatterKvRows<float>(const ScatterKvRowsParams<float>&,
                                                        cudaStream_t);
 extern template cudaError_t LaunchScatterKvRows<__nv_bfloat16>(
     const ScatterKvRowsParams<__nv_bfloat16>&, cudaStream_t);
+extern template cudaError_t LaunchScatterKvRows<__half>(const ScatterKvRowsParams<__half>&,
+                                                        cudaStream_t);
 
 }  // namespace kvmem
 

@@ -53,5 +53,6 @@ cudaError_t LaunchGatherKv(const KvGatherParams<T>& p, cudaStream_t stream) {
 template cudaError_t LaunchGatherKv<float>(const KvGatherParams<float>&, cudaStream_t);
 template cudaError_t LaunchGatherKv<__nv_bfloat16>(const KvGatherParams<__nv_bfloat16>&,
                                                    cudaStream_t);
+template cudaError_t LaunchGatherKv<__half>(const KvGatherParams<__half>&, cudaStream_t);
 
 }  // namespace kvmem

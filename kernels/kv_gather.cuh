@@ -3,6 +3,7 @@
 #define KVMEM_KERNELS_KV_GATHER_CUH_
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -42,13 +43,14 @@ struct KvGatherParams {
 };
 
 // cudaErrorInvalidValue for a non-positive head_dim or head count, or negative sizes;
-// otherwise the launch error. Instantiated for T = float and T = __nv_bfloat16.
+// otherwise the launch error. Instantiated for T = float, __nv_bfloat16 and __half.
 template <typename T>
 cudaError_t LaunchGatherKv(const KvGatherParams<T>& p, cudaStream_t stream);
 
 extern template cudaError_t LaunchGatherKv<float>(const KvGatherParams<float>&, cudaStream_t);
 extern template cudaError_t LaunchGatherKv<__nv_bfloat16>(const KvGatherParams<__nv_bfloat16>&,
                                                           cudaStream_t);
+extern template cudaError_t LaunchGatherKv<__half>(const KvGatherParams<__half>&, cudaStream_t);
 
 }  // namespace kvmem
 

@@ -190,5 +190,7 @@ template cudaError_t LaunchPrefillAttention<float>(const PrefillAttentionParams<
                                                    cudaStream_t);
 template cudaError_t LaunchPrefillAttention<__nv_bfloat16>(
     const PrefillAttentionParams<__nv_bfloat16>&, cudaStream_t);
+template cudaError_t LaunchPrefillAttention<__half>(const PrefillAttentionParams<__half>&,
+                                                    cudaStream_t);
 
 }  // namespace kvmem

@@ -4,6 +4,7 @@
 #define KVMEM_KERNELS_PREFILL_ATTENTION_CUH_
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -44,7 +45,7 @@ struct PrefillAttentionParams {
 // masks but does not skip tiles. n == 0 launches nothing.
 // cudaErrorInvalidValue for a head_dim outside [1, 256], a num_heads that is not a positive
 // multiple of num_kv_heads, or n < 0; otherwise the launch error.
-// Instantiated for T = float and T = __nv_bfloat16.
+// Instantiated for T = float, __nv_bfloat16 and __half.
 template <typename T>
 cudaError_t LaunchPrefillAttention(const PrefillAttentionParams<T>& p, cudaStream_t stream);
 
@@ -52,6 +53,8 @@ extern template cudaError_t LaunchPrefillAttention<float>(const PrefillAttention
                                                           cudaStream_t);
 extern template cudaError_t LaunchPrefillAttention<__nv_bfloat16>(
     const PrefillAttentionParams<__nv_bfloat16>&, cudaStream_t);
+extern template cudaError_t LaunchPrefillAttention<__half>(const PrefillAttentionParams<__half>&,
+                                                           cudaStream_t);
 
 }  // namespace kvmem
 

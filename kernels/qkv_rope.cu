@@ -1,8 +1,7 @@
-#include "kernels/qkv_rope.cuh"
-
 #include <cstdint>
 
 #include "kernels/kernel_utils.cuh"
+#include "kernels/qkv_rope.cuh"
 
 namespace kvmem {
 namespace {
@@ -65,8 +64,8 @@ __global__ void QkvRopeKernel(QkvRopeParams<T> p) {
 
 template <typename T>
 cudaError_t LaunchQkvRope(const QkvRopeParams<T>& p, cudaStream_t stream) {
-  if (p.n < 0 || p.n > INT32_MAX || p.num_heads <= 0 || p.num_kv_heads <= 0 ||
-      p.head_dim < 2 || p.head_dim > 256 || p.head_dim % 2 != 0) {
+  if (p.n < 0 || p.n > INT32_MAX || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim < 2 ||
+      p.head_dim > 256 || p.head_dim % 2 != 0) {
     return cudaErrorInvalidValue;
   }
   if (p.n == 0) return cudaSuccess;
@@ -78,5 +77,6 @@ cudaError_t LaunchQkvRope(const QkvRopeParams<T>& p, cudaStream_t stream) {
 template cudaError_t LaunchQkvRope<float>(const QkvRopeParams<float>&, cudaStream_t);
 template cudaError_t LaunchQkvRope<__nv_bfloat16>(const QkvRopeParams<__nv_bfloat16>&,
                                                   cudaStream_t);
+template cudaError_t LaunchQkvRope<__half>(const QkvRopeParams<__half>&, cudaStream_t);
 
 }  // namespace kvmem

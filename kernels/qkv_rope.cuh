@@ -5,6 +5,7 @@
 #define KVMEM_KERNELS_QKV_ROPE_CUH_
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -38,13 +39,14 @@ struct QkvRopeParams {
 };
 
 // cudaErrorInvalidValue for bad sizes; otherwise the launch error. n == 0 launches nothing.
-// Instantiated for T = float and T = __nv_bfloat16.
+// Instantiated for T = float, __nv_bfloat16 and __half.
 template <typename T>
 cudaError_t LaunchQkvRope(const QkvRopeParams<T>& p, cudaStream_t stream);
 
 extern template cudaError_t LaunchQkvRope<float>(const QkvRopeParams<float>&, cudaStream_t);
 extern template cudaError_t LaunchQkvRope<__nv_bfloat16>(const QkvRopeParams<__nv_bfloat16>&,
                                                          cudaStream_t);
+extern template cudaError_t LaunchQkvRope<__half>(const QkvRopeParams<__half>&, cudaStream_t);
 
 }  // namespace kvmem
 

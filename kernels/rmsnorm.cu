@@ -1,6 +1,6 @@
-#include "kernels/rmsnorm.cuh"
-
 #include <cstdint>
+
+#include "kernels/rmsnorm.cuh"
 
 namespace kvmem {
 namespace {
@@ -9,10 +9,12 @@ constexpr int kThreads = 256;  // a multiple of 32; kThreads / 32 warps per bloc
 
 __device__ __forceinline__ float ToFloat(float v) { return v; }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
 __device__ __forceinline__ void FromFloat(float v, float* out) { *out = v; }
 __device__ __forceinline__ void FromFloat(float v, __nv_bfloat16* out) {
   *out = __float2bfloat16_rn(v);
 }
+__device__ __forceinline__ void FromFloat(float v, __half* out) { *out = __float2half_rn(v); }
 
 // Sum of `v` over the block; every thread gets the result.
 __device__ float BlockSum(float v) {
@@ -95,17 +97,18 @@ cudaError_t LaunchResidualRmsNorm(float* x, const float* residual, const float* 
                                   TOut* out, cudaStream_t stream) {
   if (n < 0 || dim <= 0 || n > INT32_MAX) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
-  ResidualRmsNormKernel<TOut><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
-      x, residual, bias, weight, dim, eps, out);
+  ResidualRmsNormKernel<TOut>
+      <<<static_cast<unsigned>(n), kThreads, 0, stream>>>(x, residual, bias, weight, dim, eps, out);
   return cudaGetLastError();
 }
 
-template cudaError_t LaunchResidualRmsNorm<float>(float*, const float*, const float*,
-                                                  const float*, int64_t, int64_t, double, float*,
-                                                  cudaStream_t);
+template cudaError_t LaunchResidualRmsNorm<float>(float*, const float*, const float*, const float*,
+                                                  int64_t, int64_t, double, float*, cudaStream_t);
 template cudaError_t LaunchResidualRmsNorm<__nv_bfloat16>(float*, const float*, const float*,
                                                           const float*, int64_t, int64_t, double,
                                                           __nv_bfloat16*, cudaStream_t);
+template cudaError_t LaunchResidualRmsNorm<__half>(float*, const float*, const float*, const float*,
+                                                   int64_t, int64_t, double, __half*, cudaStream_t);
 
 template <typename T>
 cudaError_t LaunchAddRmsNorm(T* x, const T* residual, const T* weight, int64_t n, int64_t dim,
@@ -122,5 +125,7 @@ template cudaError_t LaunchAddRmsNorm<float>(float*, const float*, const float*,
 template cudaError_t LaunchAddRmsNorm<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*,
                                                      const __nv_bfloat16*, int64_t, int64_t, float,
                                                      __nv_bfloat16*, cudaStream_t);
+template cudaError_t LaunchAddRmsNorm<__half>(__half*, const __half*, const __half*, int64_t,
+                                              int64_t, float, __half*, cudaStream_t);
 
 }  // namespace kvmem

@@ -1,6 +1,6 @@
-#include "kernels/rope.cuh"
-
 #include <cstdint>
+
+#include "kernels/rope.cuh"
 
 namespace kvmem {
 namespace {

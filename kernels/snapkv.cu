@@ -363,5 +363,6 @@ cudaError_t LaunchSnapKv(const SnapKvParams<T>& p, void* workspace, size_t works
 template cudaError_t LaunchSnapKv<float>(const SnapKvParams<float>&, void*, size_t, cudaStream_t);
 template cudaError_t LaunchSnapKv<__nv_bfloat16>(const SnapKvParams<__nv_bfloat16>&, void*, size_t,
                                                  cudaStream_t);
+template cudaError_t LaunchSnapKv<__half>(const SnapKvParams<__half>&, void*, size_t, cudaStream_t);
 
 }  // namespace kvmem

@@ -4,6 +4,7 @@
 #define KVMEM_KERNELS_SNAPKV_CUH_
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
@@ -59,7 +60,7 @@ size_t SnapKvWorkspaceBytes(int num_heads, int num_kv_heads, int w, int32_t max_
 // one block per KV head, fine for hot sets of up to ~10^5 entries per head.
 // cudaErrorInvalidValue for a head_dim outside [1, 256], bad head counts, w <= 0, a budget not
 // above w, an even or non-positive kernel, or a short workspace; otherwise the launch error.
-// Instantiated for T = float and T = __nv_bfloat16 keys.
+// Instantiated for T = float, __nv_bfloat16 and __half keys.
 template <typename T>
 cudaError_t LaunchSnapKv(const SnapKvParams<T>& p, void* workspace, size_t workspace_bytes,
                          cudaStream_t stream);
@@ -68,6 +69,8 @@ extern template cudaError_t LaunchSnapKv<float>(const SnapKvParams<float>&, void
                                                 cudaStream_t);
 extern template cudaError_t LaunchSnapKv<__nv_bfloat16>(const SnapKvParams<__nv_bfloat16>&, void*,
                                                         size_t, cudaStream_t);
+extern template cudaError_t LaunchSnapKv<__half>(const SnapKvParams<__half>&, void*, size_t,
+                                                 cudaStream_t);
 
 }  // namespace kvmem
 

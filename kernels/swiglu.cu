@@ -1,9 +1,8 @@
-#include "kernels/swiglu.cuh"
-
 #include <algorithm>
 #include <cstdint>
 
 #include "kernels/kernel_utils.cuh"
+#include "kernels/swiglu.cuh"
 
 namespace kvmem {
 namespace {
@@ -55,6 +54,8 @@ template cudaError_t LaunchSwiGluRows<float>(const float*, const float*, int64_t
                                              cudaStream_t);
 template cudaError_t LaunchSwiGluRows<__nv_bfloat16>(const float*, const float*, int64_t, int64_t,
                                                      __nv_bfloat16*, cudaStream_t);
+template cudaError_t LaunchSwiGluRows<__half>(const float*, const float*, int64_t, int64_t, __half*,
+                                              cudaStream_t);
 
 cudaError_t LaunchSwiGlu(float* gate, const float* up, int64_t n, cudaStream_t stream) {
   if (n < 0) return cudaErrorInvalidValue;

@@ -82,7 +82,7 @@ std::vector<FlagSpec> KvmemdFlags(KvmemdOptions* o) {
               &o->backend_threads),
       StringFlag("device", "cpu|cuda|auto", "compute backend (auto: CUDA when available, else CPU)",
                  &o->device),
-      StringFlag("device-dtype", "bf16|f32", "weights and KV type on the GPU", &o->device_dtype),
+      StringFlag("device-dtype", "bf16|f16|f32", "weights and KV type on the GPU", &o->device_dtype),
       StringFlag("auth-tokens", "FILE",
                  "lines \"TOKEN TENANT [read-only]\"; calls then need "
                  "\"authorization: Bearer TOKEN\"",

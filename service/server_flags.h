@@ -28,7 +28,7 @@ struct KvmemdOptions {
   int backend_threads = 0;
   // Default: "auto". Compute backend: "cpu", "cuda" or "auto" (CUDA when available, else CPU).
   std::string device = "auto";
-  // Default: "bf16". Weights and KV type on the GPU: "bf16", or "f32" (matches the CPU).
+  // Default: "bf16". Weights and KV type on the GPU: "bf16", "f16", or "f32" (matches the CPU).
   std::string device_dtype = "bf16";
   // Default: "" (no authentication: one anonymous tenant). File of "TOKEN TENANT" lines.
   std::string auth_tokens;

@@ -49,6 +49,7 @@ std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
   return t;
 }
 
+// The bounds: f32 within 1e-5; 16-bit types within 1e-2.
 double Tolerance(DeviceDtype dtype) { return dtype == DeviceDtype::kF32 ? 1e-5 : 1e-2; }
 
 // Keeps entries of every head of `kv` for which keep(layer, kv_head, position) holds.
@@ -301,6 +302,7 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(
         Case{"GqaF32", Spec([](RandomModelSpec&) {}), DeviceDtype::kF32},
         Case{"GqaBf16", Spec([](RandomModelSpec&) {}), DeviceDtype::kBF16},
+        Case{"GqaF16", Spec([](RandomModelSpec&) {}), DeviceDtype::kF16},
         Case{"MultiQueryF32", Spec([](RandomModelSpec& s) { s.kv_heads = 1; s.layers = 3; }),
              DeviceDtype::kF32},
         Case{"BiasesTiedF32", Spec([](RandomModelSpec& s) {

@@ -162,7 +162,7 @@ TEST(KvmemdDeviceTest, UnavailableOrUnknownDeviceIsAClearErrorBeforeServing) {
   EXPECT_NE(RunForStderr(kvmemd + "--device gpu", &gpu), 0);
   EXPECT_NE(gpu.find("INVALID_ARGUMENT"), std::string::npos) << gpu;
   EXPECT_NE(RunForStderr(kvmemd + "--device-dtype f8", &dtype), 0);
-  EXPECT_NE(dtype.find("bf16 or f32"), std::string::npos) << dtype;
+  EXPECT_NE(dtype.find("bf16, f16 or f32"), std::string::npos) << dtype;
   std::string why;
   if (CudaBackendAvailable(0, &why)) return;  // --device cuda would serve; not a failure here
   std::string cuda;
