@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <atomic>
 #include <mutex>
 #include <type_traits>
@@ -192,6 +194,7 @@ class CudaBackend : public Backend {
     std::lock_guard<std::recursive_mutex> lock(ctx_->mu);
     cudaSetDevice(ctx_->device);
     cudaStreamSynchronize(ctx_->stream);
+    for (auto& [bucket, graph] : decode_.graphs) cudaGraphExecDestroy(graph.exec);
     for (void* p : weight_allocations_) cudaFree(p);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (cublas_workspace_ != nullptr) cudaFree(cublas_workspace_);
@@ -292,9 +295,56 @@ class CudaBackend : public Backend {
   absl::Status SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int first_layer, int last_layer);
   absl::Status UploadTables(const DeviceKv<T>& dkv, int first_layer, int last_layer,
                             int64_t appended, const HeadTables<T>& tables);
+  // Device pointers of one pass's buffers (see AllocatePass for shapes).
+  struct PassBuffers {
+    int32_t* ids = nullptr;        // (n)
+    int64_t* pos = nullptr;        // (1) absolute position of the first token
+    float* x = nullptr;            // (n, hidden) residual stream
+    T* xn = nullptr;               // (n, hidden) normed, the GEMMs' input
+    float* qkv = nullptr;          // (n, q_dim + 2 kv_dim)
+    float* q = nullptr;            // (n, num_heads, head_dim) after RoPE
+    T* q_t = nullptr;              // the same in T (aliases q for f32)
+    T* new_k = nullptr;            // (layer, n, kv_heads, head_dim)
+    T* new_v = nullptr;            // (layer, n, kv_heads, head_dim)
+    T* attn = nullptr;             // (n, num_heads, head_dim)
+    float* proj = nullptr;         // (n, hidden)
+    float* gate_up = nullptr;      // (n, 2 intermediate)
+    T* act = nullptr;              // (n, intermediate)
+    float* logits = nullptr;       // (logit rows, vocab)
+    float* observed_q = nullptr;   // (layer, observed, num_heads, head_dim) or null
+    HeadTables<T> tables;
+    void* decode_ws = nullptr;
+    size_t decode_ws_bytes = 0;
+    Scratch<uint8_t>* decode_ws_scratch = nullptr;  // grows decode_ws (null: fixed size)
+  };
+  // Owners of an op-by-op pass's buffers.
+  struct PassScratch {
+    Scratch<int32_t> ids;
+    Scratch<int64_t> pos;
+    Scratch<float> x, qkv, q, proj, gate_up, logits, observed_q;
+    Scratch<T> xn, q_t, new_k, new_v, attn, act;
+    Scratch<uint8_t> tables, decode_ws;
+  };
+  // A captured one-token pass, replayed for every decode step whose longest head fits it.
+  struct DecodeGraph {
+    cudaGraphExec_t exec = nullptr;
+  };
+
   absl::Status Run(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
                    const ForwardOptions& options, ForwardResult* result,
                    std::shared_ptr<void>* stale);
+  absl::Status AllocatePass(int64_t n, int64_t logit_rows, int observed, PassScratch* scratch,
+                            PassBuffers* b);
+  // Queues embedding, every layer and the logits of rows [first_logit, n) on the stream.
+  // after_qkv (may be empty) runs on the host once layer l's queries exist.
+  absl::Status EnqueuePass(PassBuffers* b, int64_t n, int64_t start_pos, int observed,
+                           int64_t first_logit, const std::vector<int32_t>& max_lengths,
+                           const std::function<absl::Status(int)>& after_qkv);
+  // Copies the pass's results to the host and appends its entries to the host cache.
+  absl::Status FinishPass(const PassBuffers& b, int64_t n, int64_t start_pos, int observed,
+                          int64_t logit_rows, KvCache* kv, DeviceKv<T>* dkv,
+                          ForwardResult* result);
+  absl::StatusOr<DecodeGraph*> GraphFor(int32_t longest);
 
   const ModelConfig config_;
   const CudaBackendOptions options_;
@@ -309,6 +359,10 @@ class CudaBackend : public Backend {
   float* final_norm_ = nullptr;
   double* inv_freq_ = nullptr;  // (head_dim / 2)
   std::vector<LayerDevice> layers_;
+  struct {
+    PassBuffers buffers;                     // fixed addresses, owned as weights are
+    std::map<int32_t, DecodeGraph> graphs;  // by attention length bucket
+  } decode_;
 };
 
 template <typename T>
@@ -829,195 +883,189 @@ absl::Status CudaBackend<T>::UploadTables(const DeviceKv<T>& dkv, int first_laye
 }
 
 template <typename T>
-absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start_pos,
-                                 KvCache* kv, const ForwardOptions& options,
-                                 ForwardResult* result, std::shared_ptr<void>* stale) {
+absl::Status CudaBackend<T>::AllocatePass(int64_t n, int64_t logit_rows, int observed,
+                                          PassScratch* scratch, PassBuffers* b) {
   const ModelConfig& c = config_;
-  const int64_t n = static_cast<int64_t>(tokens.size());
-  const int64_t h = c.hidden_size, hd = c.head_dim, qd = c.q_dim(), kvd = c.kv_dim();
-  const int64_t inter = c.intermediate_size, kvh = c.num_kv_heads;
+  const int64_t h = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim(), inter = c.intermediate_size;
   const int L = c.num_layers;
   cudaStream_t s = ctx_->stream;
-  constexpr bool kF32 = std::is_same_v<T, float>;
-
-  // 1. The device copy of the hot set, up to date, with room for the new tokens.
-  KVMEM_ASSIGN_OR_RETURN(DeviceKv<T> * dkv, Attach(kv, stale));
-  KVMEM_RETURN_IF_ERROR(SyncHeads(*kv, *dkv, 0, L));
-  for (DeviceHead<T>& dh : dkv->heads) {
-    KVMEM_RETURN_IF_ERROR(Reserve(*dkv, dh, static_cast<int64_t>(dh.mirrored.size()) + n));
+  KVMEM_RETURN_IF_ERROR(scratch->ids.Allocate(n, s));
+  KVMEM_RETURN_IF_ERROR(scratch->pos.Allocate(1, s));
+  KVMEM_RETURN_IF_ERROR(scratch->x.Allocate(n * h, s));
+  KVMEM_RETURN_IF_ERROR(scratch->xn.Allocate(n * h, s));
+  KVMEM_RETURN_IF_ERROR(scratch->qkv.Allocate(n * (qd + 2 * kvd), s));
+  KVMEM_RETURN_IF_ERROR(scratch->q.Allocate(n * qd, s));
+  if (!std::is_same_v<T, float>) KVMEM_RETURN_IF_ERROR(scratch->q_t.Allocate(n * qd, s));
+  KVMEM_RETURN_IF_ERROR(scratch->new_k.Allocate(L * n * kvd, s));
+  KVMEM_RETURN_IF_ERROR(scratch->new_v.Allocate(L * n * kvd, s));
+  KVMEM_RETURN_IF_ERROR(scratch->attn.Allocate(n * qd, s));
+  KVMEM_RETURN_IF_ERROR(scratch->proj.Allocate(n * h, s));
+  KVMEM_RETURN_IF_ERROR(scratch->gate_up.Allocate(n * 2 * inter, s));
+  KVMEM_RETURN_IF_ERROR(scratch->act.Allocate(n * inter, s));
+  KVMEM_RETURN_IF_ERROR(scratch->logits.Allocate(logit_rows * c.vocab_size, s));
+  if (observed > 0) {
+    KVMEM_RETURN_IF_ERROR(scratch->observed_q.Allocate(static_cast<size_t>(L) * observed * qd, s));
   }
+  KVMEM_RETURN_IF_ERROR(AllocateTables(&scratch->tables, &b->tables));
+  b->ids = scratch->ids.get();
+  b->pos = scratch->pos.get();
+  b->x = scratch->x.get();
+  b->xn = scratch->xn.get();
+  b->qkv = scratch->qkv.get();
+  b->q = scratch->q.get();
+  b->q_t = std::is_same_v<T, float> ? reinterpret_cast<T*>(scratch->q.get()) : scratch->q_t.get();
+  b->new_k = scratch->new_k.get();
+  b->new_v = scratch->new_v.get();
+  b->attn = scratch->attn.get();
+  b->proj = scratch->proj.get();
+  b->gate_up = scratch->gate_up.get();
+  b->act = scratch->act.get();
+  b->logits = scratch->logits.get();
+  b->observed_q = scratch->observed_q.get();
+  return absl::OkStatus();
+}
 
-  // 2. Scratch for this pass; freed in stream order when the pass returns.
-  const int observed = static_cast<int>(std::min<int64_t>(options.observe_last, n));
-  const int64_t first_logit = options.all_logits ? 0 : n - 1;
-  const int64_t logit_rows = n - first_logit;
-  Scratch<int32_t> ids;
-  Scratch<float> x, qkv, q, proj, gate_up, logits, observed_q;
-  Scratch<T> xn, q_t, new_k, new_v, attn, act;
-  Scratch<uint8_t> table_mem, decode_ws;
-  size_t decode_ws_bytes = 0;
-  KVMEM_RETURN_IF_ERROR(ids.Allocate(n, s));
-  KVMEM_RETURN_IF_ERROR(x.Allocate(n * h, s));
-  KVMEM_RETURN_IF_ERROR(xn.Allocate(n * h, s));
-  KVMEM_RETURN_IF_ERROR(qkv.Allocate(n * (qd + 2 * kvd), s));
-  KVMEM_RETURN_IF_ERROR(q.Allocate(n * qd, s));
-  if (!kF32) KVMEM_RETURN_IF_ERROR(q_t.Allocate(n * qd, s));
-  KVMEM_RETURN_IF_ERROR(new_k.Allocate(L * n * kvd, s));  // (layer, n, kv_heads, head_dim)
-  KVMEM_RETURN_IF_ERROR(new_v.Allocate(L * n * kvd, s));
-  KVMEM_RETURN_IF_ERROR(attn.Allocate(n * qd, s));
-  KVMEM_RETURN_IF_ERROR(proj.Allocate(n * h, s));
-  KVMEM_RETURN_IF_ERROR(gate_up.Allocate(n * 2 * inter, s));
-  KVMEM_RETURN_IF_ERROR(act.Allocate(n * inter, s));
-  KVMEM_RETURN_IF_ERROR(logits.Allocate(logit_rows * c.vocab_size, s));
-  if (observed > 0) KVMEM_RETURN_IF_ERROR(observed_q.Allocate(L * observed * qd, s));
-  HeadTables<T> tables;
-  KVMEM_RETURN_IF_ERROR(AllocateTables(&table_mem, &tables));
-  KVMEM_RETURN_IF_ERROR(UploadTables(*dkv, 0, L, n, tables));
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ids.get(), tokens.data(), n * sizeof(int32_t),
-                                             cudaMemcpyHostToDevice, s));
-  auto layer_max_length = [&](int l) {
-    int64_t m = 0;
-    for (int g = 0; g < kvh; ++g) {
-      m = std::max<int64_t>(m, static_cast<int64_t>(dkv->heads[l * kvh + g].mirrored.size()) + n);
-    }
-    return static_cast<int32_t>(m);
-  };
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  std::vector<float> host_q;  // (n, num_heads, head_dim) for the before_attention hook
+template <typename T>
+absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t start_pos,
+                                         int observed, int64_t first_logit,
+                                         const std::vector<int32_t>& max_lengths,
+                                         const std::function<absl::Status(int)>& after_qkv) {
+  const ModelConfig& c = config_;
+  const int64_t h = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim(), inter = c.intermediate_size;
+  const int64_t kvh = c.num_kv_heads;
+  const int L = c.num_layers;
+  cudaStream_t s = ctx_->stream;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
 
-  // 3. The layers.
-  KVMEM_CUDA_RETURN_IF_ERROR(LaunchEmbeddingGather(embed_, c.vocab_size, h, ids.get(), n,
-                                                   x.get(), s));
+  KVMEM_CUDA_RETURN_IF_ERROR(LaunchEmbeddingGather(embed_, c.vocab_size, h, b->ids, n, b->x, s));
   const float* residual = nullptr;  // the previous block's output, added before the next norm
   const float* residual_bias = nullptr;
   for (int l = 0; l < L; ++l) {
     const LayerDevice& lw = layers_[l];
-    T* layer_k = new_k.get() + static_cast<int64_t>(l) * n * kvd;
-    T* layer_v = new_v.get() + static_cast<int64_t>(l) * n * kvd;
+    T* layer_k = b->new_k + static_cast<int64_t>(l) * n * kvd;
+    T* layer_v = b->new_v + static_cast<int64_t>(l) * n * kvd;
     // Attention block: norm, fused QKV projection, bias + RoPE + split.
-    KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(x.get(), residual, residual_bias,
-                                                        lw.attn_norm, n, h, c.rms_norm_eps,
-                                                        xn.get(), s));
-    KVMEM_RETURN_IF_ERROR(Gemm(lw.w_qkv, qd + 2 * kvd, h, xn.get(), n, qkv.get()));
+    KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(b->x, residual, residual_bias,
+                                                        lw.attn_norm, n, h, c.rms_norm_eps, b->xn,
+                                                        s));
+    KVMEM_RETURN_IF_ERROR(Gemm(lw.w_qkv, qd + 2 * kvd, h, b->xn, n, b->qkv));
     QkvRopeParams<T> rp;
-    rp.qkv = qkv.get();
+    rp.qkv = b->qkv;
     rp.bias = lw.b_qkv;
     rp.n = n;
-    rp.start_position = start_pos;
+    rp.start_position_device = b->pos;
     rp.num_heads = c.num_heads;
     rp.num_kv_heads = c.num_kv_heads;
     rp.head_dim = c.head_dim;
     rp.inv_freq = inv_freq_;
-    rp.q = q.get();
-    rp.q_t = kF32 ? nullptr : q_t.get();
+    rp.q = b->q;
+    rp.q_t = std::is_same_v<T, float> ? nullptr : b->q_t;
     rp.k = layer_k;
     rp.v = layer_v;
     KVMEM_CUDA_RETURN_IF_ERROR(LaunchQkvRope(rp, s));
     if (observed > 0) {
       KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-          observed_q.get() + static_cast<int64_t>(l) * observed * qd,
-          q.get() + (n - observed) * qd, observed * qd * sizeof(float), cudaMemcpyDeviceToDevice,
-          s));
+          b->observed_q + static_cast<int64_t>(l) * observed * qd, b->q + (n - observed) * qd,
+          observed * qd * sizeof(float), cudaMemcpyDeviceToDevice, s));
     }
-    if (options.before_attention) {
-      // Recall may change this layer's heads on the host: hand it the queries, then bring the
-      // layer's device copy up to date again.
-      host_q.resize(n * qd);
-      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_q.data(), q.get(), n * qd * sizeof(float),
-                                                 cudaMemcpyDeviceToHost, s));
-      KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
-      KVMEM_RETURN_IF_ERROR(options.before_attention(l, host_q.data(), n, kv));
-      KVMEM_RETURN_IF_ERROR(SyncHeads(*kv, *dkv, l, l + 1));
-      for (int g = 0; g < kvh; ++g) {
-        DeviceHead<T>& dh = dkv->heads[l * kvh + g];
-        KVMEM_RETURN_IF_ERROR(Reserve(*dkv, dh, static_cast<int64_t>(dh.mirrored.size()) + n));
-      }
-      KVMEM_RETURN_IF_ERROR(UploadTables(*dkv, l, l + 1, n, tables));
-    }
+    if (after_qkv) KVMEM_RETURN_IF_ERROR(after_qkv(l));
     // The new tokens join their heads, then attend.
     AppendKvParams<T> ap;
-    ap.keys = tables.keys + l * kvh;
-    ap.values = tables.values + l * kvh;
-    ap.positions = tables.positions + l * kvh;
-    ap.lengths = tables.lengths + l * kvh;
+    ap.keys = b->tables.keys + l * kvh;
+    ap.values = b->tables.values + l * kvh;
+    ap.positions = b->tables.positions + l * kvh;
+    ap.lengths = b->tables.lengths + l * kvh;
     ap.k = layer_k;
     ap.v = layer_v;
     ap.n = n;
-    ap.start_position = start_pos;
+    ap.start_position_device = b->pos;
     ap.num_kv_heads = c.num_kv_heads;
     ap.head_dim = c.head_dim;
     KVMEM_CUDA_RETURN_IF_ERROR(LaunchAppendKv(ap, s));
     RaggedKv<T> ragged;
-    ragged.keys = tables.keys + l * kvh;
-    ragged.values = tables.values + l * kvh;
-    ragged.positions = tables.positions + l * kvh;
-    ragged.lengths = tables.lengths + l * kvh;
+    ragged.keys = b->tables.keys + l * kvh;
+    ragged.values = b->tables.values + l * kvh;
+    ragged.positions = b->tables.positions + l * kvh;
+    ragged.lengths = b->tables.lengths + l * kvh;
     ragged.num_kv_heads = c.num_kv_heads;
     ragged.head_dim = c.head_dim;
-    ragged.max_length = layer_max_length(l);
-    const T* q_in = kF32 ? reinterpret_cast<const T*>(q.get()) : q_t.get();
+    ragged.max_length = max_lengths[l];
     if (n == 1) {
       DecodeAttentionParams<T> dp;
-      dp.q = q_in;
+      dp.q = b->q_t;
       dp.kv = ragged;
       dp.num_heads = c.num_heads;
       dp.scale = scale;
       dp.sliding_window = c.sliding_window;
       dp.q_position = start_pos;
       dp.split_size = options_.decode_split;
-      dp.out = attn.get();
+      dp.out = b->attn;
       const size_t ws = DecodeAttentionWorkspaceBytes(c.num_heads, c.head_dim, ragged.max_length,
                                                       options_.decode_split);
-      if (ws > decode_ws_bytes) {
-        KVMEM_RETURN_IF_ERROR(decode_ws.Allocate(ws, s));
-        decode_ws_bytes = ws;
+      if (ws > b->decode_ws_bytes) {
+        if (b->decode_ws_scratch == nullptr) {
+          return absl::InternalError("decode workspace too small for a captured step");
+        }
+        KVMEM_RETURN_IF_ERROR(b->decode_ws_scratch->Allocate(ws, s));
+        b->decode_ws = b->decode_ws_scratch->get();
+        b->decode_ws_bytes = ws;
       }
-      KVMEM_CUDA_RETURN_IF_ERROR(LaunchDecodeAttention(dp, decode_ws.get(), decode_ws_bytes, s));
+      KVMEM_CUDA_RETURN_IF_ERROR(LaunchDecodeAttention(dp, b->decode_ws, b->decode_ws_bytes, s));
     } else {
       PrefillAttentionParams<T> pp;
-      pp.q = q_in;
+      pp.q = b->q_t;
       pp.kv = ragged;
       pp.n = n;
       pp.num_heads = c.num_heads;
       pp.scale = scale;
       pp.sliding_window = c.sliding_window;
       pp.start_position = start_pos;
-      pp.out = attn.get();
+      pp.out = b->attn;
       KVMEM_CUDA_RETURN_IF_ERROR(LaunchPrefillAttention(pp, s));
     }
-    KVMEM_RETURN_IF_ERROR(Gemm(lw.w_o, h, qd, attn.get(), n, proj.get()));
+    KVMEM_RETURN_IF_ERROR(Gemm(lw.w_o, h, qd, b->attn, n, b->proj));
     // MLP block (SwiGLU).
-    KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(x.get(), proj.get(), lw.b_o, lw.mlp_norm,
-                                                        n, h, c.rms_norm_eps, xn.get(), s));
-    KVMEM_RETURN_IF_ERROR(Gemm(lw.w_gate_up, 2 * inter, h, xn.get(), n, gate_up.get()));
-    KVMEM_CUDA_RETURN_IF_ERROR(
-        LaunchSwiGluRows<T>(gate_up.get(), lw.b_gate_up, n, inter, act.get(), s));
-    KVMEM_RETURN_IF_ERROR(Gemm(lw.w_down, h, inter, act.get(), n, proj.get()));
-    residual = proj.get();
+    KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(b->x, b->proj, lw.b_o, lw.mlp_norm, n, h,
+                                                        c.rms_norm_eps, b->xn, s));
+    KVMEM_RETURN_IF_ERROR(Gemm(lw.w_gate_up, 2 * inter, h, b->xn, n, b->gate_up));
+    KVMEM_CUDA_RETURN_IF_ERROR(LaunchSwiGluRows<T>(b->gate_up, lw.b_gate_up, n, inter, b->act, s));
+    KVMEM_RETURN_IF_ERROR(Gemm(lw.w_down, h, inter, b->act, n, b->proj));
+    residual = b->proj;
     residual_bias = lw.b_down;
   }
 
-  // 4. Logits of the rows asked for.
-  KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(
-      x.get() + first_logit * h, residual + first_logit * h, residual_bias, final_norm_,
-      logit_rows, h, c.rms_norm_eps, xn.get(), s));
-  KVMEM_RETURN_IF_ERROR(Gemm(lm_head_, c.vocab_size, h, xn.get(), logit_rows, logits.get()));
+  // Logits of the rows asked for.
+  const int64_t logit_rows = n - first_logit;
+  KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(b->x + first_logit * h,
+                                                      residual + first_logit * h, residual_bias,
+                                                      final_norm_, logit_rows, h, c.rms_norm_eps,
+                                                      b->xn, s));
+  KVMEM_RETURN_IF_ERROR(Gemm(lm_head_, c.vocab_size, h, b->xn, logit_rows, b->logits));
+  return absl::OkStatus();
+}
 
-  // 5. Results to the host: logits, observed queries, and the new entries for the host cache.
+template <typename T>
+absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t start_pos,
+                                        int observed, int64_t logit_rows, KvCache* kv,
+                                        DeviceKv<T>* dkv, ForwardResult* result) {
+  const ModelConfig& c = config_;
+  const int64_t hd = c.head_dim, qd = c.q_dim(), kvd = c.kv_dim(), kvh = c.num_kv_heads;
+  const int L = c.num_layers;
+  cudaStream_t s = ctx_->stream;
   result->logits.resize(logit_rows * c.vocab_size);
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result->logits.data(), logits.get(),
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result->logits.data(), b.logits,
                                              result->logits.size() * sizeof(float),
                                              cudaMemcpyDeviceToHost, s));
   std::vector<float> obs(observed > 0 ? static_cast<size_t>(L) * observed * qd : 0);
   if (observed > 0) {
-    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(obs.data(), observed_q.get(),
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(obs.data(), b.observed_q,
                                                obs.size() * sizeof(float), cudaMemcpyDeviceToHost,
                                                s));
   }
   std::vector<T> host_k(static_cast<size_t>(L) * n * kvd), host_v(host_k.size());
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_k.data(), new_k.get(), host_k.size() * sizeof(T),
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_k.data(), b.new_k, host_k.size() * sizeof(T),
                                              cudaMemcpyDeviceToHost, s));
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_v.data(), new_v.get(), host_v.size() * sizeof(T),
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_v.data(), b.new_v, host_v.size() * sizeof(T),
                                              cudaMemcpyDeviceToHost, s));
   KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
 
@@ -1061,6 +1109,158 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
     }
   }
   return absl::OkStatus();
+}
+
+template <typename T>
+absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start_pos,
+                                 KvCache* kv, const ForwardOptions& options,
+                                 ForwardResult* result, std::shared_ptr<void>* stale) {
+  const ModelConfig& c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  const int64_t qd = c.q_dim(), kvh = c.num_kv_heads;
+  const int L = c.num_layers;
+  cudaStream_t s = ctx_->stream;
+
+  // 1. The device copy of the hot set, up to date, with room for the new tokens.
+  KVMEM_ASSIGN_OR_RETURN(DeviceKv<T> * dkv, Attach(kv, stale));
+  KVMEM_RETURN_IF_ERROR(SyncHeads(*kv, *dkv, 0, L));
+  for (DeviceHead<T>& dh : dkv->heads) {
+    KVMEM_RETURN_IF_ERROR(Reserve(*dkv, dh, static_cast<int64_t>(dh.mirrored.size()) + n));
+  }
+  const int observed = static_cast<int>(std::min<int64_t>(options.observe_last, n));
+  const int64_t first_logit = options.all_logits ? 0 : n - 1;
+  auto layer_max_length = [&](int l) {
+    int64_t m = 0;
+    for (int g = 0; g < kvh; ++g) {
+      m = std::max<int64_t>(m, static_cast<int64_t>(dkv->heads[l * kvh + g].mirrored.size()) + n);
+    }
+    return static_cast<int32_t>(m);
+  };
+  std::vector<int32_t> max_lengths(L);
+  for (int l = 0; l < L; ++l) max_lengths[l] = layer_max_length(l);
+
+  // 2. A decode step without a hook replays a captured CUDA graph.
+  if (n == 1 && observed <= 1 && !options.before_attention && options_.cuda_graphs &&
+      c.sliding_window == 0) {
+    int32_t longest = 0;
+    for (int32_t m : max_lengths) longest = std::max(longest, m);
+    KVMEM_ASSIGN_OR_RETURN(DecodeGraph * graph, GraphFor(longest));
+    PassBuffers& b = decode_.buffers;
+    KVMEM_RETURN_IF_ERROR(UploadTables(*dkv, 0, L, n, b.tables));
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b.ids, tokens.data(), sizeof(int32_t),
+                                               cudaMemcpyHostToDevice, s));
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b.pos, &start_pos, sizeof(int64_t),
+                                               cudaMemcpyHostToDevice, s));
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph->exec, s));
+    PassBuffers view = b;
+    view.observed_q = observed > 0 ? b.observed_q : nullptr;
+    return FinishPass(view, n, start_pos, observed, 1, kv, dkv, result);
+  }
+
+  // 3. Otherwise the pass is launched op by op, with scratch freed in stream order after it.
+  PassScratch scratch;
+  PassBuffers b;
+  KVMEM_RETURN_IF_ERROR(AllocatePass(n, n - first_logit, observed, &scratch, &b));
+  b.decode_ws_scratch = &scratch.decode_ws;
+  KVMEM_RETURN_IF_ERROR(UploadTables(*dkv, 0, L, n, b.tables));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b.ids, tokens.data(), n * sizeof(int32_t),
+                                             cudaMemcpyHostToDevice, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b.pos, &start_pos, sizeof(int64_t),
+                                             cudaMemcpyHostToDevice, s));
+  std::function<absl::Status(int)> after_qkv;
+  std::vector<float> host_q;  // (n, num_heads, head_dim) for the before_attention hook
+  if (options.before_attention) {
+    // Recall may change this layer's heads on the host: hand it the queries, then bring the
+    // layer's device copy up to date again before the new tokens join it.
+    after_qkv = [&](int l) -> absl::Status {
+      host_q.resize(n * qd);
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_q.data(), b.q, n * qd * sizeof(float),
+                                                 cudaMemcpyDeviceToHost, s));
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+      KVMEM_RETURN_IF_ERROR(options.before_attention(l, host_q.data(), n, kv));
+      KVMEM_RETURN_IF_ERROR(SyncHeads(*kv, *dkv, l, l + 1));
+      for (int g = 0; g < kvh; ++g) {
+        DeviceHead<T>& dh = dkv->heads[l * kvh + g];
+        KVMEM_RETURN_IF_ERROR(Reserve(*dkv, dh, static_cast<int64_t>(dh.mirrored.size()) + n));
+      }
+      max_lengths[l] = layer_max_length(l);
+      return UploadTables(*dkv, l, l + 1, n, b.tables);
+    };
+  }
+  KVMEM_RETURN_IF_ERROR(EnqueuePass(&b, n, start_pos, observed, first_logit, max_lengths,
+                                    after_qkv));
+  return FinishPass(b, n, start_pos, observed, n - first_logit, kv, dkv, result);
+}
+
+template <typename T>
+absl::StatusOr<typename CudaBackend<T>::DecodeGraph*> CudaBackend<T>::GraphFor(int32_t longest) {
+  const ModelConfig& c = config_;
+  const int L = c.num_layers;
+  cudaStream_t s = ctx_->stream;
+  // Graphs are keyed by a bucket of the longest head: attention is launched for the bucket's
+  // length (shorter heads end early), so one graph serves a whole range of steps.
+  constexpr int32_t kBucket = 4096;
+  const int32_t bucket = (longest + kBucket - 1) / kBucket * kBucket;
+  auto it = decode_.graphs.find(bucket);
+  if (it != decode_.graphs.end()) return &it->second;
+
+  PassBuffers& b = decode_.buffers;
+  if (b.x == nullptr) {
+    // Buffers of a one-token pass, at fixed addresses for the graphs' lifetime.
+    const int64_t h = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim();
+    const int64_t inter = c.intermediate_size;
+    KVMEM_ASSIGN_OR_RETURN(b.ids, AllocWeight<int32_t>(1));
+    KVMEM_ASSIGN_OR_RETURN(b.pos, AllocWeight<int64_t>(1));
+    KVMEM_ASSIGN_OR_RETURN(b.x, AllocWeight<float>(h));
+    KVMEM_ASSIGN_OR_RETURN(b.xn, AllocWeight<T>(h));
+    KVMEM_ASSIGN_OR_RETURN(b.qkv, AllocWeight<float>(qd + 2 * kvd));
+    KVMEM_ASSIGN_OR_RETURN(b.q, AllocWeight<float>(qd));
+    if (std::is_same_v<T, float>) {
+      b.q_t = reinterpret_cast<T*>(b.q);
+    } else {
+      KVMEM_ASSIGN_OR_RETURN(b.q_t, AllocWeight<T>(qd));
+    }
+    KVMEM_ASSIGN_OR_RETURN(b.new_k, AllocWeight<T>(static_cast<size_t>(L) * kvd));
+    KVMEM_ASSIGN_OR_RETURN(b.new_v, AllocWeight<T>(static_cast<size_t>(L) * kvd));
+    KVMEM_ASSIGN_OR_RETURN(b.attn, AllocWeight<T>(qd));
+    KVMEM_ASSIGN_OR_RETURN(b.proj, AllocWeight<float>(h));
+    KVMEM_ASSIGN_OR_RETURN(b.gate_up, AllocWeight<float>(2 * inter));
+    KVMEM_ASSIGN_OR_RETURN(b.act, AllocWeight<T>(inter));
+    KVMEM_ASSIGN_OR_RETURN(b.logits, AllocWeight<float>(c.vocab_size));
+    KVMEM_ASSIGN_OR_RETURN(b.observed_q, AllocWeight<float>(static_cast<size_t>(L) * qd));
+    const size_t heads = static_cast<size_t>(L) * c.num_kv_heads;
+    KVMEM_ASSIGN_OR_RETURN(uint8_t * tables,
+                           AllocWeight<uint8_t>(heads * (3 * sizeof(void*) + sizeof(int32_t))));
+    b.tables.keys = reinterpret_cast<T**>(tables);
+    b.tables.values = reinterpret_cast<T**>(tables + heads * sizeof(void*));
+    b.tables.positions = reinterpret_cast<int64_t**>(tables + 2 * heads * sizeof(void*));
+    b.tables.lengths = reinterpret_cast<int32_t*>(tables + 3 * heads * sizeof(void*));
+  }
+  const size_t ws = DecodeAttentionWorkspaceBytes(c.num_heads, c.head_dim, bucket,
+                                                  options_.decode_split);
+  if (ws > b.decode_ws_bytes) {
+    // Graphs captured earlier keep reading the old workspace: keep it allocated.
+    KVMEM_ASSIGN_OR_RETURN(uint8_t * mem, AllocWeight<uint8_t>(ws));
+    b.decode_ws = mem;
+    b.decode_ws_bytes = ws;
+  }
+  b.decode_ws_scratch = nullptr;
+
+  DecodeGraph graph;
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  absl::Status enqueued = EnqueuePass(&b, 1, 0, 1, 0, std::vector<int32_t>(L, bucket), nullptr);
+  cudaGraph_t captured = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(s, &captured);
+  if (!enqueued.ok()) {
+    if (captured != nullptr) cudaGraphDestroy(captured);
+    cudaGetLastError();
+    return enqueued;
+  }
+  KVMEM_CUDA_RETURN_IF_ERROR(end);
+  const cudaError_t inst = cudaGraphInstantiate(&graph.exec, captured, 0);
+  cudaGraphDestroy(captured);
+  KVMEM_CUDA_RETURN_IF_ERROR(inst);
+  return &decode_.graphs.emplace(bucket, graph).first->second;
 }
 
 template <typename T>

@@ -40,6 +40,9 @@ struct CudaBackendOptions {
   int device = 0;
   // Default: 0 (the kernel's 256). Entries per split of decode attention.
   int decode_split = 0;
+  // Default: true. Decode steps (one token, no recall hook, no sliding window) replay a CUDA
+  // graph of the whole pass captured once per 4096-entry bucket of the longest head.
+  bool cuda_graphs = true;
   // Default: 0. Benchmarks only: with no host weights, fill the device weights with uniform
   // values of this seed (scaled so activations stay finite) instead of uploading.
   uint64_t random_weights_seed = 0;

@@ -25,7 +25,11 @@ __global__ void AppendKvKernel(AppendKvParams<T> p) {
     dk[d] = k[d];
     dv[d] = v[d];
   }
-  if (lane == 0) p.positions[g][row] = p.start_position + t;
+  if (lane == 0) {
+    const int64_t start =
+        p.start_position_device != nullptr ? *p.start_position_device : p.start_position;
+    p.positions[g][row] = start + t;
+  }
 }
 
 template <typename T>

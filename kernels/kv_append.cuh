@@ -27,6 +27,8 @@ struct AppendKvParams {
   const T* v = nullptr;                 // (n, num_kv_heads, head_dim)
   int64_t n = 0;
   int64_t start_position = 0;
+  // Default: null. When set, (1) device: read instead of start_position (CUDA graphs).
+  const int64_t* start_position_device = nullptr;
   int num_kv_heads = 0;
   int head_dim = 0;
 };

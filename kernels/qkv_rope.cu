@@ -15,7 +15,9 @@ __global__ void QkvRopeKernel(QkvRopeParams<T> p) {
   extern __shared__ float cos_sin[];  // (2, half): cos then sin
   const int half = p.head_dim / 2;
   const int64_t t = blockIdx.x;
-  const double pos = static_cast<double>(p.start_position + t);
+  const int64_t start =
+      p.start_position_device != nullptr ? *p.start_position_device : p.start_position;
+  const double pos = static_cast<double>(start + t);
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     double s, c;
     sincos(pos * p.inv_freq[i], &s, &c);

@@ -21,6 +21,9 @@ struct QkvRopeParams {
   // Default: 0. Tokens; token t sits at absolute position start_position + t.
   int64_t n = 0;
   int64_t start_position = 0;
+  // Default: null. When set, (1) device: read instead of start_position (a captured CUDA
+  // graph replays with the position written there before each launch).
+  const int64_t* start_position_device = nullptr;
   int num_heads = 0;
   int num_kv_heads = 0;
   // Default: 0. Even, in [2, 256].

@@ -347,6 +347,38 @@ TEST(CudaBackendTest, RejectsBadTokensAndPositionsLikeTheCpu) {
   EXPECT_EQ(kv.head(0, 0).size(), 2);
 }
 
+TEST(CudaBackendTest, GraphedDecodeStepsMatchOpByOpStepsAcrossBuckets) {
+  SKIP_WITHOUT_CUDA();
+  TempDir dir;
+  RandomModelSpec spec;
+  spec.vocab = 128;
+  testing::WriteRandomModel(dir.path(), spec);
+  auto model = Model::Load(dir.path(), {.require_tokenizer = false});
+  ASSERT_TRUE(model.ok()) << model.status();
+  const ModelConfig& c = (*model)->config();
+  auto graphed = CreateCudaBackend(**model, {.dtype = DeviceDtype::kF32, .cuda_graphs = true});
+  auto eager = CreateCudaBackend(**model, {.dtype = DeviceDtype::kF32, .cuda_graphs = false});
+  ASSERT_TRUE(graphed.ok() && eager.ok());
+  // Steps on both sides of the 4096-entry bucket boundary.
+  const int prompt = 4090;
+  auto tokens = RandomTokens(prompt + 12, c.vocab_size, 17);
+  KvCache a(c.num_layers, c.num_kv_heads, c.head_dim), b = a;
+  ForwardResult ra, rb;
+  ASSERT_TRUE((*graphed)->Forward(absl::MakeConstSpan(tokens).subspan(0, prompt), 0, &a, {}, &ra)
+                  .ok());
+  ASSERT_TRUE((*eager)->Forward(absl::MakeConstSpan(tokens).subspan(0, prompt), 0, &b, {}, &rb)
+                  .ok());
+  for (int t = prompt; t < prompt + 12; ++t) {
+    auto one = absl::MakeConstSpan(tokens).subspan(t, 1);
+    ASSERT_TRUE((*graphed)->Forward(one, t, &a, {.observe_last = 1}, &ra).ok()) << t;
+    ASSERT_TRUE((*eager)->Forward(one, t, &b, {.observe_last = 1}, &rb).ok()) << t;
+    EXPECT_LT(RelativeL2(ra.logits, rb.logits), 1e-6) << "step at " << t;
+    EXPECT_LT(RelativeL2(ra.observed_queries[0], rb.observed_queries[0]), 1e-6) << t;
+    EXPECT_EQ(a.head(1, 1).positions.back(), t);
+  }
+  EXPECT_LT(RelativeL2(a.head(1, 0).keys, b.head(1, 0).keys), 1e-6);
+}
+
 // Whole sessions on stories260K: the f32 GPU backend gives the CPU's tokens.
 class CudaSessionTest : public ::testing::Test {
  protected:
