@@ -65,6 +65,23 @@ constexpr cudaDataType_t kCudaType = std::is_same_v<T, float>           ? CUDA_R
                                      : std::is_same_v<T, __nv_bfloat16> ? CUDA_R_16BF
                                                                         : CUDA_R_16F;
 
+// Host-side rounding to a device element type, as the device's conversions round (to nearest
+// even); the cuda_fp16/cuda_bf16 conversions are host-callable.
+template <typename T>
+T HostFromFloat(float v);
+template <>
+float HostFromFloat<float>(float v) {
+  return v;
+}
+template <>
+__nv_bfloat16 HostFromFloat<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__half HostFromFloat<__half>(float v) {
+  return __float2half_rn(v);
+}
+
 // Host-side widening of a device element (bf16 is the top half of an f32).
 inline float HostToFloat(float v) { return v; }
 inline float HostToFloat(__half v) { return __half2float(v); }
@@ -173,6 +190,22 @@ struct DeviceKv : DeviceKvBase {
   }
 };
 
+// Where the sections of an upload chunk of `rows` rows sit in a staging slot (byte offsets,
+// each 8-byte aligned): keys and values (rows, head_dim) in T, positions, then the destination
+// row pointers of keys, values and positions.
+struct UploadLayout {
+  size_t keys = 0, values = 0, positions = 0, dst_keys = 0, dst_values = 0, dst_positions = 0;
+  size_t bytes = 0;
+};
+
+// One of the two staging slots of uploads: pinned host memory and its device twin.
+struct UploadSlot {
+  uint8_t* host = nullptr;
+  uint8_t* device = nullptr;
+  cudaEvent_t host_free = nullptr;    // the slot's last copy to the device finished
+  cudaEvent_t device_free = nullptr;  // the scatter reading the slot's device copy finished
+};
+
 // Device pointer tables the attention and append kernels read for every layer:
 // (layers * kv_heads) each, laid out in one allocation.
 template <typename T>
@@ -195,6 +228,15 @@ class CudaBackend : public Backend {
     cudaSetDevice(ctx_->device);
     cudaStreamSynchronize(ctx_->stream);
     for (auto& [bucket, graph] : decode_.graphs) cudaGraphExecDestroy(graph.exec);
+    for (UploadSlot& slot : uploads_.slots) {
+      if (slot.host != nullptr) cudaFreeHost(slot.host);
+      if (slot.host_free != nullptr) cudaEventDestroy(slot.host_free);
+      if (slot.device_free != nullptr) cudaEventDestroy(slot.device_free);
+    }
+    if (uploads_.stream != nullptr) {
+      cudaStreamSynchronize(uploads_.stream);
+      cudaStreamDestroy(uploads_.stream);
+    }
     for (void* p : weight_allocations_) cudaFree(p);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (cublas_workspace_ != nullptr) cudaFree(cublas_workspace_);
@@ -359,6 +401,27 @@ class CudaBackend : public Backend {
   float* final_norm_ = nullptr;
   double* inv_freq_ = nullptr;  // (head_dim / 2)
   std::vector<LayerDevice> layers_;
+  // Host -> device uploads of KV rows (page-in, recall, restore) on their own stream.
+  struct Uploads {
+    cudaStream_t stream = nullptr;
+    UploadSlot slots[2];
+    int64_t slot_rows = 0;
+    size_t elem = sizeof(T);
+    UploadLayout Layout(int64_t rows, int hd) const {
+      auto align = [](size_t b) { return (b + 7) / 8 * 8; };
+      UploadLayout l;
+      const size_t kv = align(static_cast<size_t>(rows) * hd * elem);
+      const size_t ptrs = static_cast<size_t>(rows) * sizeof(void*);
+      l.keys = 0;
+      l.values = kv;
+      l.positions = 2 * kv;
+      l.dst_keys = l.positions + static_cast<size_t>(rows) * sizeof(int64_t);
+      l.dst_values = l.dst_keys + ptrs;
+      l.dst_positions = l.dst_values + ptrs;
+      l.bytes = l.dst_positions + ptrs;
+      return l;
+    }
+  } uploads_;
   struct {
     PassBuffers buffers;                     // fixed addresses, owned as weights are
     std::map<int32_t, DecodeGraph> graphs;  // by attention length bucket
@@ -439,6 +502,21 @@ absl::Status CudaBackend<T>::Init(const ModelWeights* weights) {
   KVMEM_CUBLAS_RETURN_IF_ERROR(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspace));
   if (std::is_same_v<T, float>) {
     KVMEM_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_PEDANTIC_MATH));
+  }
+  // Upload staging: two slots of about 16 MiB, pinned on the host, and a copy stream.
+  KVMEM_CUDA_RETURN_IF_ERROR(
+      cudaStreamCreateWithFlags(&uploads_.stream, cudaStreamNonBlocking));
+  {
+    const int64_t row_bytes = 2 * c.head_dim * sizeof(T) + 4 * sizeof(int64_t);
+    uploads_.slot_rows = std::max<int64_t>(1024, ((int64_t{16} << 20) / row_bytes) / 8 * 8);
+    const size_t slot_bytes = uploads_.Layout(uploads_.slot_rows, c.head_dim).bytes;
+    for (UploadSlot& slot : uploads_.slots) {
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMallocHost(reinterpret_cast<void**>(&slot.host), slot_bytes));
+      KVMEM_ASSIGN_OR_RETURN(slot.device, AllocWeight<uint8_t>(slot_bytes));
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&slot.host_free, cudaEventDisableTiming));
+      KVMEM_CUDA_RETURN_IF_ERROR(
+          cudaEventCreateWithFlags(&slot.device_free, cudaEventDisableTiming));
+    }
   }
   // Freed pool memory stays with the process: KV copies grow and shrink every turn.
   cudaMemPool_t pool;
@@ -586,76 +664,80 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
         dkv, dh, static_cast<int64_t>(dh.mirrored.size() + p.plan.uploads.size())));
   }
 
-  // Uploads, in bounded chunks: f32 rows from the host cache, scattered to their rows as T.
+  // Uploads, in chunks through the two pinned staging slots: rows are converted to T while
+  // packed on the host, copied on the copy stream, and scattered to their rows on the compute
+  // stream, so packing chunk i + 1 overlaps the copy of chunk i and the scatter of chunk i - 1.
   if (upload_rows > 0) {
-    constexpr int64_t kChunkRows = 65536;
-    const int64_t chunk_rows = std::min(kChunkRows, upload_rows);
-    Scratch<uint8_t> staging;
-    const size_t row_bytes = 2 * hd * sizeof(float) + sizeof(int64_t) + 3 * sizeof(void*);
-    KVMEM_RETURN_IF_ERROR(staging.Allocate(chunk_rows * row_bytes, ctx_->stream));
-    // Packed as [keys (rows, hd) | values (rows, hd) | positions | dst keys | dst values |
-    // dst positions], all 8-byte aligned.
-    std::vector<float> keys, values;
-    std::vector<int64_t> positions;
-    std::vector<T*> dst_keys, dst_values;
-    std::vector<int64_t*> dst_positions;
+    int slot_index = 0;
+    int64_t rows = 0;
     auto flush = [&]() -> absl::Status {
-      const int64_t rows = static_cast<int64_t>(positions.size());
       if (rows == 0) return absl::OkStatus();
-      std::vector<uint8_t> packed(rows * row_bytes);
-      uint8_t* out = packed.data();
-      auto put = [&](const void* src, size_t bytes) {
-        std::memcpy(out, src, bytes);
-        out += bytes;
-      };
-      uint8_t* dev = staging.get();
-      const size_t kv_bytes = rows * hd * sizeof(float);
-      put(keys.data(), kv_bytes);
-      put(values.data(), kv_bytes);
-      put(positions.data(), rows * sizeof(int64_t));
-      put(dst_keys.data(), rows * sizeof(void*));
-      put(dst_values.data(), rows * sizeof(void*));
-      put(dst_positions.data(), rows * sizeof(void*));
-      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dev, packed.data(), packed.size(),
-                                                 cudaMemcpyHostToDevice, ctx_->stream));
+      UploadSlot& slot = uploads_.slots[slot_index];
+      const UploadLayout layout = uploads_.Layout(rows, hd);
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(uploads_.stream, slot.device_free, 0));
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.device, slot.host, layout.bytes,
+                                                 cudaMemcpyHostToDevice, uploads_.stream));
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.host_free, uploads_.stream));
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ctx_->stream, slot.host_free, 0));
       ScatterKvRowsParams<T> sp;
-      sp.keys = reinterpret_cast<const float*>(dev);
-      sp.values = reinterpret_cast<const float*>(dev + kv_bytes);
-      sp.positions = reinterpret_cast<const int64_t*>(dev + 2 * kv_bytes);
-      uint8_t* tables = dev + 2 * kv_bytes + rows * sizeof(int64_t);
-      sp.dst_keys = reinterpret_cast<T* const*>(tables);
-      sp.dst_values = reinterpret_cast<T* const*>(tables + rows * sizeof(void*));
-      sp.dst_positions = reinterpret_cast<int64_t* const*>(tables + 2 * rows * sizeof(void*));
+      sp.keys = reinterpret_cast<const T*>(slot.device + layout.keys);
+      sp.values = reinterpret_cast<const T*>(slot.device + layout.values);
+      sp.positions = reinterpret_cast<const int64_t*>(slot.device + layout.positions);
+      sp.dst_keys = reinterpret_cast<T* const*>(slot.device + layout.dst_keys);
+      sp.dst_values = reinterpret_cast<T* const*>(slot.device + layout.dst_values);
+      sp.dst_positions = reinterpret_cast<int64_t* const*>(slot.device + layout.dst_positions);
       sp.rows = rows;
       sp.head_dim = hd;
-      // The next chunk's copy into the staging buffer is queued after this scatter.
       KVMEM_CUDA_RETURN_IF_ERROR(LaunchScatterKvRows(sp, ctx_->stream));
-      keys.clear();
-      values.clear();
-      positions.clear();
-      dst_keys.clear();
-      dst_values.clear();
-      dst_positions.clear();
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.device_free, ctx_->stream));
+      slot_index = 1 - slot_index;
+      rows = 0;
       return absl::OkStatus();
     };
+    const int64_t chunk_rows = uploads_.slot_rows;
     for (Pending& p : pending) {
       DeviceHead<T>& dh = dkv.heads[p.index];
       const HeadKv& src = kv.head(p.index / kvh, p.index % kvh);
       const int64_t first_row = static_cast<int64_t>(dh.mirrored.size());
       for (size_t u = 0; u < p.plan.uploads.size(); ++u) {
+        UploadSlot& slot = uploads_.slots[slot_index];
+        if (rows == 0) {
+          // The slot's previous copy must be done before its pinned memory is rewritten.
+          KVMEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.host_free));
+        }
+        // Rows are written at a full slot's layout; a partial last chunk is compacted below.
+        const UploadLayout full = uploads_.Layout(chunk_rows, hd);
         const int64_t e = p.plan.uploads[u];
         const int64_t row = first_row + static_cast<int64_t>(u);
-        keys.insert(keys.end(), src.keys.data() + e * hd, src.keys.data() + (e + 1) * hd);
-        values.insert(values.end(), src.values.data() + e * hd,
-                      src.values.data() + (e + 1) * hd);
-        positions.push_back(src.positions[e]);
-        dst_keys.push_back(dh.keys(hd) + row * hd);
-        dst_values.push_back(dh.values(hd) + row * hd);
-        dst_positions.push_back(dh.positions(hd) + row);
-        if (static_cast<int64_t>(positions.size()) == chunk_rows) KVMEM_RETURN_IF_ERROR(flush());
+        T* keys = reinterpret_cast<T*>(slot.host + full.keys) + rows * hd;
+        T* values = reinterpret_cast<T*>(slot.host + full.values) + rows * hd;
+        for (int d = 0; d < hd; ++d) {
+          keys[d] = HostFromFloat<T>(src.keys[e * hd + d]);
+          values[d] = HostFromFloat<T>(src.values[e * hd + d]);
+        }
+        reinterpret_cast<int64_t*>(slot.host + full.positions)[rows] = src.positions[e];
+        reinterpret_cast<T**>(slot.host + full.dst_keys)[rows] = dh.keys(hd) + row * hd;
+        reinterpret_cast<T**>(slot.host + full.dst_values)[rows] = dh.values(hd) + row * hd;
+        reinterpret_cast<int64_t**>(slot.host + full.dst_positions)[rows] = dh.positions(hd) + row;
+        if (++rows == chunk_rows) KVMEM_RETURN_IF_ERROR(flush());
       }
     }
-    KVMEM_RETURN_IF_ERROR(flush());
+    if (rows > 0) {
+      // A partial chunk: move its sections from the full-slot layout to the compact one.
+      UploadSlot& slot = uploads_.slots[slot_index];
+      const UploadLayout full = uploads_.Layout(chunk_rows, hd);
+      const UploadLayout compact = uploads_.Layout(rows, hd);
+      const size_t kv_bytes = static_cast<size_t>(rows) * hd * sizeof(T);
+      std::memmove(slot.host + compact.values, slot.host + full.values, kv_bytes);
+      std::memmove(slot.host + compact.positions, slot.host + full.positions,
+                   rows * sizeof(int64_t));
+      std::memmove(slot.host + compact.dst_keys, slot.host + full.dst_keys, rows * sizeof(void*));
+      std::memmove(slot.host + compact.dst_values, slot.host + full.dst_values,
+                   rows * sizeof(void*));
+      std::memmove(slot.host + compact.dst_positions, slot.host + full.dst_positions,
+                   rows * sizeof(void*));
+      KVMEM_RETURN_IF_ERROR(flush());
+    }
   }
 
   // Heads rebuilt by a gather into fresh allocations, all in one launch.

@@ -1,7 +1,6 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "kernels/kernel_utils.cuh"
 #include "kernels/kv_append.cuh"
 
 namespace kvmem {
@@ -37,13 +36,13 @@ __global__ void ScatterKvRowsKernel(ScatterKvRowsParams<T> p) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (r >= p.rows) return;
   const int lane = threadIdx.x % 32;
-  const float* k = p.keys + r * p.head_dim;
-  const float* v = p.values + r * p.head_dim;
+  const T* k = p.keys + r * p.head_dim;
+  const T* v = p.values + r * p.head_dim;
   T* dk = p.dst_keys[r];
   T* dv = p.dst_values[r];
   for (int d = lane; d < p.head_dim; d += 32) {
-    dk[d] = kernel_utils::FromFloat<T>(k[d]);
-    dv[d] = kernel_utils::FromFloat<T>(v[d]);
+    dk[d] = k[d];
+    dv[d] = v[d];
   }
   if (lane == 0) *p.dst_positions[r] = p.positions[r];
 }

@@ -36,13 +36,13 @@ struct AppendKvParams {
 template <typename T>
 cudaError_t LaunchAppendKv(const AppendKvParams<T>& p, cudaStream_t stream);
 
-// Row r < rows of (keys, values, positions), f32 rows of head_dim elements from the host's
-// cache, goes to dst_keys[r], dst_values[r] (head_dim elements of T, rounded) and
-// dst_positions[r]. Destinations must not overlap one another or the sources.
+// Row r < rows of (keys, values, positions), rows of head_dim elements uploaded from the host's
+// cache (already in T), goes to dst_keys[r], dst_values[r] and dst_positions[r].
+// Destinations must not overlap one another or the sources.
 template <typename T>
 struct ScatterKvRowsParams {
-  const float* keys = nullptr;              // (rows, head_dim)
-  const float* values = nullptr;            // (rows, head_dim)
+  const T* keys = nullptr;                  // (rows, head_dim)
+  const T* values = nullptr;                // (rows, head_dim)
   const int64_t* positions = nullptr;       // (rows)
   T* const* dst_keys = nullptr;             // (rows)
   T* const* dst_values = nullptr;           // (rows)
