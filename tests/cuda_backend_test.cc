@@ -15,6 +15,7 @@
 
 #include "engine/cpu_backend.h"
 #include "engine/session.h"
+#include "service/session_manager.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
 
@@ -436,6 +437,40 @@ TEST_F(CudaSessionTest, SnapKvSessionWithRecallGivesTheSameTokens) {
   const std::vector<std::string> want = Run(*cpu_, options);
   ASSERT_EQ(want.size(), 4u);
   EXPECT_EQ(Run(*gpu_, options), want);
+}
+
+TEST_F(CudaSessionTest, DurableSessionRestartedOnTheGpuContinuesLikeTheCpu) {
+  // Two lives of a durable store: the second restores the session from its blocks (the host
+  // cache is rebuilt, then uploaded whole), recalls from the store and keeps generating.
+  auto run = [&](Backend& backend) {
+    TempDir dir;
+    SessionManagerOptions o;
+    o.data_dir = dir.path();
+    o.sync = false;
+    o.session_defaults.memory = {.policy = "snapkv", .budget = 24, .window = 8, .kernel = 3};
+    o.session_defaults.block_size = 8;
+    o.session_defaults.recall_blocks = 2;
+    std::vector<std::string> texts;
+    const char* turns[] = {"The cat sat on the mat.", "A bird sang in the tree.",
+                           "The cat looked up at the bird.", "Then it began to rain."};
+    for (int life = 0; life < 2; ++life) {
+      auto m = SessionManager::Open(*model_, backend, o);
+      EXPECT_TRUE(m.ok()) << m.status();
+      if (!m.ok()) return texts;
+      if (life == 0) EXPECT_TRUE((*m)->CreateSession({.session_id = "s"}).ok());
+      for (int t = 0; t < 2; ++t) {
+        EXPECT_TRUE((*m)->AppendTurn({.session_id = "s", .content = turns[life * 2 + t]}).ok());
+        auto g = (*m)->Generate(
+            {.session_id = "s", .options = {.sampling = {.max_tokens = 16}}}, nullptr);
+        EXPECT_TRUE(g.ok()) << g.status();
+        if (g.ok()) texts.push_back(g->generation.text);
+      }
+    }
+    return texts;
+  };
+  const std::vector<std::string> want = run(*cpu_);
+  ASSERT_EQ(want.size(), 4u);
+  EXPECT_EQ(run(*gpu_), want);
 }
 
 }  // namespace
