@@ -164,6 +164,10 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Restore(const Model& model, Ba
     if (s->position_ % B != 0) {
       KVMEM_ASSIGN_OR_RETURN(auto tail,
                              s->storage_.source->ReadBlock(s->KeyOf(l, blocks - 1), nullptr));
+      if (tail->index != blocks - 1 || tail->filled < s->position_ % B) {
+        return absl::DataLossError(absl::StrCat("stored block ", blocks - 1, " of layer ", l,
+                                                " holds fewer positions than committed"));
+      }
       auto copy = std::make_shared<KvBlock>(*tail);
       copy->filled = static_cast<int>(s->position_ % B);
       const size_t used = static_cast<size_t>(copy->filled) * c.kv_dim();
@@ -595,6 +599,10 @@ absl::Status Session::ReadPosition(int layer, int64_t position, int kv_head, flo
     return absl::OkStatus();
   }
   KVMEM_ASSIGN_OR_RETURN(auto block, storage_.source->ReadBlock(KeyOf(layer, position / B), nullptr));
+  if (block->index != position / B || position % B >= block->filled) {
+    return absl::DataLossError(absl::StrCat("stored block ", position / B, " lacks position ",
+                                            position));
+  }
   std::copy_n(&block->keys[off], c.head_dim, k);
   std::copy_n(&block->values[off], c.head_dim, v);
   return absl::OkStatus();

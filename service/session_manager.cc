@@ -79,9 +79,10 @@ uint64_t OwnerOf(const std::vector<std::pair<int64_t, uint64_t>>& owners, int64_
 class TieredBlockSource : public BlockSource {
  public:
   TieredBlockSource(ColdStore* cold, WarmStore* warm, const SessionOptions& options,
-                    const ModelConfig& config)
+                    const ModelConfig& config,
+                    const std::function<void(const BlockKey&)>& after_cold_read)
       : cold_(cold), warm_(warm), block_size_(options.block_size), config_(config),
-        block_bytes_(BlockBytes(options, config)) {}
+        block_bytes_(BlockBytes(options, config)), after_cold_read_(after_cold_read) {}
 
   absl::StatusOr<std::shared_ptr<const KvBlock>> ReadBlock(const BlockKey& key,
                                                            bool* from_cold) override {
@@ -91,7 +92,8 @@ class TieredBlockSource : public BlockSource {
     }
     KVMEM_ASSIGN_OR_RETURN(auto block,
                            cold_->ReadBlock(key, block_size_, config_.num_kv_heads, config_.head_dim));
-    warm_->Offer(key, block, block_bytes_);
+    if (after_cold_read_) after_cold_read_(key);
+    warm_->Offer(key, block, block_size_, block_bytes_);
     if (from_cold != nullptr) *from_cold = true;
     return block;
   }
@@ -105,6 +107,7 @@ class TieredBlockSource : public BlockSource {
   int block_size_;
   const ModelConfig& config_;
   int64_t block_bytes_;
+  std::function<void(const BlockKey&)> after_cold_read_;  // test hook; may be empty
 };
 
 struct Entry;
@@ -181,6 +184,8 @@ absl::Status EntryCommitSink::Commit(const TurnCommit& commit) {
     std::lock_guard<std::mutex> lock(entry_->record_mu);
     entry_->record = std::move(next);
   }
+  // After the cold write and in commit order (a session's calls run one at a time): the warm
+  // tier's freshness invariant rests on it (tiers/warm_store.h).
   const int64_t bytes = BlockBytes(entry_->record.options, config_);
   for (const BlockWrite& w : commit.blocks) warm_->Put(w.key, w.block, bytes);
   return absl::OkStatus();
@@ -538,7 +543,8 @@ class DurableSessionManager : public SessionManager {
     const ModelConfig& c = model_.config();
     SessionStorage storage;
     storage.uid = e.record.uid;
-    storage.source = std::make_shared<TieredBlockSource>(cold_.get(), &warm_, e.record.options, c);
+    storage.source = std::make_shared<TieredBlockSource>(cold_.get(), &warm_, e.record.options, c,
+                                                         options_.after_cold_block_read);
     storage.sink = e.sink;
     KVMEM_ASSIGN_OR_RETURN(SessionSnapshot snapshot,
                            cold_->LoadSnapshot(e.record, c.num_layers, c.num_kv_heads));

@@ -44,6 +44,10 @@ struct SessionManagerOptions {
   int64_t hot_bytes = 0;
   // Default: true. fsync every commit before the call returns.
   bool sync = true;
+  // Default: none. Test hook: called on the reading thread when a block read misses the warm
+  // tier and has read `key` from cold, before the block is offered to the warm tier, so a test
+  // can run other calls (commits, evictions) exactly inside that window.
+  std::function<void(const BlockKey& key)> after_cold_block_read;
 };
 
 // Per-session overrides of the server defaults; unset fields keep the default.

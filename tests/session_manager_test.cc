@@ -139,5 +139,61 @@ TEST_F(SessionManagerTest, CancellationIsPolledEveryStepAndKeepsNothing) {
   EXPECT_EQ(info->stats.total_tokens, r->start_position);
 }
 
+// A fork reads its parent's partial last block from cold; before it caches that copy in warm,
+// the parent commits a fuller copy of the same block and another session's commit pushes the
+// fuller copy out of warm. The parent must still read back every position it committed.
+TEST_F(SessionManagerTest, ForkReadRacingParentCommitNeverLeavesTheParentAnOlderBlock) {
+  const ModelConfig& c = model_->config();
+  SessionManagerOptions options;  // in memory
+  options.session_defaults.memory = {.policy = "snapkv", .budget = 64, .window = 8};
+  const int64_t block_bytes = 2 * 16 * static_cast<int64_t>(c.kv_dim()) * sizeof(float);
+  options.warm_bytes = c.num_layers * block_bytes;  // one commit's blocks push out the last's
+  options.hot_bytes = 1;  // idle sessions are paged out: every call restores from the blocks
+  SessionManager* manager = nullptr;
+  bool armed = false;
+  int fired = 0;
+  BlockKey raced;
+  absl::StatusOr<AppendResult> parent_turn = absl::UnknownError("not run");
+  absl::StatusOr<AppendResult> other_turn = absl::UnknownError("not run");
+  options.after_cold_block_read = [&](const BlockKey& key) {
+    if (!armed) return;
+    armed = false;
+    ++fired;
+    raced = key;
+    // The fork holds the parent's older copy of `key`, not yet offered to warm.
+    parent_turn = manager->AppendTurn({.session_id = "parent", .content = "He saw a cat."});
+    other_turn = manager->AppendTurn({.session_id = "other", .content = "The sun was warm."});
+  };
+  auto opened = SessionManager::Open(*model_, *backend_, options);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  manager = opened->get();
+
+  ASSERT_TRUE(manager->CreateSession({.session_id = "parent"}).ok());
+  auto first = manager->AppendTurn({.session_id = "parent", .content = "Once upon a time"});
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_NE(first->total_tokens % 16, 0) << "the parent's last block must be partial";
+  ASSERT_TRUE(manager->CreateSession({.session_id = "other"}).ok());
+  ASSERT_TRUE(manager->AppendTurn({.session_id = "other", .content = "The sun was warm."}).ok());
+  ASSERT_TRUE(manager->ForkSession("", "parent", "fork").ok());
+
+  armed = true;  // the fork's restore reads the parent's last block of layer 0 from cold
+  auto fork = manager->GetSession("", "fork");
+  ASSERT_TRUE(fork.ok()) << fork.status();
+  ASSERT_EQ(fired, 1);
+  EXPECT_EQ(raced.layer, 0);
+  EXPECT_EQ(raced.index, 0);
+  ASSERT_TRUE(parent_turn.ok()) << parent_turn.status();
+  ASSERT_TRUE(other_turn.ok()) << other_turn.status();
+  ASSERT_LT(parent_turn->total_tokens, 16) << "the commit must rewrite the same partial block";
+
+  auto parent = manager->GetSession("", "parent");  // restores from the blocks
+  ASSERT_TRUE(parent.ok()) << parent.status();
+  EXPECT_EQ(parent->stats.total_tokens, parent_turn->total_tokens);
+  auto next = manager->AppendTurn({.session_id = "parent", .content = "The end."});
+  EXPECT_TRUE(next.ok()) << next.status();
+  auto fork_next = manager->AppendTurn({.session_id = "fork", .content = "A dog ran."});
+  EXPECT_TRUE(fork_next.ok()) << fork_next.status();
+}
+
 }  // namespace
 }  // namespace kvmem

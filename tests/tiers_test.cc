@@ -70,15 +70,34 @@ TEST(WarmStoreTest, KeepsItsByteBudgetExactlyAndEvictsLeastRecentlyUsed) {
   }
 }
 
-TEST(WarmStoreTest, OfferNeverReplacesAFullerCopy) {
-  WarmStore warm(1 << 20);
-  warm.Put({1, 0, 0}, RandomBlock(0, 9, 1), 100);   // a commit of 9 positions
-  warm.Offer({1, 0, 0}, RandomBlock(0, 5, 2), 100);  // a racing reader's older copy
+TEST(WarmStoreTest, OfferedPartialBlockIsNeverKeptEvenAfterTheNewerCopyWasEvicted) {
+  WarmStore warm(200);
+  // A reader fetched 5 positions of a partial block from cold; then the owner committed 9 and
+  // other blocks pushed those 9 out of warm before the reader offered its older copy.
+  warm.Put({1, 0, 0}, RandomBlock(0, 9, 1), 100);
+  warm.Put({2, 0, 0}, RandomBlock(0, 16, 2), 100);
+  warm.Put({2, 0, 1}, RandomBlock(1, 16, 3), 100);
+  ASSERT_FALSE(warm.Contains({1, 0, 0}));
+  warm.Offer({1, 0, 0}, RandomBlock(0, 5, 4), 16, 100);
+  EXPECT_FALSE(warm.Contains({1, 0, 0}));  // the next read goes to cold, which has all 9
+  // Held partial copies are left alone too.
+  warm.Put({1, 0, 0}, RandomBlock(0, 9, 1), 100);
+  warm.Offer({1, 0, 0}, RandomBlock(0, 12, 5), 16, 100);
   EXPECT_EQ(warm.Get({1, 0, 0})->filled, 9);
-  warm.Offer({1, 0, 0}, RandomBlock(0, 12, 3), 100);
-  EXPECT_EQ(warm.Get({1, 0, 0})->filled, 12);
-  warm.Offer({1, 0, 1}, RandomBlock(1, 4, 4), 100);  // absent: inserted
+}
+
+TEST(WarmStoreTest, OfferKeepsFullBlocksOverPartialCopiesButNotOverFullOnes) {
+  WarmStore warm(1 << 20);
+  warm.Offer({1, 0, 1}, RandomBlock(1, 16, 1), 16, 100);  // absent: kept
   EXPECT_TRUE(warm.Contains({1, 0, 1}));
+  auto held = warm.Get({1, 0, 1});
+  warm.Offer({1, 0, 1}, RandomBlock(1, 16, 2), 16, 100);  // full copies are all the same
+  EXPECT_EQ(warm.Get({1, 0, 1}), held);
+  warm.Put({1, 0, 2}, RandomBlock(2, 9, 3), 100);  // the owner's last commit, then it filled
+  auto full = RandomBlock(2, 16, 4);
+  warm.Offer({1, 0, 2}, full, 16, 100);
+  EXPECT_EQ(warm.Get({1, 0, 2}), full);
+  EXPECT_EQ(warm.bytes(), 200);
 }
 
 TEST(WarmStoreTest, RoundTripIsTheSameBlock) {

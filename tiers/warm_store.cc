@@ -30,10 +30,12 @@ void WarmStore::PutLocked(const BlockKey& key, std::shared_ptr<const KvBlock> bl
   bytes_ += bytes;
 }
 
-void WarmStore::Offer(const BlockKey& key, std::shared_ptr<const KvBlock> block, int64_t bytes) {
+void WarmStore::Offer(const BlockKey& key, std::shared_ptr<const KvBlock> block, int block_size,
+                      int64_t bytes) {
+  if (block->filled < block_size) return;  // may predate a racing commit: see the header
   std::lock_guard<std::mutex> lock(mu_);
   auto it = slots_.find(key);
-  if (it != slots_.end() && it->second.block->filled >= block->filled) return;
+  if (it != slots_.end() && it->second.block->filled >= block_size) return;  // the same block
   PutLocked(key, std::move(block), bytes);
 }
 

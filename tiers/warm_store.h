@@ -1,5 +1,18 @@
 // The warm tier: KV blocks in host RAM under a byte budget, least recently used out first.
 // A block that leaves warm still lives in cold; warm is a cache, never the only copy.
+//
+// Freshness invariant: for every key, warm holds nothing, a full block, or the copy of a
+// partial block that its owner committed last. So a hit is never older than the last
+// completed commit of that key, and a miss falls through to cold, which is written first.
+// It holds because
+//   - full blocks are immutable (engine/kv_store.h): every copy of one is the same;
+//   - a partial block enters warm only through Put, which the owner's commit calls after its
+//     cold write; one session's commits run one at a time, so the puts of a key arrive in
+//     commit order, and only the owner ever writes its keys;
+//   - a read that fell through to cold caches its copy through Offer, which keeps full blocks
+//     only. A reader's copy of a partial block (a fork reading its parent's last block) may
+//     predate a commit that raced the read, and the newer copy may have been evicted before
+//     the reader gets to cache its own, so no check against what warm holds can tell.
 #ifndef KVMEM_TIERS_WARM_STORE_H_
 #define KVMEM_TIERS_WARM_STORE_H_
 
@@ -21,12 +34,14 @@ class WarmStore {
   // The block, marked most recently used; null when not held.
   std::shared_ptr<const KvBlock> Get(const BlockKey& key);
   // Inserts or replaces a block of `bytes`, evicting least recently used blocks until the
-  // total fits the budget. A block larger than the whole budget is not kept.
+  // total fits the budget. A block larger than the whole budget is not kept. Only a commit of
+  // `key`'s owner may put a partial block (see the invariant above).
   void Put(const BlockKey& key, std::shared_ptr<const KvBlock> block, int64_t bytes);
-  // Like Put for a block read back from cold, except that a held copy with at least as many
-  // filled positions wins: a reader racing a commit of the same (partial) block must not
-  // replace the newer copy with its older one.
-  void Offer(const BlockKey& key, std::shared_ptr<const KvBlock> block, int64_t bytes);
+  // Caches a block a reader fetched from cold, of `block_size` positions. Like Put for a full
+  // block (filled == block_size) unless a full copy is already held; a partial block is never
+  // kept, so the next read of it goes to cold.
+  void Offer(const BlockKey& key, std::shared_ptr<const KvBlock> block, int block_size,
+             int64_t bytes);
   void Erase(const BlockKey& key);
   // Drops every block written by `owner`.
   void EraseOwner(uint64_t owner);
