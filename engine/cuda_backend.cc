@@ -183,10 +183,13 @@ struct DeviceKv : DeviceKvBase {
 
   ~DeviceKv() override {
     std::lock_guard<std::recursive_mutex> lock(ctx->mu);
+    int previous = 0;
+    cudaGetDevice(&previous);  // whichever thread drops a cache keeps its current device
     cudaSetDevice(ctx->device);
     for (DeviceHead<T>& h : heads) {
       if (h.base != nullptr) cudaFreeAsync(h.base, ctx->stream);
     }
+    cudaSetDevice(previous);
   }
 };
 
@@ -228,6 +231,9 @@ class CudaBackend : public Backend {
     cudaSetDevice(ctx_->device);
     cudaStreamSynchronize(ctx_->stream);
     for (auto& [bucket, graph] : decode_.graphs) cudaGraphExecDestroy(graph.exec);
+    if (decode_.workspace != nullptr) cudaFreeAsync(decode_.workspace, ctx_->stream);
+    cudaStreamSynchronize(ctx_->stream);
+    if (uploads_.stream != nullptr) cudaStreamSynchronize(uploads_.stream);
     for (UploadSlot& slot : uploads_.slots) {
       if (slot.host != nullptr) cudaFreeHost(slot.host);
       if (slot.host_free != nullptr) cudaEventDestroy(slot.host_free);
@@ -425,6 +431,10 @@ class CudaBackend : public Backend {
   struct {
     PassBuffers buffers;                     // fixed addresses, owned as weights are
     std::map<int32_t, DecodeGraph> graphs;  // by attention length bucket
+    bool buffers_ready = false;
+    uint8_t* workspace = nullptr;  // decode attention's, shared by the graphs
+    bool graphs_failed = false;
+    int64_t eager_steps = 0;
   } decode_;
 };
 
@@ -655,6 +665,20 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
     }
   }
   if (pending.empty()) return absl::OkStatus();
+  // Should anything below fail, the pending heads' rows are in an unknown state: make the next
+  // sync upload them whole (the host still holds every entry).
+  struct ForgetOnError {
+    std::vector<DeviceHead<T>*> heads;
+    bool done = false;
+    ~ForgetOnError() {
+      if (done) return;
+      for (DeviceHead<T>* h : heads) {
+        h->mirrored.clear();
+        h->version = ~uint64_t{0};
+      }
+    }
+  } forget;
+  for (const Pending& p : pending) forget.heads.push_back(&dkv.heads[p.index]);
 
   // Room for the uploads: after the kept prefix (in place) or past every held row (gather).
   for (Pending& p : pending) {
@@ -836,6 +860,7 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
     dh.mirrored = kv.head(l, g).positions;
     dh.version = kv.version(l, g);
   }
+  forget.done = true;
   return absl::OkStatus();
 }
 
@@ -1221,12 +1246,25 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
   std::vector<int32_t> max_lengths(L);
   for (int l = 0; l < L; ++l) max_lengths[l] = layer_max_length(l);
 
-  // 2. A decode step without a hook replays a captured CUDA graph.
-  if (n == 1 && observed <= 1 && !options.before_attention && options_.cuda_graphs &&
-      c.sliding_window == 0) {
+  // 2. A decode step without a hook replays a captured CUDA graph. The first decode step runs
+  // op by op (so every kernel is loaded before a capture); a capture that fails turns graphs
+  // off for this backend, logged once, and the step runs op by op.
+  const bool graphable = n == 1 && observed <= 1 && !options.before_attention &&
+                         options_.cuda_graphs && !decode_.graphs_failed && c.sliding_window == 0;
+  DecodeGraph* graph = nullptr;
+  if (graphable && decode_.eager_steps > 0) {
     int32_t longest = 0;
     for (int32_t m : max_lengths) longest = std::max(longest, m);
-    KVMEM_ASSIGN_OR_RETURN(DecodeGraph * graph, GraphFor(longest));
+    absl::StatusOr<DecodeGraph*> captured = GraphFor(longest);
+    if (captured.ok()) {
+      graph = *captured;
+    } else {
+      decode_.graphs_failed = true;
+      std::fprintf(stderr, "kvmem: CUDA graph capture failed, decoding op by op: %s\n",
+                   captured.status().ToString().c_str());
+    }
+  }
+  if (graph != nullptr) {
     PassBuffers& b = decode_.buffers;
     KVMEM_RETURN_IF_ERROR(UploadTables(*dkv, 0, L, n, b.tables));
     KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b.ids, tokens.data(), sizeof(int32_t),
@@ -1240,6 +1278,7 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
   }
 
   // 3. Otherwise the pass is launched op by op, with scratch freed in stream order after it.
+  if (graphable) ++decode_.eager_steps;
   PassScratch scratch;
   PassBuffers b;
   KVMEM_RETURN_IF_ERROR(AllocatePass(n, n - first_logit, observed, &scratch, &b));
@@ -1286,9 +1325,10 @@ absl::StatusOr<typename CudaBackend<T>::DecodeGraph*> CudaBackend<T>::GraphFor(i
   auto it = decode_.graphs.find(bucket);
   if (it != decode_.graphs.end()) return &it->second;
 
-  PassBuffers& b = decode_.buffers;
-  if (b.x == nullptr) {
-    // Buffers of a one-token pass, at fixed addresses for the graphs' lifetime.
+  if (!decode_.buffers_ready) {
+    // Buffers of a one-token pass, at fixed addresses for the graphs' lifetime; published only
+    // once every allocation succeeded.
+    PassBuffers b;
     const int64_t h = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim();
     const int64_t inter = c.intermediate_size;
     KVMEM_ASSIGN_OR_RETURN(b.ids, AllocWeight<int32_t>(1));
@@ -1317,14 +1357,28 @@ absl::StatusOr<typename CudaBackend<T>::DecodeGraph*> CudaBackend<T>::GraphFor(i
     b.tables.values = reinterpret_cast<T**>(tables + heads * sizeof(void*));
     b.tables.positions = reinterpret_cast<int64_t**>(tables + 2 * heads * sizeof(void*));
     b.tables.lengths = reinterpret_cast<int32_t*>(tables + 3 * heads * sizeof(void*));
+    decode_.buffers = b;
+    decode_.buffers_ready = true;
   }
+  PassBuffers& b = decode_.buffers;
   const size_t ws = DecodeAttentionWorkspaceBytes(c.num_heads, c.head_dim, bucket,
                                                   options_.decode_split);
   if (ws > b.decode_ws_bytes) {
-    // Graphs captured earlier keep reading the old workspace: keep it allocated.
-    KVMEM_ASSIGN_OR_RETURN(uint8_t * mem, AllocWeight<uint8_t>(ws));
-    b.decode_ws = mem;
-    b.decode_ws_bytes = ws;
+    // One workspace serves every graph: sized for the model's context (or this bucket, if
+    // longer). Growing it retires the graphs that read the old one.
+    const size_t want = std::max(
+        ws, DecodeAttentionWorkspaceBytes(c.num_heads, c.head_dim,
+                                          std::max(bucket, c.max_position_embeddings),
+                                          options_.decode_split));
+    for (auto& [key, old] : decode_.graphs) cudaGraphExecDestroy(old.exec);
+    decode_.graphs.clear();
+    if (decode_.workspace != nullptr) cudaFreeAsync(decode_.workspace, s);
+    decode_.workspace = nullptr;
+    b.decode_ws = nullptr;
+    b.decode_ws_bytes = 0;
+    KVMEM_ASSIGN_OR_RETURN(decode_.workspace, AllocAsync<uint8_t>(want, s));
+    b.decode_ws = decode_.workspace;
+    b.decode_ws_bytes = want;
   }
   b.decode_ws_scratch = nullptr;
 

@@ -457,7 +457,9 @@ TEST_F(CudaSessionTest, DurableSessionRestartedOnTheGpuContinuesLikeTheCpu) {
       auto m = SessionManager::Open(*model_, backend, o);
       EXPECT_TRUE(m.ok()) << m.status();
       if (!m.ok()) return texts;
-      if (life == 0) EXPECT_TRUE((*m)->CreateSession({.session_id = "s"}).ok());
+      if (life == 0) {
+        EXPECT_TRUE((*m)->CreateSession({.session_id = "s"}).ok());
+      }
       for (int t = 0; t < 2; ++t) {
         EXPECT_TRUE((*m)->AppendTurn({.session_id = "s", .content = turns[life * 2 + t]}).ok());
         auto g = (*m)->Generate(
