@@ -29,6 +29,7 @@ float DigestScore(const float* q, const float* digest_head, int head_dim) {
   const float* lo = digest_head;
   const float* hi = digest_head + head_dim;
   float score = 0.f;
+#pragma omp simd reduction(+ : score)
   for (int d = 0; d < head_dim; ++d) score += std::max(q[d] * lo[d], q[d] * hi[d]);
   return score;
 }

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
+#include "engine/thread_pool.h"
 
 namespace kvmem {
 namespace {
@@ -286,29 +287,52 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
   const int B = options_.block_size, hd = c.head_dim, group = c.group_size();
   const int64_t blocks = static_cast<int64_t>(digests_[layer].size());
   const int w = static_cast<int>(std::min<int64_t>(options_.memory.window, n));
-  std::map<int64_t, std::shared_ptr<const KvBlock>> loaded;  // this layer's reads, by index
-  for (int g = 0; g < c.num_kv_heads; ++g) {
-    HeadKv& head = hot_.head(layer, g);
-    // Score every block holding a committed position that is not hot for this head.
-    std::vector<std::pair<float, int64_t>> scored;  // (-score, block index)
-    for (int64_t b = 0; b < blocks; ++b) {
+  const int kvh = c.num_kv_heads;
+  // 1. Score every (KV head, block) holding a committed position the head does not hold hot,
+  // in parallel: at large models this is the turn's largest host cost (blocks x window rows x
+  // group heads x head_dim per head). -inf marks blocks that are fully hot.
+  std::vector<float> scores(static_cast<size_t>(kvh) * blocks);
+  auto score = [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int g = static_cast<int>(item / blocks);
+      const int64_t b = item % blocks;
+      const HeadKv& head = std::as_const(hot_).head(layer, g);
       const int64_t lo = b * B, hi = std::min<int64_t>((b + 1) * B, committed_);
       const int64_t hot_in_block =
           std::lower_bound(head.positions.begin(), head.positions.end(), hi) -
           std::lower_bound(head.positions.begin(), head.positions.end(), lo);
-      if (hot_in_block == hi - lo) continue;
-      const float* digest = &digests_[layer][b][static_cast<size_t>(g) * 2 * hd];
       float best = -std::numeric_limits<float>::infinity();
-      for (int h = g * group; h < (g + 1) * group; ++h) {
-        for (int64_t i = n - w; i < n; ++i) {
-          best = std::max(best, DigestScore(q + (i * c.num_heads + h) * hd, digest, hd));
+      if (hot_in_block < hi - lo) {
+        const float* digest = &digests_[layer][b][static_cast<size_t>(g) * 2 * hd];
+        for (int h = g * group; h < (g + 1) * group; ++h) {
+          for (int64_t i = n - w; i < n; ++i) {
+            best = std::max(best, DigestScore(q + (i * c.num_heads + h) * hd, digest, hd));
+          }
         }
       }
-      scored.push_back({-best, b});
+      scores[item] = best;
+    }
+  };
+  // Below about a million multiply-adds the threads cost more than they save.
+  const int64_t work = static_cast<int64_t>(c.num_heads) * blocks * w * hd;
+  if (work < (int64_t{1} << 20)) {
+    score(0, kvh * blocks);
+  } else {
+    SharedThreadPool().ParallelFor(kvh * blocks, score);
+  }
+  // 2. Per head, load the top blocks and merge their missing positions in.
+  std::map<int64_t, std::shared_ptr<const KvBlock>> loaded;  // this layer's reads, by index
+  for (int g = 0; g < kvh; ++g) {
+    std::vector<std::pair<float, int64_t>> scored;  // (-score, block index)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float best = scores[static_cast<size_t>(g) * blocks + b];
+      if (best != -std::numeric_limits<float>::infinity()) scored.push_back({-best, b});
     }
     const size_t take = std::min<size_t>(options_.recall_blocks, scored.size());
     std::partial_sort(scored.begin(), scored.begin() + take, scored.end());
-    // Merge the chosen blocks' missing positions into the head, keeping it sorted.
+    // Merge the chosen blocks' missing positions into the head, keeping it sorted. The head is
+    // only touched mutably when it changes (a device backend re-syncs changed heads).
+    const HeadKv& head = std::as_const(hot_).head(layer, g);
     HeadKv merged;
     std::vector<std::pair<int64_t, const float*>> extra_k, extra_v;  // (position, data)
     for (size_t t = 0; t < take; ++t) {
@@ -350,7 +374,7 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
         merged.Append(head.positions[i], &head.keys[i * hd], &head.values[i * hd], hd);
       }
     }
-    head = std::move(merged);
+    hot_.head(layer, g) = std::move(merged);
   }
   return absl::OkStatus();
 }

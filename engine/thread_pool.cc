@@ -1,5 +1,7 @@
 #include "engine/thread_pool.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 
 namespace kvmem {
@@ -70,6 +72,18 @@ void ThreadPool::WorkerLoop(int index) {
       if (--pending_ == 0) done_.notify_one();
     }
   }
+}
+
+ThreadPool& SharedThreadPool() {
+  static std::mutex mu;
+  static ThreadPool* pool = nullptr;  // never destroyed: threads may use it during exit
+  static pid_t owner = 0;
+  std::lock_guard<std::mutex> lock(mu);
+  if (pool == nullptr || owner != getpid()) {
+    pool = new ThreadPool(0);  // a forked child's copy of the parent's pool has no threads
+    owner = getpid();
+  }
+  return *pool;
 }
 
 }  // namespace kvmem

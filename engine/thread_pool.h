@@ -40,6 +40,11 @@ class ThreadPool {
   bool stop_ = false;
 };
 
+// A pool of one thread per hardware thread shared by the whole process, made on first use
+// (session-level work outside a backend, such as scoring recall candidates). A child made by
+// fork() has none of its parent's threads: there the first call makes the child its own pool.
+ThreadPool& SharedThreadPool();
+
 }  // namespace kvmem
 
 #endif  // KVMEM_ENGINE_THREAD_POOL_H_
