@@ -51,6 +51,12 @@ class Backend {
   // queries: per layer (num_heads, w, head_dim), the last w entries' queries of every head.
   // Result: (layer, KV head) lists of ascending entry indices to keep. UNIMPLEMENTED when the
   // backend has no such path: the caller then selects on the host.
+  // Bytes the backend keeps per hot entry (key, value and its position where stored): what a
+  // session's hot set costs where attention reads it (device memory for the CUDA backend).
+  virtual int64_t HotEntryBytes(int head_dim) const {
+    return 2 * static_cast<int64_t>(head_dim) * static_cast<int64_t>(sizeof(float));
+  }
+
   virtual absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
       const KvCache& kv, const SnapKvOptions& options,
       const std::vector<std::vector<float>>& queries, int w) {

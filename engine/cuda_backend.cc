@@ -249,6 +249,11 @@ class CudaBackend : public Backend {
   }
 
   const char* name() const override { return "cuda"; }
+  // Device rows of key and value in T, and the position.
+  int64_t HotEntryBytes(int head_dim) const override {
+    return 2 * static_cast<int64_t>(head_dim) * static_cast<int64_t>(sizeof(T)) +
+           static_cast<int64_t>(sizeof(int64_t));
+  }
 
   absl::Status Init(const ModelWeights* weights);
 

@@ -676,7 +676,7 @@ SessionStats Session::Stats() const {
     for (int g = 0; g < c.num_kv_heads; ++g) s.hot_tokens_per_head.push_back(hot_.head(l, g).size());
   }
   s.hot_tokens = hot_.TotalEntries();
-  s.hot_bytes = hot_.Bytes();
+  s.hot_bytes = s.hot_tokens * backend_.HotEntryBytes(c.head_dim);
   const int B = options_.block_size;
   s.blocks = c.num_layers * ((committed_ + B - 1) / B);
   s.block_bytes = s.blocks * 2 * static_cast<int64_t>(B) * c.kv_dim() * sizeof(float);

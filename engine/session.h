@@ -99,7 +99,7 @@ struct SessionStats {
   int64_t turns = 0;
   std::vector<int64_t> hot_tokens_per_head;  // (layer, KV head)
   int64_t hot_tokens = 0;
-  int64_t hot_bytes = 0;
+  int64_t hot_bytes = 0;  // where attention reads them: Backend::HotEntryBytes per entry
   int64_t blocks = 0;
   int64_t block_bytes = 0;
 };

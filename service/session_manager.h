@@ -39,7 +39,8 @@ struct SessionManagerOptions {
   int64_t max_session_tokens = 0;
   // Default: 4 GiB. Host RAM for the warm tier's KV blocks (LRU beyond it; cold keeps all).
   int64_t warm_bytes = int64_t{4} << 30;
-  // Default: 0 (unlimited). Bytes of all resident sessions' hot sets together; beyond it the
+  // Default: 0 (unlimited). Bytes of all resident sessions' hot sets together, counted where
+  // attention reads them (Backend::HotEntryBytes: device memory on the GPU); beyond it the
   // least recently used idle sessions are paged out whole and paged back in on their next call.
   int64_t hot_bytes = 0;
   // Default: true. fsync every commit before the call returns.

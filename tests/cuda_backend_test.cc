@@ -426,6 +426,18 @@ class CudaSessionTest : public ::testing::Test {
   std::unique_ptr<Backend> gpu_;
 };
 
+TEST_F(CudaSessionTest, HotBytesCountTheDeviceRows) {
+  auto bf16 = CreateCudaBackend(*model_, {.dtype = DeviceDtype::kBF16});
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  auto s = Session::Create(*model_, **bf16, {.memory = {.policy = "full"}});
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->AppendTurn(Role::kUser, "A little fox ran home.").ok());
+  const SessionStats stats = (*s)->Stats();
+  const int hd = model_->config().head_dim;
+  EXPECT_GT(stats.hot_tokens, 0);
+  EXPECT_EQ(stats.hot_bytes, stats.hot_tokens * (2 * hd * 2 + 8));  // bf16 K and V, int64 position
+}
+
 TEST_F(CudaSessionTest, GreedyTextEqualsTheCpuInF32) {
   const SessionOptions options{.memory = {.policy = "full"}, .recall_blocks = 0};
   const std::vector<std::string> want = Run(*cpu_, options);
