@@ -21,9 +21,23 @@ class Tokenizer {
   // Loads a sentencepiece model (tokenizer.model). On failure returns null and sets *error.
   static std::unique_ptr<Tokenizer> LoadSentencePiece(const std::string& path, std::string* error);
 
-  // Encodes text without BOS/EOS; sentencepiece adds its dummy-prefix space as trained.
-  // On failure returns false and sets *error.
+  // Encodes text as the start of a string, without BOS/EOS: sentencepiece adds its
+  // dummy-prefix space as trained, so "day" becomes "▁day". On failure returns false and sets
+  // *error.
   virtual bool Encode(std::string_view text, std::vector<int>* ids, std::string* error) const = 0;
+  // Encodes text as the continuation of a string: the ids `text` gets when it follows other
+  // text in one Encode call at a piece boundary, i.e. without the dummy-prefix space. "day"
+  // then does not start a word and "\n" is just the newline, while " day" still becomes
+  // "▁day". The tokenizer's whitespace normalization applies as to any string: where it
+  // strips a string's trailing spaces, it strips this text's too. On success `ids` holds
+  // the ids (empty for empty text); on failure returns false and sets *error. The default
+  // fails, so that fakes which never encode need not implement it.
+  virtual bool EncodeContinuation(std::string_view text, std::vector<int>* ids,
+                                  std::string* error) const {
+    ids->clear();
+    *error = "this tokenizer cannot encode text as a continuation";
+    return false;
+  }
   // Decodes ids to text. Out-of-range ids decode to nothing.
   virtual std::string Decode(const std::vector<int>& ids) const = 0;
   virtual int vocab_size() const = 0;

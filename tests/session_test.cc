@@ -6,6 +6,8 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "engine/cpu_backend.h"
@@ -241,7 +243,7 @@ TEST_F(SessionTest, FailedCommitBreaksTheSessionUntilRestored) {
   EXPECT_TRUE((*restored)->AppendTurn(Role::kUser, kTurns[1]).ok());
 }
 
-TEST_F(SessionTest, RawTemplateEncodesEachTurnOnItsOwnAfterOneBos) {
+TEST_F(SessionTest, RawTemplateOpensWithOneBosAndStartsEveryTurnAsAWord) {
   auto s = NewSession({.policy = "full"});
   ASSERT_TRUE(s->AppendTurn(Role::kUser, "Once upon a time").ok());
   ASSERT_TRUE(s->AppendTurn(Role::kUser, "there was a dog").ok());
@@ -322,6 +324,252 @@ TEST_F(SessionTest, ChatTemplatesFrameTurns) {
   ASSERT_TRUE(g.ok());
   EXPECT_EQ((*llama2)->turns().back().tokens.back(), model_->config().eos_token_ids[0]);
   EXPECT_EQ((*llama2)->turns().back().tokens.size(), 5u);
+}
+
+// The stories260K tokenizer plus the two chatml special pieces it lacks, at ids past its
+// vocabulary; everything else is the real tokenizer.
+class WithChatMlPieces : public Tokenizer {
+ public:
+  explicit WithChatMlPieces(const Tokenizer& base) : base_(base) {}
+  bool Encode(std::string_view text, std::vector<int>* ids, std::string* error) const override {
+    return base_.Encode(text, ids, error);
+  }
+  bool EncodeContinuation(std::string_view text, std::vector<int>* ids,
+                          std::string* error) const override {
+    return base_.EncodeContinuation(text, ids, error);
+  }
+  std::string Decode(const std::vector<int>& ids) const override { return base_.Decode(ids); }
+  int vocab_size() const override { return base_.vocab_size() + 2; }
+  int bos_id() const override { return base_.bos_id(); }
+  int eos_id() const override { return base_.eos_id(); }
+  int PieceToId(std::string_view piece) const override {
+    if (piece == "<|im_start|>") return base_.vocab_size();
+    if (piece == "<|im_end|>") return base_.vocab_size() + 1;
+    return base_.PieceToId(piece);
+  }
+  const std::string& serialized_model() const override { return base_.serialized_model(); }
+
+ private:
+  const Tokenizer& base_;
+};
+
+// A formatted conversation: runs of text and special token ids.
+struct Part {
+  std::string text;
+  int32_t token = -1;
+};
+Part Special(int32_t id) { return {"", id}; }
+
+class ChatTemplateTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto model = Model::Load(KVMEM_TEST_MODEL_DIR);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::move(*model).release();
+  }
+  static void TearDownTestSuite() { delete model_; }
+
+  const Tokenizer& tok() const { return *model_->tokenizer(); }
+  int32_t bos() const { return model_->config().bos_token_id; }
+  int32_t eos() const { return model_->config().eos_token_ids[0]; }
+
+  std::vector<int32_t> Encode(std::string_view text) const {
+    std::vector<int> ids;
+    std::string error;
+    EXPECT_TRUE(tok().Encode(text, &ids, &error)) << error;
+    return std::vector<int32_t>(ids.begin(), ids.end());
+  }
+  std::vector<int32_t> EncodeContinuation(std::string_view text) const {
+    std::vector<int> ids;
+    std::string error;
+    EXPECT_TRUE(tok().EncodeContinuation(text, &ids, &error)) << error;
+    return std::vector<int32_t>(ids.begin(), ids.end());
+  }
+
+  // The reference: the whole conversation string tokenized in one Encode call, with the
+  // special tokens split out. Leading special tokens come first; the rest is encoded at once
+  // with each special token written as "\x01", whose byte piece no other piece joins, and
+  // that piece is then replaced by the special token's id.
+  std::vector<int32_t> EncodeWhole(const std::vector<Part>& parts) const {
+    const int32_t placeholder = tok().PieceToId("<0x01>");
+    EXPECT_GE(placeholder, 0);
+    std::vector<int32_t> out;
+    size_t i = 0;
+    for (; i < parts.size() && parts[i].token >= 0; ++i) out.push_back(parts[i].token);
+    std::string text;
+    std::vector<int32_t> specials;
+    for (; i < parts.size(); ++i) {
+      if (parts[i].token >= 0) {
+        text += '\x01';
+        specials.push_back(parts[i].token);
+      } else {
+        EXPECT_EQ(parts[i].text.find('\x01'), std::string::npos);
+        text += parts[i].text;
+      }
+    }
+    size_t next = 0;
+    for (int32_t id : Encode(text)) {
+      if (id == placeholder) {
+        EXPECT_LT(next, specials.size());
+        if (next < specials.size()) id = specials[next++];
+      }
+      out.push_back(id);
+    }
+    EXPECT_EQ(next, specials.size()) << "a special token's placeholder joined a piece";
+    return out;
+  }
+
+  // The conversation every template test formats: a system turn, a user turn, an answer, a
+  // user turn, then an (empty) generated answer opened by AssistantPrefix and closed by
+  // AssistantSuffix.
+  static std::vector<int32_t> EncodeConversation(const ChatTemplate& t) {
+    std::vector<int32_t> out;
+    auto add = [&](absl::StatusOr<std::vector<int32_t>> ids) {
+      ASSERT_TRUE(ids.ok()) << ids.status();
+      out.insert(out.end(), ids->begin(), ids->end());
+    };
+    add(t.EncodeTurn(Role::kSystem, kSystem, /*first=*/true));
+    add(t.EncodeTurn(Role::kUser, kQuestion, false));
+    add(t.EncodeTurn(Role::kAssistant, kAnswer, false));
+    add(t.EncodeTurn(Role::kUser, kFollowUp, false));
+    add(t.AssistantPrefix(false));
+    add(t.AssistantSuffix());
+    return out;
+  }
+
+  std::unique_ptr<ChatTemplate> MakeTemplate(std::string_view name, const Tokenizer& tokenizer) {
+    auto t = ChatTemplate::Make(name, tokenizer, model_->config());
+    EXPECT_TRUE(t.ok()) << t.status();
+    return t.ok() ? std::move(*t) : nullptr;
+  }
+
+  static constexpr const char* kSystem = "You are a kind storyteller.";
+  static constexpr const char* kQuestion = "Tell me about a dog named Max.";
+  static constexpr const char* kAnswer = "Max was a happy dog.\nHe loved to play.";
+  static constexpr const char* kFollowUp = "What did he play with?";
+
+  static Model* model_;
+};
+Model* ChatTemplateTest::model_ = nullptr;
+
+TEST_F(ChatTemplateTest, ContinuationEqualsTheTextFollowingOtherTextInOneEncode) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"Once upon a time", " there was a dog"},
+      {"Once upon a time", "  there was a dog"},  // spaces collapse as inside a string
+      {"The dog sat down.", "\nThen he ran."},
+      {"He was sad", "."},
+      {"<|user", "|>\nhi"},
+      {"Max said", "\xE2\x80\x9CHi!\xE2\x80\x9D"},
+      {"Lily saw a", "\xEE\x80\x80 bird"},  // text opening with the first sentinel
+  };
+  for (const auto& [before, text] : cases) {
+    SCOPED_TRACE(std::string(before) + "|" + text);
+    const std::vector<int32_t> head = Encode(before);
+    const std::vector<int32_t> whole = Encode(std::string(before) + text);
+    // The split must fall on a piece boundary for "the ids of text" to be defined.
+    ASSERT_GE(whole.size(), head.size());
+    ASSERT_TRUE(std::equal(head.begin(), head.end(), whole.begin()));
+    EXPECT_EQ(EncodeContinuation(text),
+              std::vector<int32_t>(whole.begin() + head.size(), whole.end()));
+  }
+}
+
+TEST_F(ChatTemplateTest, ContinuationHasNoDummyPrefixWhereAFreshStringHasOne) {
+  const int32_t space = tok().PieceToId("\xE2\x96\x81");  // "▁"
+  const int32_t newline = tok().PieceToId("<0x0A>");
+  ASSERT_GE(space, 0);
+  ASSERT_GE(newline, 0);
+  EXPECT_EQ(Encode("\n"), (std::vector<int32_t>{space, newline}));
+  EXPECT_EQ(EncodeContinuation("\n"), std::vector<int32_t>{newline});
+  EXPECT_EQ(EncodeContinuation(" day"), Encode("day"));
+  EXPECT_NE(EncodeContinuation("day"), Encode("day"));
+  EXPECT_TRUE(EncodeContinuation("").empty());
+}
+
+TEST_F(ChatTemplateTest, RawConversationEqualsTheWholeStringEncodedAtOnce) {
+  auto t = MakeTemplate("raw", tok());
+  ASSERT_NE(t, nullptr);
+  const std::string text = std::string(kSystem) + " " + kQuestion + " " + kAnswer + " " + kFollowUp;
+  EXPECT_EQ(EncodeConversation(*t), EncodeWhole({Special(bos()), {text}}));
+}
+
+TEST_F(ChatTemplateTest, Llama2ConversationEqualsTheWholeStringEncodedAtOnce) {
+  auto t = MakeTemplate("llama2", tok());
+  ASSERT_NE(t, nullptr);
+  const std::vector<int32_t> ids = EncodeConversation(*t);
+  EXPECT_EQ(ids, EncodeWhole({Special(bos()),
+                              {std::string("[INST] <<SYS>>\n") + kSystem + "\n<</SYS>> [/INST]"},
+                              Special(bos()),
+                              {std::string(" [INST] ") + kQuestion + " [/INST] " + kAnswer},
+                              Special(eos()),
+                              Special(bos()),
+                              {std::string(" [INST] ") + kFollowUp + " [/INST]"},
+                              Special(eos())}));
+  // Every instruction starts a word, as when each dialog round is encoded as a fresh string.
+  const std::vector<int32_t> inst = Encode("[INST]");
+  int instructions = 0;
+  for (size_t i = 0; i + 1 + inst.size() <= ids.size(); ++i) {
+    instructions += ids[i] == bos() && std::equal(inst.begin(), inst.end(), ids.begin() + i + 1);
+  }
+  EXPECT_EQ(instructions, 3);
+  // A session that opens with an answer still opens with BOS.
+  auto answer = t->EncodeTurn(Role::kAssistant, kAnswer, /*first=*/true);
+  ASSERT_TRUE(answer.ok()) << answer.status();
+  EXPECT_EQ(answer->front(), bos());
+}
+
+TEST_F(ChatTemplateTest, ZephyrConversationEqualsTheWholeStringEncodedAtOnce) {
+  auto t = MakeTemplate("zephyr", tok());
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(EncodeConversation(*t), EncodeWhole({Special(bos()),
+                                                 {std::string("<|system|>\n") + kSystem},
+                                                 Special(eos()),
+                                                 {std::string("\n<|user|>\n") + kQuestion},
+                                                 Special(eos()),
+                                                 {std::string("\n<|assistant|>\n") + kAnswer},
+                                                 Special(eos()),
+                                                 {std::string("\n<|user|>\n") + kFollowUp},
+                                                 Special(eos()),
+                                                 {"\n<|assistant|>\n"},
+                                                 Special(eos()),
+                                                 {"\n"}}));
+}
+
+TEST_F(ChatTemplateTest, ChatMlConversationEqualsTheWholeStringEncodedAtOnce) {
+  WithChatMlPieces tokenizer(tok());
+  auto t = MakeTemplate("chatml", tokenizer);
+  ASSERT_NE(t, nullptr);
+  const Part start = Special(tokenizer.PieceToId("<|im_start|>"));
+  const Part end = Special(tokenizer.PieceToId("<|im_end|>"));
+  EXPECT_EQ(EncodeConversation(*t), EncodeWhole({start, {std::string("system\n") + kSystem},
+                                                 end,   {"\n"},
+                                                 start, {std::string("user\n") + kQuestion},
+                                                 end,   {"\n"},
+                                                 start, {std::string("assistant\n") + kAnswer},
+                                                 end,   {"\n"},
+                                                 start, {std::string("user\n") + kFollowUp},
+                                                 end,   {"\n"},
+                                                 start, {"assistant\n"},
+                                                 end,   {"\n"}}));
+}
+
+TEST_F(ChatTemplateTest, SessionTurnsEqualTheWholeStringEncodedAtOnce) {
+  CpuBackend backend(*model_, {.threads = 1});
+  auto s =
+      Session::Create(*model_, backend, {.chat_template = "zephyr", .memory = {.policy = "full"}});
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE((*s)->AppendTurn(Role::kUser, kQuestion).ok());
+  ASSERT_TRUE((*s)->AppendTurn(Role::kUser, kFollowUp).ok());
+  std::vector<int32_t> ids;
+  for (const auto& turn : (*s)->turns()) {
+    ids.insert(ids.end(), turn.tokens.begin(), turn.tokens.end());
+  }
+  EXPECT_EQ(ids, EncodeWhole({Special(bos()),
+                              {std::string("<|user|>\n") + kQuestion},
+                              Special(eos()),
+                              {std::string("\n<|user|>\n") + kFollowUp},
+                              Special(eos()),
+                              {"\n"}}));
 }
 
 }  // namespace
