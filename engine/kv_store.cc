@@ -28,8 +28,9 @@ std::vector<float> ComputeDigest(const KvBlock& block, int num_kv_heads, int hea
 float DigestScore(const float* q, const float* digest_head, int head_dim) {
   const float* lo = digest_head;
   const float* hi = digest_head + head_dim;
+  // In element order, one rounded add per element: LaunchDigestScores reproduces it bit for bit
+  // (kernels/digest.cuh), so both backends recall the same blocks. No reassociation here.
   float score = 0.f;
-#pragma omp simd reduction(+ : score)
   for (int d = 0; d < head_dim; ++d) score += std::max(q[d] * lo[d], q[d] * hi[d]);
   return score;
 }
