@@ -57,6 +57,19 @@ class Backend {
     return 2 * static_cast<int64_t>(head_dim) * static_cast<int64_t>(sizeof(float));
   }
 
+  // Recall's digest scores (Session::Recall) where the backend keeps its own copy of `kv`:
+  // scores (num_kv_heads, blocks) with scores[g][b] the max, over the query heads h of KV head
+  // g's group and the last w of the n query rows of q (n, num_heads, head_dim), of
+  // DigestScore(q row, head g's digest of block b), bit-identical to that host loop.
+  // digests[b] is block b's (num_kv_heads, 2, head_dim); between calls for one cache, blocks
+  // are only appended and only the last one may change. UNIMPLEMENTED when the backend has no
+  // such path: the caller then scores on the host.
+  virtual absl::StatusOr<std::vector<float>> ScoreRecallBlocks(
+      const KvCache& kv, int layer, const float* q, int64_t n, int w,
+      const std::vector<std::vector<float>>& digests) {
+    return absl::UnimplementedError("this backend scores recall candidates on the host");
+  }
+
   virtual absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
       const KvCache& kv, const SnapKvOptions& options,
       const std::vector<std::vector<float>>& queries, int w) {

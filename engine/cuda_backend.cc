@@ -21,6 +21,7 @@
 #include "kernels/convert.cuh"
 #include "kernels/cuda_check.cuh"
 #include "kernels/decode_attention.cuh"
+#include "kernels/digest.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/kv_append.cuh"
 #include "kernels/kv_gather.cuh"
@@ -175,11 +176,21 @@ struct DeviceKvBase {
   uint64_t owner = 0;  // id of the backend that made it (which fixes the element type)
 };
 
+// One layer's block digests on the device, for recall scoring: rows [0, synced) of
+// (blocks, num_kv_heads, 2, head_dim) f32 match the host's, except that the last may have
+// changed since (a partial block keeps filling).
+struct DeviceDigests {
+  float* data = nullptr;
+  int64_t capacity = 0;  // blocks
+  int64_t synced = 0;
+};
+
 // The device copy of one KvCache, attached to it.
 template <typename T>
 struct DeviceKv : DeviceKvBase {
   int head_dim = 0;
   std::vector<DeviceHead<T>> heads;  // (layer, kv_head)
+  std::vector<DeviceDigests> digests;  // (layer) once recall has scored there
 
   ~DeviceKv() override {
     std::lock_guard<std::recursive_mutex> lock(ctx->mu);
@@ -188,6 +199,9 @@ struct DeviceKv : DeviceKvBase {
     cudaSetDevice(ctx->device);
     for (DeviceHead<T>& h : heads) {
       if (h.base != nullptr) cudaFreeAsync(h.base, ctx->stream);
+    }
+    for (DeviceDigests& d : digests) {
+      if (d.data != nullptr) cudaFreeAsync(d.data, ctx->stream);
     }
     cudaSetDevice(previous);
   }
@@ -292,6 +306,9 @@ class CudaBackend : public Backend {
   absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
       const KvCache& kv, const SnapKvOptions& options,
       const std::vector<std::vector<float>>& queries, int w) override;
+  absl::StatusOr<std::vector<float>> ScoreRecallBlocks(
+      const KvCache& kv, int layer, const float* q, int64_t n, int w,
+      const std::vector<std::vector<float>>& digests) override;
 
  private:
   struct LayerDevice {
@@ -962,6 +979,70 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
     result[i].assign(k, k + host_counts[i]);
   }
   return result;
+}
+
+template <typename T>
+absl::StatusOr<std::vector<float>> CudaBackend<T>::ScoreRecallBlocks(
+    const KvCache& kv, int layer, const float* q, int64_t n, int w,
+    const std::vector<std::vector<float>>& digests) {
+  const ModelConfig& c = config_;
+  const int kvh = c.num_kv_heads, hd = c.head_dim;
+  const int64_t blocks = static_cast<int64_t>(digests.size());
+  const size_t per_block = static_cast<size_t>(kvh) * 2 * hd;
+  if (layer < 0 || layer >= c.num_layers || w <= 0 || w > n || blocks == 0) {
+    return absl::InvalidArgumentError("ScoreRecallBlocks: layer, window or blocks out of range");
+  }
+  std::lock_guard<std::recursive_mutex> lock(ctx_->mu);
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(ctx_->device));
+  DeviceKv<T>* dkv = OwnCopy(kv);
+  if (dkv == nullptr) return absl::UnimplementedError("the cache has no copy on this device");
+  cudaStream_t s = ctx_->stream;
+  if (dkv->digests.empty()) dkv->digests.resize(c.num_layers);
+  DeviceDigests& dd = dkv->digests[layer];
+  if (blocks < dd.synced) dd.synced = 0;  // not this cache's history: upload it again
+  if (blocks > dd.capacity) {
+    const int64_t capacity = std::max<int64_t>({blocks, dd.capacity * 2, 64});
+    KVMEM_ASSIGN_OR_RETURN(float* grown, AllocAsync<float>(capacity * per_block, s));
+    if (dd.synced > 0) {
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(grown, dd.data,
+                                                 dd.synced * per_block * sizeof(float),
+                                                 cudaMemcpyDeviceToDevice, s));
+    }
+    if (dd.data != nullptr) KVMEM_CUDA_RETURN_IF_ERROR(cudaFreeAsync(dd.data, s));
+    dd.data = grown;
+    dd.capacity = capacity;
+  }
+  // The last synced block may have filled further since: upload from it on.
+  const int64_t from = std::max<int64_t>(0, dd.synced - 1);
+  std::vector<float> packed((blocks - from) * per_block);
+  for (int64_t b = from; b < blocks; ++b) {
+    if (digests[b].size() != per_block) {
+      dd.synced = 0;
+      return absl::InvalidArgumentError("ScoreRecallBlocks: a digest has the wrong shape");
+    }
+    std::memcpy(&packed[(b - from) * per_block], digests[b].data(), per_block * sizeof(float));
+  }
+  dd.synced = 0;  // until the upload below is queued
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dd.data + from * per_block, packed.data(),
+                                             packed.size() * sizeof(float),
+                                             cudaMemcpyHostToDevice, s));
+  dd.synced = blocks;
+  // The window's query rows, then one thread per (KV head, block).
+  const int64_t qd = c.q_dim();
+  Scratch<float> window, scores;
+  KVMEM_RETURN_IF_ERROR(window.Allocate(static_cast<size_t>(w) * qd, s));
+  KVMEM_RETURN_IF_ERROR(scores.Allocate(static_cast<size_t>(kvh) * blocks, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(window.get(), q + (n - w) * qd,
+                                             static_cast<size_t>(w) * qd * sizeof(float),
+                                             cudaMemcpyHostToDevice, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(LaunchDigestScores(window.get(), w, qd, c.num_heads, kvh, hd,
+                                                dd.data, static_cast<int>(blocks), scores.get(),
+                                                s));
+  std::vector<float> out(static_cast<size_t>(kvh) * blocks);
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out.data(), scores.get(), out.size() * sizeof(float),
+                                             cudaMemcpyDeviceToHost, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  return out;
 }
 
 // Writes the pointer tables of layers [first_layer, last_layer), with every head's length

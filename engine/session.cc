@@ -292,6 +292,11 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
   // in parallel: at large models this is the turn's largest host cost (blocks x window rows x
   // group heads x head_dim per head). -inf marks blocks that are fully hot.
   std::vector<float> scores(static_cast<size_t>(kvh) * blocks);
+  // The backend's copy of the digests (the GPU's) scores every block at once; the host then
+  // only masks blocks that are fully hot.
+  absl::StatusOr<std::vector<float>> on_backend =
+      blocks > 0 ? backend_.ScoreRecallBlocks(hot_, layer, q, n, w, digests_[layer])
+                 : absl::UnimplementedError("no blocks");
   auto score = [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int g = static_cast<int>(item / blocks);
@@ -302,7 +307,9 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
           std::lower_bound(head.positions.begin(), head.positions.end(), hi) -
           std::lower_bound(head.positions.begin(), head.positions.end(), lo);
       float best = -std::numeric_limits<float>::infinity();
-      if (hot_in_block < hi - lo) {
+      if (hot_in_block < hi - lo && on_backend.ok()) {
+        best = (*on_backend)[item];
+      } else if (hot_in_block < hi - lo) {
         const float* digest = &digests_[layer][b][static_cast<size_t>(g) * 2 * hd];
         for (int h = g * group; h < (g + 1) * group; ++h) {
           for (int64_t i = n - w; i < n; ++i) {
@@ -314,7 +321,8 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
     }
   };
   // Below about a million multiply-adds the threads cost more than they save.
-  const int64_t work = static_cast<int64_t>(c.num_heads) * blocks * w * hd;
+  const int64_t work =
+      on_backend.ok() ? 0 : static_cast<int64_t>(c.num_heads) * blocks * w * hd;
   if (work < (int64_t{1} << 20)) {
     score(0, kvh * blocks);
   } else {

@@ -8,12 +8,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <ostream>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "engine/cpu_backend.h"
+#include "engine/kv_store.h"
 #include "engine/session.h"
 #include "service/session_manager.h"
 #include "gtest/gtest.h"
@@ -285,6 +287,55 @@ TEST_P(CudaParityTest, SnapKvOnTheDevicePicksTheHostsEntries) {
             absl::StatusCode::kUnimplemented);
   KvCache fresh = gpu_kv;
   EXPECT_EQ(gpu_->SelectSnapKv(fresh, options, got.observed_queries, w).status().code(),
+            absl::StatusCode::kUnimplemented);
+}
+
+TEST_P(CudaParityTest, RecallScoresOnTheDeviceEqualTheHostLoopBitForBit) {
+  const ModelConfig& c = model_->config();
+  auto tokens = RandomTokens(12, c.vocab_size, 19);
+  KvCache kv = NewCache();
+  ForwardResult r;
+  ASSERT_TRUE(gpu_->Forward(tokens, 0, &kv, {}, &r).ok());  // the cache gets its device copy
+  const int hd = c.head_dim, kvh = c.num_kv_heads, group = c.group_size();
+  const int64_t n = 10;
+  const int w = 6;
+  std::mt19937 rng(23);
+  std::normal_distribution<float> normal;
+  std::vector<float> q(n * c.q_dim());
+  for (float& v : q) v = normal(rng);
+  std::vector<std::vector<float>> digests(5, std::vector<float>(kvh * 2 * hd));
+  for (auto& d : digests) {
+    for (float& v : d) v = normal(rng);
+  }
+  auto host = [&] {
+    std::vector<float> want(kvh * digests.size());
+    for (int g = 0; g < kvh; ++g) {
+      for (size_t b = 0; b < digests.size(); ++b) {
+        float best = -std::numeric_limits<float>::infinity();
+        for (int h = g * group; h < (g + 1) * group; ++h) {
+          for (int64_t i = n - w; i < n; ++i) {
+            best = std::max(best, DigestScore(&q[(i * c.num_heads + h) * hd],
+                                              &digests[b][static_cast<size_t>(g) * 2 * hd], hd));
+          }
+        }
+        want[g * digests.size() + b] = best;
+      }
+    }
+    return want;
+  };
+  for (int layer : {0, 1}) {
+    auto got = gpu_->ScoreRecallBlocks(kv, layer, q.data(), n, w, digests);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(*got, host()) << "layer " << layer;
+  }
+  // The last block fills further and two more arrive: only those are uploaded again.
+  for (float& v : digests.back()) v = normal(rng);
+  digests.push_back(digests.front());
+  digests.push_back(std::vector<float>(kvh * 2 * hd, 0.5f));
+  auto again = gpu_->ScoreRecallBlocks(kv, 0, q.data(), n, w, digests);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(*again, host());
+  EXPECT_EQ(cpu_->ScoreRecallBlocks(kv, 0, q.data(), n, w, digests).status().code(),
             absl::StatusCode::kUnimplemented);
 }
 
