@@ -246,6 +246,8 @@ class CudaBackend : public Backend {
     cudaStreamSynchronize(ctx_->stream);
     for (auto& [bucket, graph] : decode_.graphs) cudaGraphExecDestroy(graph.exec);
     if (decode_.workspace != nullptr) cudaFreeAsync(decode_.workspace, ctx_->stream);
+    if (decode_.step_host != nullptr) cudaFreeHost(decode_.step_host);
+    if (decode_.out_host != nullptr) cudaFreeHost(decode_.out_host);
     cudaStreamSynchronize(ctx_->stream);
     if (uploads_.stream != nullptr) cudaStreamSynchronize(uploads_.stream);
     for (UploadSlot& slot : uploads_.slots) {
@@ -411,9 +413,10 @@ class CudaBackend : public Backend {
                            int64_t first_logit, const std::vector<int32_t>& max_lengths,
                            const std::function<absl::Status(int)>& after_qkv);
   // Copies the pass's results to the host and appends its entries to the host cache.
+  // pinned: null, or pinned host memory with room for every result (8-byte aligned each).
   absl::Status FinishPass(const PassBuffers& b, int64_t n, int64_t start_pos, int observed,
                           int64_t logit_rows, KvCache* kv, DeviceKv<T>* dkv,
-                          ForwardResult* result);
+                          ForwardResult* result, uint8_t* pinned = nullptr);
   absl::StatusOr<DecodeGraph*> GraphFor(int32_t longest);
 
   const ModelConfig config_;
@@ -455,6 +458,10 @@ class CudaBackend : public Backend {
     std::map<int32_t, DecodeGraph> graphs;  // by attention length bucket
     bool buffers_ready = false;
     uint8_t* workspace = nullptr;  // decode attention's, shared by the graphs
+    uint8_t* step_device = nullptr;  // the step inputs' device block (tables, position, id)
+    uint8_t* step_host = nullptr;    // its pinned mirror
+    uint8_t* out_host = nullptr;     // pinned staging of a step's results
+    size_t step_bytes = 0, pos_offset = 0, ids_offset = 0;
     bool graphs_failed = false;
     int64_t eager_steps = 0;
   } decode_;
@@ -1240,27 +1247,47 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
 template <typename T>
 absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t start_pos,
                                         int observed, int64_t logit_rows, KvCache* kv,
-                                        DeviceKv<T>* dkv, ForwardResult* result) {
+                                        DeviceKv<T>* dkv, ForwardResult* result,
+                                        uint8_t* pinned) {
   const ModelConfig& c = config_;
   const int64_t hd = c.head_dim, qd = c.q_dim(), kvd = c.kv_dim(), kvh = c.num_kv_heads;
   const int L = c.num_layers;
   cudaStream_t s = ctx_->stream;
   result->logits.resize(logit_rows * c.vocab_size);
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(result->logits.data(), b.logits,
-                                             result->logits.size() * sizeof(float),
-                                             cudaMemcpyDeviceToHost, s));
   std::vector<float> obs(observed > 0 ? static_cast<size_t>(L) * observed * qd : 0);
-  if (observed > 0) {
-    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(obs.data(), b.observed_q,
-                                               obs.size() * sizeof(float), cudaMemcpyDeviceToHost,
-                                               s));
-  }
   std::vector<T> host_k(static_cast<size_t>(L) * n * kvd), host_v(host_k.size());
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_k.data(), b.new_k, host_k.size() * sizeof(T),
-                                             cudaMemcpyDeviceToHost, s));
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_v.data(), b.new_v, host_v.size() * sizeof(T),
-                                             cudaMemcpyDeviceToHost, s));
+  // Results come back in one wait: through pinned staging when given (every copy truly
+  // asynchronous, then one host copy each), else straight into the pageable vectors.
+  struct Download {
+    void* dst;
+    const void* src;
+    size_t bytes;
+  };
+  const Download downloads[] = {
+      {result->logits.data(), b.logits, result->logits.size() * sizeof(float)},
+      {obs.data(), b.observed_q, obs.size() * sizeof(float)},
+      {host_k.data(), b.new_k, host_k.size() * sizeof(T)},
+      {host_v.data(), b.new_v, host_v.size() * sizeof(T)}};
+  size_t staged = 0;
+  for (const Download& d : downloads) {
+    if (d.bytes == 0) continue;
+    if (pinned != nullptr) {
+      KVMEM_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(pinned + staged, d.src, d.bytes, cudaMemcpyDeviceToHost, s));
+      staged += (d.bytes + 7) / 8 * 8;
+    } else {
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d.dst, d.src, d.bytes, cudaMemcpyDeviceToHost, s));
+    }
+  }
   KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  if (pinned != nullptr) {
+    staged = 0;
+    for (const Download& d : downloads) {
+      if (d.bytes == 0) continue;
+      std::memcpy(d.dst, pinned + staged, d.bytes);
+      staged += (d.bytes + 7) / 8 * 8;
+    }
+  }
 
   result->observed_queries.assign(observed > 0 ? L : 0, {});
   for (int l = 0; l < L && observed > 0; ++l) {
@@ -1351,16 +1378,31 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
     }
   }
   if (graph != nullptr) {
+    // The step's inputs (head tables, position, token) are written into pinned memory laid out
+    // as their device block and sent in one asynchronous copy; the previous step's copy is
+    // done (FinishPass waited for the stream).
     PassBuffers& b = decode_.buffers;
-    KVMEM_RETURN_IF_ERROR(UploadTables(*dkv, 0, L, n, b.tables));
-    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b.ids, tokens.data(), sizeof(int32_t),
-                                               cudaMemcpyHostToDevice, s));
-    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b.pos, &start_pos, sizeof(int64_t),
+    const int heads = L * static_cast<int>(kvh);
+    uint8_t* in = decode_.step_host;
+    auto* keys = reinterpret_cast<T**>(in);
+    auto* values = reinterpret_cast<T**>(in + heads * sizeof(void*));
+    auto* positions = reinterpret_cast<int64_t**>(in + 2 * heads * sizeof(void*));
+    auto* lengths = reinterpret_cast<int32_t*>(in + 3 * heads * sizeof(void*));
+    for (int i = 0; i < heads; ++i) {
+      const DeviceHead<T>& dh = dkv->heads[i];
+      keys[i] = dh.keys(c.head_dim);
+      values[i] = dh.values(c.head_dim);
+      positions[i] = dh.positions(c.head_dim);
+      lengths[i] = static_cast<int32_t>(dh.mirrored.size() + 1);
+    }
+    std::memcpy(in + decode_.pos_offset, &start_pos, sizeof(int64_t));
+    std::memcpy(in + decode_.ids_offset, tokens.data(), sizeof(int32_t));
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(decode_.step_device, in, decode_.step_bytes,
                                                cudaMemcpyHostToDevice, s));
     KVMEM_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph->exec, s));
     PassBuffers view = b;
     view.observed_q = observed > 0 ? b.observed_q : nullptr;
-    return FinishPass(view, n, start_pos, observed, 1, kv, dkv, result);
+    return FinishPass(view, n, start_pos, observed, 1, kv, dkv, result, decode_.out_host);
   }
 
   // 3. Otherwise the pass is launched op by op, with scratch freed in stream order after it.
@@ -1417,8 +1459,6 @@ absl::StatusOr<typename CudaBackend<T>::DecodeGraph*> CudaBackend<T>::GraphFor(i
     PassBuffers b;
     const int64_t h = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim();
     const int64_t inter = c.intermediate_size;
-    KVMEM_ASSIGN_OR_RETURN(b.ids, AllocWeight<int32_t>(1));
-    KVMEM_ASSIGN_OR_RETURN(b.pos, AllocWeight<int64_t>(1));
     KVMEM_ASSIGN_OR_RETURN(b.x, AllocWeight<float>(h));
     KVMEM_ASSIGN_OR_RETURN(b.xn, AllocWeight<T>(h));
     KVMEM_ASSIGN_OR_RETURN(b.qkv, AllocWeight<float>(qd + 2 * kvd));
@@ -1436,13 +1476,34 @@ absl::StatusOr<typename CudaBackend<T>::DecodeGraph*> CudaBackend<T>::GraphFor(i
     KVMEM_ASSIGN_OR_RETURN(b.act, AllocWeight<T>(inter));
     KVMEM_ASSIGN_OR_RETURN(b.logits, AllocWeight<float>(c.vocab_size));
     KVMEM_ASSIGN_OR_RETURN(b.observed_q, AllocWeight<float>(static_cast<size_t>(L) * qd));
+    // Step inputs, one block: [head tables | position | token id], mirrored in pinned memory.
     const size_t heads = static_cast<size_t>(L) * c.num_kv_heads;
-    KVMEM_ASSIGN_OR_RETURN(uint8_t * tables,
-                           AllocWeight<uint8_t>(heads * (3 * sizeof(void*) + sizeof(int32_t))));
-    b.tables.keys = reinterpret_cast<T**>(tables);
-    b.tables.values = reinterpret_cast<T**>(tables + heads * sizeof(void*));
-    b.tables.positions = reinterpret_cast<int64_t**>(tables + 2 * heads * sizeof(void*));
-    b.tables.lengths = reinterpret_cast<int32_t*>(tables + 3 * heads * sizeof(void*));
+    const size_t table_bytes = heads * (3 * sizeof(void*) + sizeof(int32_t));
+    const size_t pos_offset = (table_bytes + 7) / 8 * 8;
+    const size_t ids_offset = pos_offset + sizeof(int64_t);
+    const size_t step_bytes = ids_offset + sizeof(int64_t);
+    KVMEM_ASSIGN_OR_RETURN(uint8_t * step, AllocWeight<uint8_t>(step_bytes));
+    b.tables.keys = reinterpret_cast<T**>(step);
+    b.tables.values = reinterpret_cast<T**>(step + heads * sizeof(void*));
+    b.tables.positions = reinterpret_cast<int64_t**>(step + 2 * heads * sizeof(void*));
+    b.tables.lengths = reinterpret_cast<int32_t*>(step + 3 * heads * sizeof(void*));
+    b.pos = reinterpret_cast<int64_t*>(step + pos_offset);
+    b.ids = reinterpret_cast<int32_t*>(step + ids_offset);
+    // Pinned host memory: the step inputs' mirror, and room for a step's results.
+    const size_t out_bytes = (c.vocab_size + static_cast<size_t>(L) * qd) * sizeof(float) +
+                             2 * static_cast<size_t>(L) * kvd * sizeof(T) + 4 * 8;
+    if (decode_.step_host == nullptr) {
+      KVMEM_CUDA_RETURN_IF_ERROR(
+          cudaMallocHost(reinterpret_cast<void**>(&decode_.step_host), step_bytes));
+    }
+    if (decode_.out_host == nullptr) {
+      KVMEM_CUDA_RETURN_IF_ERROR(
+          cudaMallocHost(reinterpret_cast<void**>(&decode_.out_host), out_bytes));
+    }
+    decode_.step_device = step;
+    decode_.step_bytes = step_bytes;
+    decode_.pos_offset = pos_offset;
+    decode_.ids_offset = ids_offset;
     decode_.buffers = b;
     decode_.buffers_ready = true;
   }
