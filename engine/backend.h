@@ -46,11 +46,6 @@ class Backend {
   virtual absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
                                const ForwardOptions& options, ForwardResult* result) = 0;
 
-  // SelectSnapKv (engine/snapkv.h) for every layer of `kv`, run where the backend keeps its
-  // own copy of the cache (the CUDA backend: on the device), returning the same entries.
-  // queries: per layer (num_heads, w, head_dim), the last w entries' queries of every head.
-  // Result: (layer, KV head) lists of ascending entry indices to keep. UNIMPLEMENTED when the
-  // backend has no such path: the caller then selects on the host.
   // Bytes the backend keeps per hot entry (key, value and its position where stored): what a
   // session's hot set costs where attention reads it (device memory for the CUDA backend).
   virtual int64_t HotEntryBytes(int head_dim) const {
@@ -70,6 +65,11 @@ class Backend {
     return absl::UnimplementedError("this backend scores recall candidates on the host");
   }
 
+  // SelectSnapKv (engine/snapkv.h) for every layer of `kv`, run where the backend keeps its
+  // own copy of the cache (the CUDA backend: on the device), returning the same entries.
+  // queries: per layer (num_heads, w, head_dim), the last w entries' queries of every head.
+  // Result: (layer, KV head) lists of ascending entry indices to keep. UNIMPLEMENTED when the
+  // backend has no such path: the caller then selects on the host.
   virtual absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
       const KvCache& kv, const SnapKvOptions& options,
       const std::vector<std::vector<float>>& queries, int w) {

@@ -298,6 +298,10 @@ class CudaBackend : public Backend {
     KVMEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(ctx_->device));
     absl::Status status = Run(tokens, start_pos, kv, options, result, &stale);
     if (!status.ok()) {
+      // Nothing queued may still read pinned inputs or write pinned outputs the next pass
+      // reuses.
+      cudaStreamSynchronize(ctx_->stream);
+      cudaGetLastError();
       // The device copy may be ahead of the host's entries: forget it; the next pass uploads
       // the cache again.
       kv->set_attachment(nullptr);
@@ -1015,7 +1019,7 @@ absl::StatusOr<std::vector<float>> CudaBackend<T>::ScoreRecallBlocks(
                                                  dd.synced * per_block * sizeof(float),
                                                  cudaMemcpyDeviceToDevice, s));
     }
-    if (dd.data != nullptr) KVMEM_CUDA_RETURN_IF_ERROR(cudaFreeAsync(dd.data, s));
+    if (dd.data != nullptr) cudaFreeAsync(dd.data, s);  // a failed free only leaks
     dd.data = grown;
     dd.capacity = capacity;
   }

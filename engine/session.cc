@@ -288,53 +288,64 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
   const int64_t blocks = static_cast<int64_t>(digests_[layer].size());
   const int w = static_cast<int>(std::min<int64_t>(options_.memory.window, n));
   const int kvh = c.num_kv_heads;
-  // 1. Score every (KV head, block) holding a committed position the head does not hold hot,
-  // in parallel: at large models this is the turn's largest host cost (blocks x window rows x
-  // group heads x head_dim per head). -inf marks blocks that are fully hot.
-  std::vector<float> scores(static_cast<size_t>(kvh) * blocks);
-  // The backend's copy of the digests (the GPU's) scores every block at once; the host then
-  // only masks blocks that are fully hot.
-  absl::StatusOr<std::vector<float>> on_backend =
-      blocks > 0 ? backend_.ScoreRecallBlocks(hot_, layer, q, n, w, digests_[layer])
-                 : absl::UnimplementedError("no blocks");
-  auto score = [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int g = static_cast<int>(item / blocks);
-      const int64_t b = item % blocks;
-      const HeadKv& head = std::as_const(hot_).head(layer, g);
+  // 1. Candidates: (KV head, block) pairs holding a committed position the head lacks.
+  std::vector<char> open(static_cast<size_t>(kvh) * blocks, 0);
+  bool any_open = false;
+  for (int g = 0; g < kvh; ++g) {
+    const HeadKv& head = std::as_const(hot_).head(layer, g);
+    for (int64_t b = 0; b < blocks; ++b) {
       const int64_t lo = b * B, hi = std::min<int64_t>((b + 1) * B, committed_);
       const int64_t hot_in_block =
           std::lower_bound(head.positions.begin(), head.positions.end(), hi) -
           std::lower_bound(head.positions.begin(), head.positions.end(), lo);
-      float best = -std::numeric_limits<float>::infinity();
-      if (hot_in_block < hi - lo && on_backend.ok()) {
-        best = (*on_backend)[item];
-      } else if (hot_in_block < hi - lo) {
-        const float* digest = &digests_[layer][b][static_cast<size_t>(g) * 2 * hd];
+      open[static_cast<size_t>(g) * blocks + b] = hot_in_block < hi - lo;
+      any_open |= hot_in_block < hi - lo;
+    }
+  }
+  if (!any_open) return absl::OkStatus();
+  // 2. Their scores (-inf for the rest). The backend's copy of the digests (the GPU's) scores
+  // every block at once, bit-identical to the host loop; without one the host scores, on the
+  // shared thread pool when the work is large (blocks x window rows x group heads x head_dim
+  // per head: the largest host cost of a turn at large models).
+  std::vector<float> scores(static_cast<size_t>(kvh) * blocks,
+                            -std::numeric_limits<float>::infinity());
+  absl::StatusOr<std::vector<float>> on_backend =
+      backend_.ScoreRecallBlocks(hot_, layer, q, n, w, digests_[layer]);
+  if (on_backend.ok()) {
+    for (size_t item = 0; item < scores.size(); ++item) {
+      if (open[item]) scores[item] = (*on_backend)[item];
+    }
+  } else if (on_backend.status().code() != absl::StatusCode::kUnimplemented) {
+    return on_backend.status();
+  } else {
+    auto score = [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        if (!open[item]) continue;
+        const int g = static_cast<int>(item / blocks);
+        const float* digest = &digests_[layer][item % blocks][static_cast<size_t>(g) * 2 * hd];
+        float best = -std::numeric_limits<float>::infinity();
         for (int h = g * group; h < (g + 1) * group; ++h) {
           for (int64_t i = n - w; i < n; ++i) {
             best = std::max(best, DigestScore(q + (i * c.num_heads + h) * hd, digest, hd));
           }
         }
+        scores[item] = best;
       }
-      scores[item] = best;
+    };
+    // Below about a million multiply-adds the threads cost more than they save.
+    if (static_cast<int64_t>(c.num_heads) * blocks * w * hd < (int64_t{1} << 20)) {
+      score(0, kvh * blocks);
+    } else {
+      SharedThreadPool().ParallelFor(kvh * blocks, score);
     }
-  };
-  // Below about a million multiply-adds the threads cost more than they save.
-  const int64_t work =
-      on_backend.ok() ? 0 : static_cast<int64_t>(c.num_heads) * blocks * w * hd;
-  if (work < (int64_t{1} << 20)) {
-    score(0, kvh * blocks);
-  } else {
-    SharedThreadPool().ParallelFor(kvh * blocks, score);
   }
-  // 2. Per head, load the top blocks and merge their missing positions in.
+  // 3. Per head, load the top blocks and merge their missing positions in.
   std::map<int64_t, std::shared_ptr<const KvBlock>> loaded;  // this layer's reads, by index
   for (int g = 0; g < kvh; ++g) {
     std::vector<std::pair<float, int64_t>> scored;  // (-score, block index)
     for (int64_t b = 0; b < blocks; ++b) {
-      const float best = scores[static_cast<size_t>(g) * blocks + b];
-      if (best != -std::numeric_limits<float>::infinity()) scored.push_back({-best, b});
+      const size_t item = static_cast<size_t>(g) * blocks + b;
+      if (open[item]) scored.push_back({-scores[item], b});
     }
     const size_t take = std::min<size_t>(options_.recall_blocks, scored.size());
     std::partial_sort(scored.begin(), scored.begin() + take, scored.end());
