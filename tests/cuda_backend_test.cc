@@ -335,6 +335,21 @@ TEST_P(CudaParityTest, RecallScoresOnTheDeviceEqualTheHostLoopBitForBit) {
   auto again = gpu_->ScoreRecallBlocks(kv, 0, q.data(), n, w, digests);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(*again, host());
+  // Past the first allocation (64 blocks) the device copy grows, keeping what it holds.
+  while (digests.size() < 70) {
+    std::vector<float> d(kvh * 2 * hd);
+    for (float& v : d) v = normal(rng);
+    digests.push_back(std::move(d));
+  }
+  auto grown = gpu_->ScoreRecallBlocks(kv, 0, q.data(), n, w, digests);
+  ASSERT_TRUE(grown.ok()) << grown.status();
+  EXPECT_EQ(*grown, host());
+  // Fewer blocks than were synced (not this cache's history): everything is uploaded again.
+  digests.resize(3);
+  for (float& v : digests[0]) v = normal(rng);
+  auto shorter = gpu_->ScoreRecallBlocks(kv, 0, q.data(), n, w, digests);
+  ASSERT_TRUE(shorter.ok()) << shorter.status();
+  EXPECT_EQ(*shorter, host());
   EXPECT_EQ(cpu_->ScoreRecallBlocks(kv, 0, q.data(), n, w, digests).status().code(),
             absl::StatusCode::kUnimplemented);
 }
