@@ -2,8 +2,9 @@
 # Runs kvmem's GPU tests on a lent GPU machine, which has the CUDA runtime but none of our other
 # dependencies. Two halves:
 #   here (the development machine):  scripts/gpu-check.sh pack
-#       builds with CUDA and packs executables, the libraries the GPU machine lacks and the
-#       test models into gpu-pack/ (git-ignored; name it in the device tool's `carry`);
+#       builds with CUDA and packs the GPU test and bench executables (stripped), the libraries
+#       the GPU machine lacks and the test model into gpu-pack.tgz (git-ignored, about 25 MB;
+#       name it in the device tool's `carry`);
 #   there (the GPU machine):           scripts/gpu-check.sh run
 #       runs every CUDA test, then the kernel tests again under compute-sanitizer (memcheck,
 #       racecheck), writing logs to $OUT when set;
@@ -14,11 +15,27 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
   pack)
     scripts/bootstrap.sh -DKVMEM_CUDA=ON
-    ../shared/tools/pack-binaries.sh build gpu-pack
+    # Only what the GPU runs, stripped, with the libraries a bare CUDA machine lacks and the
+    # test model, then compressed: the device tool carries at most 64 MiB, and OpenBLAS alone
+    # is 35 MB uncompressed.
+    rm -rf gpu-pack gpu-pack.tgz
+    mkdir -p gpu-pack/bin gpu-pack/lib gpu-pack/models
+    for b in kernels_test kernels_attention_test cuda_backend_test cuda_bench; do
+      cp "build/bin/$b" gpu-pack/bin/ && strip -s "gpu-pack/bin/$b"
+    done
+    skip='/libc\.so|/libm\.so|ld-linux|libgcc_s|libstdc\+\+|libpthread|libdl\.|librt\.|libcuda\.|libcudart|libcublas|libnvidia'
+    for f in gpu-pack/bin/*; do
+      ldd "$f" | awk '/=>/ {print $3}' | { grep -vE "$skip" || true; }
+    done | sort -u | while read -r lib; do cp -L "$lib" gpu-pack/lib/; done
+    cp -r ../shared/models/stories260K gpu-pack/models/
     # The commit the binaries were built from (the GPU machine gets no .git).
     echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo -dirty)" >gpu-pack/COMMIT
+    tar czf gpu-pack.tgz gpu-pack
+    du -sh gpu-pack gpu-pack.tgz
+    echo "carry gpu-pack.tgz; on the device: scripts/gpu-check.sh run (it unpacks it)"
     ;;
   run)
+    [[ -d gpu-pack ]] || tar xzf gpu-pack.tgz
     export LD_LIBRARY_PATH="$PWD/gpu-pack/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     out="${OUT:-/tmp}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
@@ -41,6 +58,7 @@ case "${1:-}" in
     exit $status
     ;;
   bench)
+    [[ -d gpu-pack ]] || tar xzf gpu-pack.tgz
     export LD_LIBRARY_PATH="$PWD/gpu-pack/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     out="${OUT:-/tmp}"
     echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" | tee "$out/cuda_bench.md"
