@@ -1225,6 +1225,7 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
       pp.sliding_window = c.sliding_window;
       pp.start_position = start_pos;
       pp.out = b->attn;
+      pp.tensor_cores = options_.tensor_core_prefill;
       KVMEM_CUDA_RETURN_IF_ERROR(LaunchPrefillAttention(pp, s));
     }
     KVMEM_RETURN_IF_ERROR(Gemm(lw.w_o, h, qd, b->attn, n, b->proj));

@@ -43,6 +43,9 @@ struct CudaBackendOptions {
   // Default: true. Decode steps (one token, no recall hook, no sliding window) replay a CUDA
   // graph of the whole pass captured once per 4096-entry bucket of the longest head.
   bool cuda_graphs = true;
+  // Default: true. Prefill attention on tensor cores for bf16/f16 (PrefillAttentionParams::
+  // tensor_cores); false runs the CUDA-core kernel.
+  bool tensor_core_prefill = true;
   // Default: 0. Benchmarks only: with no host weights, fill the device weights with uniform
   // values of this seed (scaled so activations stay finite) instead of uploading.
   uint64_t random_weights_seed = 0;

@@ -37,6 +37,11 @@ struct PrefillAttentionParams {
   int64_t start_position = 0;
   // (n, num_heads, head_dim) dense, device.
   T* out = nullptr;
+  // Default: true. For 16-bit T, head_dim a multiple of 16 up to 128 and no sliding window,
+  // scores and the weighted sum run on tensor cores (WMMA, f32 accumulation; the softmax
+  // weights are rounded to T before they multiply V, as FlashAttention does). false, and every
+  // other case, runs the CUDA-core kernel.
+  bool tensor_cores = true;
 };
 
 // Queues the attention on `stream`: one block per (16 query rows, KV head), a query row being a

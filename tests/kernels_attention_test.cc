@@ -368,7 +368,7 @@ std::vector<PrefillCase> PrefillCases() {
 }
 
 template <typename T>
-void CheckPrefill(double tolerance) {
+void CheckPrefill(double tolerance, bool tensor_cores = true) {
   uint32_t seed = 200;
   for (const PrefillCase& c : PrefillCases()) {
     SCOPED_TRACE(testing::Message()
@@ -414,6 +414,7 @@ void CheckPrefill(double tolerance) {
     p.sliding_window = c.sliding_window;
     p.start_position = start;
     p.out = d_out.get();
+    p.tensor_cores = tensor_cores;
     Finish(LaunchPrefillAttention(p, nullptr));
     const std::vector<float> got = ToFloat(d_out.ToHost());
     EXPECT_EQ(CountNan(got), 0);
@@ -423,8 +424,14 @@ void CheckPrefill(double tolerance) {
 
 TEST_F(KernelsAttentionTest, PrefillAttentionF32MatchesReference) { CheckPrefill<float>(1e-5); }
 
+// bf16 runs the tensor-core kernel where it applies (head_dim 64 and 128, no window) and the
+// CUDA-core kernel elsewhere; the second test forces the CUDA-core kernel everywhere.
 TEST_F(KernelsAttentionTest, PrefillAttentionBf16MatchesReference) {
   CheckPrefill<__nv_bfloat16>(1e-2);
+}
+
+TEST_F(KernelsAttentionTest, PrefillAttentionBf16OnCudaCoresMatchesReference) {
+  CheckPrefill<__nv_bfloat16>(1e-2, /*tensor_cores=*/false);
 }
 
 TEST_F(KernelsAttentionTest, PrefillAttentionIsCausalOverNewTokens) {
