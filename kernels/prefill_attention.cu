@@ -190,9 +190,9 @@ size_t MmaSharedBytes(int hd, size_t elem) {
 template <typename T>
 __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillAttentionParams<T> p) {
   namespace wmma = nvcuda::wmma;
-  extern __shared__ float4 smem_f4[];
+  extern __shared__ __align__(128) float4 smem_mma[];  // WMMA pointers need 32-byte alignment
   const int hd = p.kv.head_dim;
-  T* s_q = reinterpret_cast<T*>(smem_f4);
+  T* s_q = reinterpret_cast<T*>(smem_mma);
   T* s_k = s_q + kMmaRows * hd;
   T* s_v = s_k + kMmaTile * hd;
   float* s_s = reinterpret_cast<float*>(s_v + kMmaTile * hd);
@@ -271,20 +271,25 @@ __global__ void __launch_bounds__(kMmaWarps * 32) PrefillMmaKernel(PrefillAttent
     }
     __syncwarp();
 
-    // Online softmax: lanes 2i and 2i + 1 share row i, 32 columns each.
+    // Online softmax: lanes 2i and 2i + 1 share row i, 32 columns each, visited in an order
+    // rotated by lane so the warp's shared-memory accesses fall in distinct banks.
+    float sc[32];
     float mx = -INFINITY;
-    for (int c = half * 32; c < half * 32 + 32; ++c) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int c = half * 32 + ((i + lane) & 31);
       const bool live = k0 + c <= my_visible;
-      const float sc = live ? w_s[row * kMmaTile + c] * p.scale : -INFINITY;
-      w_s[row * kMmaTile + c] = sc;
-      mx = fmaxf(mx, sc);
+      sc[i] = live ? w_s[row * kMmaTile + c] * p.scale : -INFINITY;
+      mx = fmaxf(mx, sc[i]);
     }
     mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
     const float m_old = s_m[warp * 16 + row];
     const float m_new = fmaxf(m_old, mx);
     float sum = 0.f;
-    for (int c = half * 32; c < half * 32 + 32; ++c) {
-      const float w = m_new == -INFINITY ? 0.f : expf(w_s[row * kMmaTile + c] - m_new);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int c = half * 32 + ((i + lane) & 31);
+      const float w = m_new == -INFINITY ? 0.f : expf(sc[i] - m_new);
       w_p[row * kMmaTile + c] = FromFloat<T>(w);
       sum += w;
     }
@@ -363,7 +368,7 @@ cudaError_t LaunchPrefillAttention(const PrefillAttentionParams<T>& p, cudaStrea
   // are 8-byte aligned.
   static_assert((kRows + 2 * kTile) % 2 == 0 && kTile % 2 == 0, "positions alignment");
   if constexpr (!std::is_same_v<T, float>) {
-    if (p.tensor_cores && hd % 16 == 0 && hd <= 128 && p.sliding_window == 0) {
+    if (p.tensor_cores && hd % 16 == 0 && hd <= 128 && p.sliding_window <= 0) {
       return LaunchMma(p, stream);
     }
   }

@@ -44,9 +44,9 @@ struct PrefillAttentionParams {
   bool tensor_cores = true;
 };
 
-// Queues the attention on `stream`: one block per (16 query rows, KV head), a query row being a
-// (new token, query head of the group) pair, so a K/V tile staged in shared memory serves every
-// query head of the group. Key tiles run up to the block's last visible entry; a sliding window
+// Queues the attention on `stream`: one block per (16 query rows, KV head) on CUDA cores, or
+// per (64 query rows, KV head) on tensor cores, a query row being a (new token, query head of
+// the group) pair, so a K/V tile staged in shared memory serves every query head of the group. Key tiles run up to the block's last visible entry; a sliding window
 // masks but does not skip tiles. n == 0 launches nothing.
 // cudaErrorInvalidValue for a head_dim outside [1, 256], a num_heads that is not a positive
 // multiple of num_kv_heads, or n < 0; otherwise the launch error.
