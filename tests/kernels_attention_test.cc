@@ -30,39 +30,12 @@
 #include "kernels/prefill_attention.cuh"
 #include "kernels/ragged_kv.cuh"
 #include "kernels/snapkv.cuh"
+#include "tests/cuda_test_util.h"
 
 namespace kvmem {
 namespace {
 
-// A device array of T, freed on destruction; CUDA failures abort (test setup is an invariant).
-// Filled with all-ones bits (NaN for f32, bf16 and f64) until written.
-template <typename T>
-class DeviceArray {
- public:
-  explicit DeviceArray(size_t n) : n_(n) {
-    KVMEM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr_), std::max<size_t>(bytes(), 1)));
-    KVMEM_CUDA_CHECK(cudaMemset(ptr_, 0xff, bytes()));
-  }
-  explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) {
-    KVMEM_CUDA_CHECK(cudaMemcpy(ptr_, host.data(), bytes(), cudaMemcpyHostToDevice));
-  }
-  ~DeviceArray() { cudaFree(ptr_); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-
-  T* get() const { return ptr_; }
-  size_t size() const { return n_; }
-  std::vector<T> ToHost() const {
-    std::vector<T> host(n_);
-    KVMEM_CUDA_CHECK(cudaMemcpy(host.data(), ptr_, bytes(), cudaMemcpyDeviceToHost));
-    return host;
-  }
-
- private:
-  size_t bytes() const { return n_ * sizeof(T); }
-  size_t n_;
-  T* ptr_ = nullptr;
-};
+using testing::DeviceArray;
 
 std::vector<float> RandomNormal(size_t n, uint32_t seed, float stddev = 1.f) {
   std::mt19937 rng(seed);
@@ -258,7 +231,7 @@ template <typename T>
 void CheckDecode(double tolerance) {
   uint32_t seed = 100;
   for (const DecodeCase& c : DecodeCases()) {
-    SCOPED_TRACE(testing::Message()
+    SCOPED_TRACE(::testing::Message()
                  << "heads=" << c.num_heads << "/" << c.num_kv_heads << " head_dim=" << c.head_dim
                  << " split=" << c.split_size << " window=" << c.sliding_window);
     const int64_t q_position = 100000;
@@ -371,7 +344,7 @@ template <typename T>
 void CheckPrefill(double tolerance, bool tensor_cores = true) {
   uint32_t seed = 200;
   for (const PrefillCase& c : PrefillCases()) {
-    SCOPED_TRACE(testing::Message()
+    SCOPED_TRACE(::testing::Message()
                  << "heads=" << c.num_heads << "/" << c.num_kv_heads << " head_dim=" << c.head_dim
                  << " n=" << c.n << " window=" << c.sliding_window);
     const int64_t start = 50000;
@@ -511,7 +484,7 @@ template <typename T>
 void CheckSnapKv() {
   uint32_t seed = 400;
   for (const SnapKvCase& c : SnapKvCases()) {
-    SCOPED_TRACE(testing::Message()
+    SCOPED_TRACE(::testing::Message()
                  << "heads=" << c.num_heads << "/" << c.num_kv_heads << " head_dim=" << c.head_dim
                  << " w=" << c.w << " budget=" << c.budget << " kernel=" << c.kernel
                  << " avg=" << (c.pooling == Pooling::kAvg) << " window=" << c.sliding_window
@@ -563,7 +536,7 @@ void CheckSnapKv() {
     const std::vector<int32_t> keep = d_keep.ToHost(), counts = d_counts.ToHost();
     const std::vector<double> scores = d_scores.ToHost();
     for (int g = 0; g < c.num_kv_heads; ++g) {
-      SCOPED_TRACE(testing::Message() << "kv head " << g << " length " << c.lengths[g]);
+      SCOPED_TRACE(::testing::Message() << "kv head " << g << " length " << c.lengths[g]);
       ASSERT_EQ(counts[g], static_cast<int32_t>(want[g].size()));
       const std::vector<int64_t> got(keep.begin() + static_cast<int64_t>(g) * c.budget,
                                      keep.begin() + static_cast<int64_t>(g) * c.budget + counts[g]);
@@ -731,7 +704,7 @@ TEST_F(KernelsAttentionTest, GatherKvCopiesKeptEntriesOfEachHead) {
 
   EXPECT_EQ(d_lengths.ToHost(), counts);
   for (size_t g = 0; g < lengths.size(); ++g) {
-    SCOPED_TRACE(testing::Message() << "kv head " << g);
+    SCOPED_TRACE(::testing::Message() << "kv head " << g);
     const std::vector<float> k = dst_k[g]->ToHost(), v = dst_v[g]->ToHost();
     const std::vector<int64_t> pos = dst_p[g]->ToHost();
     for (size_t i = 0; i < keep_lists[g].size(); ++i) {

@@ -25,37 +25,12 @@
 #include "kernels/rmsnorm.cuh"
 #include "kernels/rope.cuh"
 #include "kernels/swiglu.cuh"
+#include "tests/cuda_test_util.h"
 
 namespace kvmem {
 namespace {
 
-// A device array of T, freed on destruction; CUDA failures abort (test setup is an invariant).
-template <typename T>
-class DeviceArray {
- public:
-  explicit DeviceArray(size_t n) : n_(n) {
-    KVMEM_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr_), bytes()));
-    KVMEM_CUDA_CHECK(cudaMemset(ptr_, 0xff, bytes()));  // all-ones bits: NaN for f32 and bf16
-  }
-  explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) {
-    KVMEM_CUDA_CHECK(cudaMemcpy(ptr_, host.data(), bytes(), cudaMemcpyHostToDevice));
-  }
-  ~DeviceArray() { cudaFree(ptr_); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-
-  T* get() const { return ptr_; }
-  std::vector<T> ToHost() const {
-    std::vector<T> host(n_);
-    KVMEM_CUDA_CHECK(cudaMemcpy(host.data(), ptr_, bytes(), cudaMemcpyDeviceToHost));
-    return host;
-  }
-
- private:
-  size_t bytes() const { return n_ * sizeof(T); }
-  size_t n_;
-  T* ptr_ = nullptr;
-};
+using testing::DeviceArray;
 
 std::vector<float> RandomNormal(size_t n, uint32_t seed, float mean = 0.f, float stddev = 1.f) {
   std::mt19937 rng(seed);
@@ -166,7 +141,7 @@ constexpr NormShape kNormShapes[] = {{1, 8}, {3, 64}, {5, 1000}, {2, 4099}};
 TEST_F(KernelsTest, AddRmsNormF32MatchesCpu) {
   const float eps = 1e-5f;
   for (const NormShape& s : kNormShapes) {
-    SCOPED_TRACE(testing::Message() << "n=" << s.n << " dim=" << s.dim);
+    SCOPED_TRACE(::testing::Message() << "n=" << s.n << " dim=" << s.dim);
     const std::vector<float> x = RandomNormal(s.n * s.dim, 10);
     const std::vector<float> residual = RandomNormal(s.n * s.dim, 11);
     const std::vector<float> weight = RandomNormal(s.dim, 12, 1.f, 0.1f);
@@ -189,7 +164,7 @@ TEST_F(KernelsTest, AddRmsNormF32MatchesCpu) {
 TEST_F(KernelsTest, AddRmsNormBf16MatchesCpu) {
   const float eps = 1e-5f;
   for (const NormShape& s : kNormShapes) {
-    SCOPED_TRACE(testing::Message() << "n=" << s.n << " dim=" << s.dim);
+    SCOPED_TRACE(::testing::Message() << "n=" << s.n << " dim=" << s.dim);
     const auto x = ToBf16(RandomNormal(s.n * s.dim, 20));
     const auto residual = ToBf16(RandomNormal(s.n * s.dim, 21));
     const auto weight = ToBf16(RandomNormal(s.dim, 22, 1.f, 0.1f));
@@ -217,7 +192,7 @@ TEST_F(KernelsTest, RopeRotateHalfMatchesCpu) {
     int heads, head_dim;
   };
   for (const RopeShape& s : {RopeShape{1, 1, 2}, RopeShape{6, 8, 64}, RopeShape{5, 3, 128}}) {
-    SCOPED_TRACE(testing::Message()
+    SCOPED_TRACE(::testing::Message()
                  << "n=" << s.n << " heads=" << s.heads << " head_dim=" << s.head_dim);
     const int half = s.head_dim / 2;
     std::vector<double> inv_freq(half);  // Llama's theta = 500000 frequencies
@@ -251,7 +226,7 @@ TEST_F(KernelsTest, RopeRejectsOddHeadDim) {
 
 TEST_F(KernelsTest, SwiGluMatchesCpu) {
   for (int64_t n : {int64_t{1}, int64_t{255}, int64_t{100003}}) {
-    SCOPED_TRACE(testing::Message() << "n=" << n);
+    SCOPED_TRACE(::testing::Message() << "n=" << n);
     const std::vector<float> gate = RandomNormal(n, 40, 0.f, 3.f);
     const std::vector<float> up = RandomNormal(n, 41);
     std::vector<float> want = gate;
@@ -289,7 +264,7 @@ TEST_F(KernelsTest, SwiGluRowsMatchesCpuOnStackedGateAndUp) {
 
 TEST_F(KernelsTest, ResidualRmsNormAddsBiasedResidualThenNorms) {
   for (const NormShape& s : kNormShapes) {
-    SCOPED_TRACE(testing::Message() << "n=" << s.n << " dim=" << s.dim);
+    SCOPED_TRACE(::testing::Message() << "n=" << s.n << " dim=" << s.dim);
     const std::vector<float> x = RandomNormal(s.n * s.dim, 50);
     const std::vector<float> residual = RandomNormal(s.n * s.dim, 51);
     const std::vector<float> bias = RandomNormal(s.dim, 52);
