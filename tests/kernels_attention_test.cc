@@ -35,30 +35,10 @@
 namespace kvmem {
 namespace {
 
+using testing::CountNan;
 using testing::DeviceArray;
-
-std::vector<float> RandomNormal(size_t n, uint32_t seed, float stddev = 1.f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.f, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng);
-  return v;
-}
-
-// ||a - b|| / ||b||; NaN when a holds a NaN, which fails every `<` comparison.
-double RelativeError(const std::vector<float>& a, const std::vector<double>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double diff = 0, norm = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-    diff += (a[i] - b[i]) * (a[i] - b[i]);
-    norm += b[i] * b[i];
-  }
-  return norm > 0 ? std::sqrt(diff) / std::sqrt(norm) : std::sqrt(diff);
-}
-
-int64_t CountNan(const std::vector<float>& v) {
-  return std::count_if(v.begin(), v.end(), [](float x) { return std::isnan(x); });
-}
+using testing::RandomNormal;
+using testing::RelativeError;
 
 // Rounds to bf16 and back, so a CPU reference sees exactly what a bf16 kernel reads.
 std::vector<float> RoundToBf16(const std::vector<float>& v) {

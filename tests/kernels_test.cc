@@ -30,32 +30,10 @@
 namespace kvmem {
 namespace {
 
+using testing::CountNan;
 using testing::DeviceArray;
-
-std::vector<float> RandomNormal(size_t n, uint32_t seed, float mean = 0.f, float stddev = 1.f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(mean, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng);
-  return v;
-}
-
-// ||a - b|| / ||b||; NaN when a holds a NaN, which fails every `<` comparison.
-double RelativeError(const std::vector<float>& a, const std::vector<float>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  double diff = 0, norm = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-    diff += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
-    norm += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(diff) / std::sqrt(norm);
-}
-
-int64_t CountNan(const std::vector<float>& v) {
-  int64_t nan = 0;
-  for (float x : v) nan += std::isnan(x) ? 1 : 0;
-  return nan;
-}
+using testing::RandomNormal;
+using testing::RelativeError;
 
 std::vector<__nv_bfloat16> ToBf16(const std::vector<float>& v) {
   std::vector<__nv_bfloat16> out(v.size());
