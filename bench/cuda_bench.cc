@@ -3,10 +3,13 @@
 //   decode     ms/token at hot lengths 1K/4K/16K/32K (batch 1) against the floor
 //              (weights + hot KV bytes read per token) / device-to-device copy bandwidth;
 //   append     a turn of 256 and 4096 tokens onto a 16K-token hot set: prefill, then SnapKV
-//              selection on the device (budget 4096 per head), then the host's compaction;
-//   page-in    a paged-out 16K-token hot set to the device, from host memory (warm) and from
-//              the cold tier (RocksDB blocks read back, the host cache rebuilt, then uploaded),
-//              in GB/s of device KV written against the pinned host->device copy bandwidth.
+//              selection on the device (budget 4096 per head), then compaction (the host
+//              compacts positions, the device gathers its rows on the next pass);
+//   page-in    a paged-out 16K-token hot set to the device, from blocks in host memory (warm)
+//              and from the cold tier (RocksDB blocks read back, then uploaded), in GB/s of
+//              device KV written against the pinned host->device copy bandwidth.
+// Hot sets are held as sessions on the GPU hold them: positions on the host, rows on the
+// device, read back from f32 blocks of 16 positions when the device needs them again.
 // Usage: cuda_bench [--shapes 1b,8b] [--lengths 1024,4096,16384,32768] [--steps N]
 //                   [--dtype bf16|f16|f32]
 // Exits 0 with a message when no usable GPU is present.
@@ -105,34 +108,75 @@ double PinnedUploadGbps() {
   return static_cast<double>(bytes) * reps / s / 1e9;
 }
 
-// A hot set of `length` entries per head at positions 0..length-1, random values in [-1, 1),
+constexpr int kBlock = 16;
+
+// (layer) -> (block index) -> block of kBlock positions, all KV heads.
+using LayerBlocks = std::vector<std::vector<std::shared_ptr<const KvBlock>>>;
+
+// Blocks of positions 0..length-1 with random values in [-1, 1) (values scaled by 0.1),
 // filled by all hardware threads.
-KvCache RandomHotSet(const ModelConfig& c, int64_t length) {
-  KvCache kv(c.num_layers, c.num_kv_heads, c.head_dim);
-  const int heads = c.num_layers * c.num_kv_heads;
+LayerBlocks RandomBlocks(const ModelConfig& c, int64_t length) {
+  const int64_t per_layer = (length + kBlock - 1) / kBlock;
+  LayerBlocks blocks(c.num_layers, std::vector<std::shared_ptr<const KvBlock>>(per_layer));
   const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
   std::vector<std::thread> pool;
   for (unsigned t = 0; t < threads; ++t) {
     pool.emplace_back([&, t] {
-      for (int i = static_cast<int>(t); i < heads; i += static_cast<int>(threads)) {
-        HeadKv& h = kv.head(i / c.num_kv_heads, i % c.num_kv_heads);
-        h.positions.resize(length);
-        h.keys.resize(length * c.head_dim);
-        h.values.resize(length * c.head_dim);
+      for (int64_t i = t; i < c.num_layers * per_layer; i += threads) {
+        const int64_t b = i % per_layer;
+        auto block =
+            std::make_shared<KvBlock>(MakeEmptyBlock(b, kBlock, c.num_kv_heads, c.head_dim));
+        block->filled = static_cast<int>(std::min<int64_t>(kBlock, length - b * kBlock));
         uint64_t x = 0x9e3779b97f4a7c15ull * (i + 1);
-        for (int64_t p = 0; p < length; ++p) h.positions[p] = p;
         auto next = [&x] {
           x ^= x << 13;
           x ^= x >> 7;
           x ^= x << 17;
           return static_cast<float>(x >> 40) * (2.f / 16777216.f) - 1.f;
         };
-        for (float& v : h.keys) v = next();
-        for (float& v : h.values) v = next() * 0.1f;
+        for (float& v : block->keys) v = next();
+        for (float& v : block->values) v = next() * 0.1f;
+        blocks[i / per_layer][b] = std::move(block);
       }
     });
   }
   for (std::thread& t : pool) t.join();
+  return blocks;
+}
+
+// Reads rows back from blocks the way Session::ReadRows does.
+class BlockRows : public KvRowSource {
+ public:
+  BlockRows(const ModelConfig& c, const LayerBlocks* blocks) : c_(c), blocks_(blocks) {}
+  absl::Status ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions, float* keys,
+                        float* values) override {
+    const int hd = c_.head_dim;
+    for (size_t i = 0; i < positions.size(); ++i) {
+      const KvBlock& block = *(*blocks_)[layer][positions[i] / kBlock];
+      const size_t off = ((positions[i] % kBlock) * c_.num_kv_heads + kv_head) * hd;
+      std::memcpy(keys + i * hd, &block.keys[off], hd * sizeof(float));
+      std::memcpy(values + i * hd, &block.values[off], hd * sizeof(float));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  const ModelConfig& c_;
+  const LayerBlocks* blocks_;
+};
+
+// A hot set of positions 0..length-1 in every head whose rows live with the backend, read
+// from `rows` when it uploads them.
+KvCache HotSet(const ModelConfig& c, int64_t length, KvRowSource* rows) {
+  KvCache kv(c.num_layers, c.num_kv_heads, c.head_dim, KvCache::RowHome::kBackend);
+  kv.set_row_source(rows);
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (int g = 0; g < c.num_kv_heads; ++g) {
+      std::vector<int64_t>& p = kv.head(l, g).positions;
+      p.resize(length);
+      for (int64_t i = 0; i < length; ++i) p[i] = i;
+    }
+  }
   return kv;
 }
 
@@ -147,12 +191,11 @@ double HotKvBytes(const ModelConfig& c, int64_t length, size_t elem) {
   return static_cast<double>(c.num_layers) * c.num_kv_heads * length * c.head_dim * 2 * elem;
 }
 
-// Writes `hot` (positions 0..length-1 in every head) to a fresh cold store under `dir` as the
-// session's blocks, then times reading every block back and rebuilding the host cache from
-// them, as a page-in from cold does. Returns the rebuilt cache; *read_s is the time taken.
-absl::StatusOr<KvCache> ColdRoundTrip(const ModelConfig& c, const KvCache& hot, int64_t length,
-                                      const std::string& dir, double* read_s) {
-  constexpr int kBlock = 16;
+// Writes `blocks` to a fresh cold store under `dir` as a session's blocks, then times reading
+// every block back, as a page-in from cold does. Returns the blocks read; *read_s is the time
+// taken.
+absl::StatusOr<LayerBlocks> ColdRoundTrip(const ModelConfig& c, const LayerBlocks& blocks,
+                                          const std::string& dir, double* read_s) {
   const int kvh = c.num_kv_heads, hd = c.head_dim;
   std::filesystem::remove_all(dir);
   uint64_t uid = 0;
@@ -169,18 +212,8 @@ absl::StatusOr<KvCache> ColdRoundTrip(const ModelConfig& c, const KvCache& hot, 
       TurnCommit commit;
       commit.owners = &owners;
       commit.last_logits = &logits;
-      for (int64_t b = 0; b * kBlock < length; ++b) {
-        auto block = std::make_shared<KvBlock>(MakeEmptyBlock(b, kBlock, kvh, hd));
-        block->filled = static_cast<int>(std::min<int64_t>(kBlock, length - b * kBlock));
-        for (int64_t p = b * kBlock; p < b * kBlock + block->filled; ++p) {
-          for (int g = 0; g < kvh; ++g) {
-            const HeadKv& h = hot.head(l, g);
-            const size_t off = ((p % kBlock) * kvh + g) * hd;
-            std::memcpy(&block->keys[off], &h.keys[p * hd], hd * sizeof(float));
-            std::memcpy(&block->values[off], &h.values[p * hd], hd * sizeof(float));
-          }
-        }
-        commit.blocks.push_back({{uid, l, b}, block, ComputeDigest(*block, kvh, hd)});
+      for (const std::shared_ptr<const KvBlock>& block : blocks[l]) {
+        commit.blocks.push_back({{uid, l, block->index}, block, ComputeDigest(*block, kvh, hd)});
         if (commit.blocks.size() == 64) {
           if (absl::Status s = (*cold)->CommitTurn(record, commit, "", kvh, hd); !s.ok()) return s;
           commit.blocks.clear();
@@ -194,22 +227,17 @@ absl::StatusOr<KvCache> ColdRoundTrip(const ModelConfig& c, const KvCache& hot, 
   auto cold = ColdStore::Open({.path = dir, .sync = false});
   if (!cold.ok()) return cold.status();
   const auto start = std::chrono::steady_clock::now();
-  KvCache rebuilt(c.num_layers, kvh, hd);
+  LayerBlocks read(c.num_layers);
   for (int l = 0; l < c.num_layers; ++l) {
-    for (int64_t b = 0; b * kBlock < length; ++b) {
-      auto block = (*cold)->ReadBlock({uid, l, b}, kBlock, kvh, hd);
+    for (size_t b = 0; b < blocks[l].size(); ++b) {
+      auto block = (*cold)->ReadBlock({uid, l, static_cast<int64_t>(b)}, kBlock, kvh, hd);
       if (!block.ok()) return block.status();
-      for (int64_t p = b * kBlock; p < b * kBlock + (*block)->filled; ++p) {
-        for (int g = 0; g < kvh; ++g) {
-          const size_t off = ((p % kBlock) * kvh + g) * hd;
-          rebuilt.head(l, g).Append(p, &(*block)->keys[off], &(*block)->values[off], hd);
-        }
-      }
+      read[l].push_back(*std::move(block));
     }
   }
   *read_s = Seconds(start);
   std::filesystem::remove_all(dir);
-  return rebuilt;
+  return read;
 }
 
 int Run(int argc, char** argv) {
@@ -276,7 +304,9 @@ int Run(int argc, char** argv) {
     std::printf("| hot tokens/head | ms/token | floor ms | roofline share |\n");
     std::printf("| ---: | ---: | ---: | ---: |\n");
     for (int64_t length : lengths) {
-      KvCache kv = RandomHotSet(c, length);
+      const LayerBlocks blocks = RandomBlocks(c, length);
+      BlockRows rows(c, &blocks);
+      KvCache kv = HotSet(c, length, &rows);
       ForwardResult r;
       int64_t pos = length;
       std::vector<int32_t> token = {1};
@@ -297,18 +327,24 @@ int Run(int argc, char** argv) {
                   floor_ms / ms);
     }
 
-    // Turn append onto a 16K-token hot set.
-    std::printf("\n| turn onto 16K | prefill ms | SnapKV ms | compaction ms | turn ms | SnapKV share |\n");
+    // Turn append onto a 16K-token hot set. Compaction is the host's (positions only, as a
+    // session on the GPU does) plus the device's gather, which runs at the start of the next
+    // pass: the next one-token pass minus a plain one.
+    std::printf(
+        "\n| turn onto 16K | prefill ms | SnapKV ms | compaction ms (host + gather) "
+        "| turn ms | SnapKV share |\n");
     std::printf("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
     const int64_t base = 16384;
+    const LayerBlocks warm = RandomBlocks(c, base);
+    BlockRows warm_rows(c, &warm);
     const SnapKvOptions snap{.window = 32, .kernel = 7, .pooling = Pooling::kMax, .budget = 4096};
+    std::vector<int32_t> one = {1};
     for (int64_t turn : {int64_t{256}, int64_t{4096}}) {
-      double prefill_ms = 0, select_ms = 0, compact_ms = 0;
+      double prefill_ms = 0, select_ms = 0, host_ms = 0, gather_ms = 0;
       const int reps = 3;
       for (int rep = 0; rep < reps; ++rep) {
-        KvCache kv = RandomHotSet(c, base);
+        KvCache kv = HotSet(c, base, &warm_rows);
         ForwardResult r;
-        std::vector<int32_t> one = {1};
         if (!b.Forward(one, base, &kv, {}, &r).ok()) return 1;  // uploads the hot set
         std::vector<int32_t> tokens(turn);
         for (int64_t i = 0; i < turn; ++i) tokens[i] = static_cast<int32_t>((i * 31 + rep) % c.vocab_size);
@@ -316,6 +352,7 @@ int Run(int argc, char** argv) {
         absl::Status s = b.Forward(tokens, base + 1, &kv, {.observe_last = snap.window}, &r);
         if (!s.ok()) return std::fprintf(stderr, "append: %s\n", s.ToString().c_str()), 1;
         prefill_ms += Seconds(start) * 1e3;
+        kv.DropFreshBefore(base + 1 + turn);  // the session moves them into blocks
         start = std::chrono::steady_clock::now();
         auto keep = b.SelectSnapKv(kv, snap, r.observed_queries, snap.window);
         if (!keep.ok()) return std::fprintf(stderr, "snapkv: %s\n", keep.status().ToString().c_str()), 1;
@@ -325,31 +362,35 @@ int Run(int argc, char** argv) {
           for (int g = 0; g < c.num_kv_heads; ++g) {
             HeadKv& h = kv.head(l, g);
             const std::vector<int64_t>& k = (*keep)[l * c.num_kv_heads + g];
-            for (size_t i = 0; i < k.size(); ++i) {
-              h.positions[i] = h.positions[k[i]];
-              std::memmove(&h.keys[i * c.head_dim], &h.keys[k[i] * c.head_dim], c.head_dim * 4);
-              std::memmove(&h.values[i * c.head_dim], &h.values[k[i] * c.head_dim], c.head_dim * 4);
-            }
+            for (size_t i = 0; i < k.size(); ++i) h.positions[i] = h.positions[k[i]];
             h.positions.resize(k.size());
-            h.keys.resize(k.size() * c.head_dim);
-            h.values.resize(k.size() * c.head_dim);
           }
         }
-        compact_ms += Seconds(start) * 1e3;
+        host_ms += Seconds(start) * 1e3;
+        int64_t pos = base + 1 + turn;
+        start = std::chrono::steady_clock::now();
+        if (!b.Forward(one, pos++, &kv, {}, &r).ok()) return 1;  // gathers, then one step
+        const double next_ms = Seconds(start) * 1e3;
+        start = std::chrono::steady_clock::now();
+        if (!b.Forward(one, pos++, &kv, {}, &r).ok()) return 1;
+        gather_ms += std::max(0.0, next_ms - Seconds(start) * 1e3);
       }
       prefill_ms /= reps;
       select_ms /= reps;
-      compact_ms /= reps;
+      host_ms /= reps;
+      gather_ms /= reps;
+      const double compact_ms = host_ms + gather_ms;
       const double total = prefill_ms + select_ms + compact_ms;
-      std::printf("| %lld | %.2f | %.2f | %.2f | %.2f | %.3f |\n", static_cast<long long>(turn),
-                  prefill_ms, select_ms, compact_ms, total, select_ms / total);
+      std::printf("| %lld | %.2f | %.2f | %.2f (%.2f + %.2f) | %.2f | %.3f |\n",
+                  static_cast<long long>(turn), prefill_ms, select_ms, compact_ms, host_ms,
+                  gather_ms, total, select_ms / total);
     }
 
-    // Page-in of a paged-out 16K-token hot set from host memory: the first pass uploads it.
+    // Page-in of a paged-out 16K-token hot set from blocks in host memory: the first pass reads
+    // its rows back and uploads them.
     {
-      KvCache kv = RandomHotSet(c, base);
+      KvCache kv = HotSet(c, base, &warm_rows);
       ForwardResult r;
-      std::vector<int32_t> one = {1};
       auto start = std::chrono::steady_clock::now();
       if (!b.Forward(one, base, &kv, {}, &r).ok()) return 1;
       const double first_s = Seconds(start);
@@ -362,25 +403,28 @@ int Run(int argc, char** argv) {
                   "%.2f of pinned host->device\n",
                   bytes / 1e9, (first_s - step_s) * 1e3, gbps, gbps / pinned_gbps);
 
-      // From cold: the same hot set written as blocks, read back, rebuilt, uploaded.
+      // From cold: the same blocks written to RocksDB, read back, then uploaded.
       double read_s = 0;
       const std::string dir =
           (std::filesystem::temp_directory_path() / "kvmem-cuda-bench-cold").string();
-      absl::StatusOr<KvCache> rebuilt = ColdRoundTrip(c, kv, base, dir, &read_s);
-      if (!rebuilt.ok()) {
-        std::fprintf(stderr, "cold: %s\n", rebuilt.status().ToString().c_str());
+      absl::StatusOr<LayerBlocks> read = ColdRoundTrip(c, warm, dir, &read_s);
+      if (!read.ok()) {
+        std::fprintf(stderr, "cold: %s\n", read.status().ToString().c_str());
         return 1;
       }
+      BlockRows cold_rows(c, &*read);
+      KvCache paged = HotSet(c, base, &cold_rows);
       start = std::chrono::steady_clock::now();
-      if (!b.Forward(one, base, &*rebuilt, {}, &r).ok()) return 1;
+      if (!b.Forward(one, base, &paged, {}, &r).ok()) return 1;
       const double upload_s = Seconds(start) - step_s;
       const double f32_bytes = HotKvBytes(c, base, sizeof(float));
       const double total_s = read_s + upload_s;
-      std::printf("page-in from cold: read + rebuild %.1f ms (%.2f GB/s of stored f32 blocks), "
-                  "upload %.1f ms; total %.1f ms, %.1f GB/s of device KV, %.2f of pinned "
-                  "host->device\n\n",
-                  read_s * 1e3, f32_bytes / read_s / 1e9, upload_s * 1e3, total_s * 1e3,
-                  bytes / total_s / 1e9, bytes / total_s / 1e9 / pinned_gbps);
+      std::printf(
+          "page-in from cold: read %.1f ms (%.2f GB/s of stored f32 blocks), "
+          "upload %.1f ms; total %.1f ms, %.1f GB/s of device KV, %.2f of pinned "
+          "host->device\n\n",
+          read_s * 1e3, f32_bytes / read_s / 1e9, upload_s * 1e3, total_s * 1e3,
+          bytes / total_s / 1e9, bytes / total_s / 1e9 / pinned_gbps);
     }
   }
   return 0;

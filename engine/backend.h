@@ -46,6 +46,12 @@ class Backend {
   virtual absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
                                const ForwardOptions& options, ForwardResult* result) = 0;
 
+  // True when the backend keeps its own copy of the hot rows (the GPU's) and can run on a
+  // cache whose rows live with it (KvCache::RowHome::kBackend): a session then keeps only
+  // positions and fresh rows on the host. Forward on such a cache appends positions to every
+  // head and the new rows to the fresh rows. Backends that answer false need kHost caches.
+  virtual bool KeepsHotRows() const { return false; }
+
   // Bytes the backend keeps per hot entry (key, value and its position where stored): what a
   // session's hot set costs where attention reads it (device memory for the CUDA backend).
   virtual int64_t HotEntryBytes(int head_dim) const {

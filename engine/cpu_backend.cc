@@ -27,6 +27,11 @@ absl::Status CpuBackend::Forward(absl::Span<const int32_t> tokens, int64_t start
   const ModelWeights& w = model_.weights();
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n == 0) return absl::InvalidArgumentError("Forward needs at least one token");
+  if (!kv->host_rows()) {
+    return absl::FailedPreconditionError(
+        "the CPU backend attends to rows in host memory; this cache keeps them with a device "
+        "backend");
+  }
   for (int32_t t : tokens) {
     if (t < 0 || t >= c.vocab_size) {
       return absl::InvalidArgumentError(

@@ -265,6 +265,8 @@ class CudaBackend : public Backend {
   }
 
   const char* name() const override { return "cuda"; }
+  // The device copy is the hot set's full copy; sessions keep positions and fresh rows.
+  bool KeepsHotRows() const override { return true; }
   // Device rows of key and value in T, and the position.
   int64_t HotEntryBytes(int head_dim) const override {
     return 2 * static_cast<int64_t>(head_dim) * static_cast<int64_t>(sizeof(T)) +
@@ -699,7 +701,7 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
   }
   if (pending.empty()) return absl::OkStatus();
   // Should anything below fail, the pending heads' rows are in an unknown state: make the next
-  // sync upload them whole (the host still holds every entry).
+  // sync upload them whole (the host holds every entry, or reads it back from its blocks).
   struct ForgetOnError {
     std::vector<DeviceHead<T>*> heads;
     bool done = false;
@@ -752,10 +754,23 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
       return absl::OkStatus();
     };
     const int64_t chunk_rows = uploads_.slot_rows;
+    std::vector<int64_t> read_positions;
+    std::vector<float> read_keys, read_values;
     for (Pending& p : pending) {
       DeviceHead<T>& dh = dkv.heads[p.index];
       const HeadKv& src = kv.head(p.index / kvh, p.index % kvh);
       const int64_t first_row = static_cast<int64_t>(dh.mirrored.size());
+      // Rows the host does not hold (the cache keeps them with the backend) are read back
+      // from the session's blocks first: upload u's row is then row u of read_keys/values.
+      const bool read_back = !kv.host_rows();
+      if (read_back) {
+        read_positions.clear();
+        for (int64_t e : p.plan.uploads) read_positions.push_back(src.positions[e]);
+        read_keys.resize(read_positions.size() * hd);
+        read_values.resize(read_keys.size());
+        KVMEM_RETURN_IF_ERROR(kv.ReadRows(p.index / kvh, p.index % kvh, read_positions,
+                                          read_keys.data(), read_values.data()));
+      }
       for (size_t u = 0; u < p.plan.uploads.size(); ++u) {
         UploadSlot& slot = uploads_.slots[slot_index];
         if (rows == 0) {
@@ -768,9 +783,11 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
         const int64_t row = first_row + static_cast<int64_t>(u);
         T* keys = reinterpret_cast<T*>(slot.host + full.keys) + rows * hd;
         T* values = reinterpret_cast<T*>(slot.host + full.values) + rows * hd;
+        const float* key = read_back ? &read_keys[u * hd] : &src.keys[e * hd];
+        const float* value = read_back ? &read_values[u * hd] : &src.values[e * hd];
         for (int d = 0; d < hd; ++d) {
-          keys[d] = HostFromFloat<T>(src.keys[e * hd + d]);
-          values[d] = HostFromFloat<T>(src.values[e * hd + d]);
+          keys[d] = HostFromFloat<T>(key[d]);
+          values[d] = HostFromFloat<T>(value[d]);
         }
         reinterpret_cast<int64_t*>(slot.host + full.positions)[rows] = src.positions[e];
         reinterpret_cast<T**>(slot.host + full.dst_keys)[rows] = dh.keys(hd) + row * hd;
@@ -1308,9 +1325,21 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
     }
   }
   // The host cache gets the entries exactly as the device holds them (rounded to T), so a
-  // later upload of them reproduces the device's rows bit for bit.
+  // later upload of them reproduces the device's rows bit for bit: into every head (kHost),
+  // or as the layer's fresh rows with positions only in the heads (kBackend).
   std::vector<float> krow(hd), vrow(hd);
+  std::vector<float> fresh_k, fresh_v;
   for (int l = 0; l < L; ++l) {
+    if (!kv->host_rows()) {
+      const size_t begin = static_cast<size_t>(l) * n * kvd, count = static_cast<size_t>(n) * kvd;
+      fresh_k.resize(count);
+      fresh_v.resize(count);
+      for (size_t i = 0; i < count; ++i) {
+        fresh_k[i] = HostToFloat(host_k[begin + i]);
+        fresh_v[i] = HostToFloat(host_v[begin + i]);
+      }
+      kv->AppendFresh(l, start_pos, n, fresh_k.data(), fresh_v.data());
+    }
     for (int g = 0; g < kvh; ++g) {
       DeviceHead<T>& dh = dkv->heads[l * kvh + g];
       // A head changed on the host after its layer was synced (only a hook editing another
@@ -1322,12 +1351,17 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
         dh.version = ~uint64_t{0};
       }
       for (int64_t t = 0; t < n; ++t) {
-        const size_t off = ((static_cast<size_t>(l) * n + t) * kvh + g) * hd;
-        for (int64_t d = 0; d < hd; ++d) {
-          krow[d] = HostToFloat(host_k[off + d]);
-          vrow[d] = HostToFloat(host_v[off + d]);
+        if (kv->host_rows()) {
+          const size_t off = ((static_cast<size_t>(l) * n + t) * kvh + g) * hd;
+          for (int64_t d = 0; d < hd; ++d) {
+            krow[d] = HostToFloat(host_k[off + d]);
+            vrow[d] = HostToFloat(host_v[off + d]);
+          }
+          head.Append(start_pos + t, krow.data(), vrow.data(), static_cast<int>(hd));
+        } else {
+          KVMEM_CHECK(head.positions.empty() || head.positions.back() < start_pos + t);
+          head.positions.push_back(start_pos + t);
         }
-        head.Append(start_pos + t, krow.data(), vrow.data(), static_cast<int>(hd));
         if (in_step) dh.mirrored.push_back(start_pos + t);
       }
       if (in_step) dh.version = kv->version(l, g);

@@ -1,7 +1,10 @@
 #include "engine/kv_cache.h"
 
 #include <algorithm>
+#include <cstring>
+#include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
 
 namespace kvmem {
@@ -13,19 +16,23 @@ void HeadKv::Append(int64_t position, const float* key, const float* value, int 
   values.insert(values.end(), value, value + head_dim);
 }
 
-KvCache::KvCache(int num_layers, int num_kv_heads, int head_dim)
+KvCache::KvCache(int num_layers, int num_kv_heads, int head_dim, RowHome rows)
     : num_layers_(num_layers),
       num_kv_heads_(num_kv_heads),
       head_dim_(head_dim),
       heads_(static_cast<size_t>(num_layers) * num_kv_heads),
-      versions_(heads_.size(), 0) {}
+      versions_(heads_.size(), 0),
+      row_home_(rows),
+      fresh_(rows == RowHome::kBackend ? num_layers : 0) {}
 
 KvCache::KvCache(const KvCache& other)
     : num_layers_(other.num_layers_),
       num_kv_heads_(other.num_kv_heads_),
       head_dim_(other.head_dim_),
       heads_(other.heads_),
-      versions_(other.versions_) {}
+      versions_(other.versions_),
+      row_home_(other.row_home_),
+      fresh_(other.fresh_) {}
 
 KvCache& KvCache::operator=(const KvCache& other) {
   if (this == &other) return *this;
@@ -33,6 +40,9 @@ KvCache& KvCache::operator=(const KvCache& other) {
   num_kv_heads_ = other.num_kv_heads_;
   head_dim_ = other.head_dim_;
   heads_ = other.heads_;
+  row_home_ = other.row_home_;
+  fresh_ = other.fresh_;
+  row_source_ = nullptr;
   // Versions must not repeat ones a backend may have seen for this cache's former entries.
   versions_.resize(heads_.size(), 0);
   for (size_t i = 0; i < versions_.size(); ++i) {
@@ -40,6 +50,118 @@ KvCache& KvCache::operator=(const KvCache& other) {
   }
   attachment_.reset();
   return *this;
+}
+
+int64_t KvCache::fresh_size(int layer) const {
+  return static_cast<int64_t>(fresh_[layer].keys.size()) / (num_kv_heads_ * head_dim_);
+}
+
+void KvCache::AppendFresh(int layer, int64_t first, int64_t n, const float* keys,
+                          const float* values) {
+  KVMEM_CHECK(row_home_ == RowHome::kBackend);
+  FreshRows& f = fresh_[layer];
+  const int64_t held = fresh_size(layer);
+  if (held == 0) f.first = first;
+  KVMEM_CHECK(f.first + held == first);
+  const size_t count = static_cast<size_t>(n) * num_kv_heads_ * head_dim_;
+  f.keys.insert(f.keys.end(), keys, keys + count);
+  f.values.insert(f.values.end(), values, values + count);
+}
+
+void KvCache::DropFreshFrom(int64_t position) {
+  for (int l = 0; l < static_cast<int>(fresh_.size()); ++l) {
+    FreshRows& f = fresh_[l];
+    const int64_t keep = std::clamp<int64_t>(position - f.first, 0, fresh_size(l));
+    f.keys.resize(static_cast<size_t>(keep) * num_kv_heads_ * head_dim_);
+    f.values.resize(f.keys.size());
+  }
+}
+
+void KvCache::DropFreshBefore(int64_t position) {
+  for (int l = 0; l < static_cast<int>(fresh_.size()); ++l) {
+    FreshRows& f = fresh_[l];
+    const int64_t held = fresh_size(l);
+    const int64_t drop = std::clamp<int64_t>(position - f.first, 0, held);
+    const size_t count = static_cast<size_t>(drop) * num_kv_heads_ * head_dim_;
+    f.keys.erase(f.keys.begin(), f.keys.begin() + count);
+    f.values.erase(f.values.begin(), f.values.begin() + count);
+    f.first = held == drop ? 0 : f.first + drop;
+  }
+}
+
+absl::Status KvCache::ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions,
+                               float* keys, float* values) const {
+  KVMEM_CHECK(layer >= 0 && layer < num_layers_ && kv_head >= 0 && kv_head < num_kv_heads_);
+  const size_t hd = static_cast<size_t>(head_dim_);
+  if (row_home_ == RowHome::kHost) {
+    const HeadKv& h = heads_[layer * num_kv_heads_ + kv_head];
+    for (size_t i = 0; i < positions.size(); ++i) {
+      auto it = std::lower_bound(h.positions.begin(), h.positions.end(), positions[i]);
+      if (it == h.positions.end() || *it != positions[i]) {
+        return absl::NotFoundError(absl::StrCat("position ", positions[i], " is not cached"));
+      }
+      const size_t e = static_cast<size_t>(it - h.positions.begin());
+      std::memcpy(keys + i * hd, &h.keys[e * hd], hd * sizeof(float));
+      std::memcpy(values + i * hd, &h.values[e * hd], hd * sizeof(float));
+    }
+    return absl::OkStatus();
+  }
+  // Fresh rows here, the rest from the source in one call.
+  const FreshRows& f = fresh_[layer];
+  const int64_t fresh_end = f.first + fresh_size(layer);
+  std::vector<int64_t> older;
+  std::vector<size_t> older_at;
+  for (size_t i = 0; i < positions.size(); ++i) {
+    const int64_t p = positions[i];
+    if (p >= f.first && p < fresh_end) {
+      const size_t off = (static_cast<size_t>(p - f.first) * num_kv_heads_ + kv_head) * hd;
+      std::memcpy(keys + i * hd, &f.keys[off], hd * sizeof(float));
+      std::memcpy(values + i * hd, &f.values[off], hd * sizeof(float));
+    } else {
+      older.push_back(p);
+      older_at.push_back(i);
+    }
+  }
+  if (older.empty()) return absl::OkStatus();
+  if (row_source_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "this cache keeps its rows with the backend and has no row source to read them from");
+  }
+  std::vector<float> k(older.size() * hd), v(older.size() * hd);
+  KVMEM_RETURN_IF_ERROR(row_source_->ReadRows(layer, kv_head, older, k.data(), v.data()));
+  for (size_t j = 0; j < older.size(); ++j) {
+    std::memcpy(keys + older_at[j] * hd, &k[j * hd], hd * sizeof(float));
+    std::memcpy(values + older_at[j] * hd, &v[j * hd], hd * sizeof(float));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<KvCache> KvCache::WithHostRows() const {
+  if (row_home_ == RowHome::kHost) return *this;
+  KvCache out(num_layers_, num_kv_heads_, head_dim_, RowHome::kHost);
+  for (int l = 0; l < num_layers_; ++l) {
+    for (int g = 0; g < num_kv_heads_; ++g) {
+      const HeadKv& h = heads_[l * num_kv_heads_ + g];
+      HeadKv& o = out.head(l, g);
+      o.positions = h.positions;
+      o.keys.resize(h.positions.size() * head_dim_);
+      o.values.resize(o.keys.size());
+      KVMEM_RETURN_IF_ERROR(ReadRows(l, g, h.positions, o.keys.data(), o.values.data()));
+    }
+  }
+  return out;
+}
+
+int64_t KvCache::Bytes() const {
+  int64_t floats = 0;
+  if (row_home_ == RowHome::kHost) {
+    floats = TotalEntries() * 2 * head_dim_;
+  } else {
+    for (const FreshRows& f : fresh_) {
+      floats += static_cast<int64_t>(f.keys.size() + f.values.size());
+    }
+  }
+  return floats * static_cast<int64_t>(sizeof(float));
 }
 
 int64_t KvCache::MaxPosition() const {

@@ -6,12 +6,17 @@
 #include <memory>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
 namespace kvmem {
 
 // Entries of one (layer, KV head). Keys are stored after RoPE at their own absolute position,
 // so an entry keeps its meaning wherever it sits in the list.
 struct HeadKv {
   std::vector<int64_t> positions;  // (n) absolute positions, strictly increasing
+  // Empty when the cache's rows live with the backend (KvCache::RowHome::kBackend).
   std::vector<float> keys;         // (n, head_dim)
   std::vector<float> values;       // (n, head_dim)
 
@@ -20,13 +25,43 @@ struct HeadKv {
   void Append(int64_t position, const float* key, const float* value, int head_dim);
 };
 
-// The entries live in host memory (f32). A device backend keeps its own copy of them beside
-// the cache (the attachment) and brings it up to date before every pass; it learns which
-// heads changed from their versions: every mutable access to a head counts as a change.
+// Where a cache whose rows live with the backend finds the rows of entries it no longer holds
+// on the host: a session reads them from its blocks (tail, warm or cold).
+class KvRowSource {
+ public:
+  virtual ~KvRowSource() = default;
+  // Keys and values, each (positions.size(), head_dim), of one (layer, KV head) at `positions`
+  // (any order). DATA_LOSS or NOT_FOUND when a block is damaged or missing.
+  virtual absl::Status ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions,
+                                float* keys, float* values) = 0;
+};
+
+// A device backend keeps its own copy of the entries beside the cache (the attachment) and
+// brings it up to date before every pass; it learns which heads changed from their versions:
+// every mutable access to a head counts as a change.
+//
+// Where the entries' keys and values live on the host (RowHome):
+//   kHost     every head holds its rows (f32). The CPU backend attends to them.
+//   kBackend  heads hold positions only. The backend's copy is the only full one; the host
+//             keeps the rows of the newest positions (the fresh rows, which the session has
+//             not yet put into blocks) and reads older ones through the row source when the
+//             backend must upload them again (a new copy, a recall, after an error). This
+//             spares the host an f32 copy of the hot set and makes eviction a compaction of
+//             positions.
 class KvCache {
  public:
-  KvCache(int num_layers, int num_kv_heads, int head_dim);
-  // A copy holds the same entries but no attachment (a backend copies what it needs again).
+  enum class RowHome { kHost, kBackend };
+
+  // Rows of consecutive positions [first, first + size()) of one layer, all KV heads.
+  struct FreshRows {
+    int64_t first = 0;
+    std::vector<float> keys;    // (size(), num_kv_heads, head_dim)
+    std::vector<float> values;  // (size(), num_kv_heads, head_dim)
+  };
+
+  KvCache(int num_layers, int num_kv_heads, int head_dim, RowHome rows = RowHome::kHost);
+  // A copy holds the same entries and fresh rows but no attachment (a backend copies what it
+  // needs again) and no row source.
   KvCache(const KvCache& other);
   KvCache& operator=(const KvCache& other);
   // A move hands the attachment over with the entries.
@@ -36,6 +71,8 @@ class KvCache {
   int num_layers() const { return num_layers_; }
   int num_kv_heads() const { return num_kv_heads_; }
   int head_dim() const { return head_dim_; }
+  RowHome row_home() const { return row_home_; }
+  bool host_rows() const { return row_home_ == RowHome::kHost; }
   // Mutable access bumps the head's version, whether or not the caller then changes it.
   HeadKv& head(int layer, int kv_head) {
     const int i = layer * num_kv_heads_ + kv_head;
@@ -53,12 +90,33 @@ class KvCache {
   // with the cache). Only the backend that set it interprets it.
   const std::shared_ptr<void>& attachment() const { return attachment_; }
   void set_attachment(std::shared_ptr<void> attachment) { attachment_ = std::move(attachment); }
+
+  // kBackend only. The fresh rows of `layer`.
+  const FreshRows& fresh(int layer) const { return fresh_[layer]; }
+  int64_t fresh_size(int layer) const;
+  // Appends rows (n, num_kv_heads, head_dim) of positions [first, first + n) to `layer`'s
+  // fresh rows, which must end at `first` unless empty.
+  void AppendFresh(int layer, int64_t first, int64_t n, const float* keys, const float* values);
+  // Forgets fresh rows of positions >= `position` (a rolled-back pass) or < `position`
+  // (rows the session has put into blocks), in every layer.
+  void DropFreshFrom(int64_t position);
+  void DropFreshBefore(int64_t position);
+  // Not owned; must outlive its use by this cache.
+  void set_row_source(KvRowSource* source) { row_source_ = source; }
+  // Keys and values (positions.size(), head_dim) of one head at `positions`: from the head's
+  // own rows (kHost), else from the fresh rows or the row source. FAILED_PRECONDITION when a
+  // kBackend cache needs its row source and has none.
+  absl::Status ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions, float* keys,
+                        float* values) const;
+  // A kHost copy of every head (itself when already kHost).
+  absl::StatusOr<KvCache> WithHostRows() const;
+
   // The largest position held by any head, or -1 when empty.
   int64_t MaxPosition() const;
   // Entries summed over all (layer, head).
   int64_t TotalEntries() const;
-  // Bytes of keys and values held (f32).
-  int64_t Bytes() const { return TotalEntries() * 2 * head_dim_ * static_cast<int64_t>(sizeof(float)); }
+  // Bytes of keys and values held on the host (f32): every entry (kHost) or the fresh rows.
+  int64_t Bytes() const;
 
  private:
   int num_layers_;
@@ -66,6 +124,9 @@ class KvCache {
   int head_dim_;
   std::vector<HeadKv> heads_;  // (layer, kv_head)
   std::vector<uint64_t> versions_;  // (layer, kv_head)
+  RowHome row_home_;
+  std::vector<FreshRows> fresh_;  // (layer), kBackend only
+  KvRowSource* row_source_ = nullptr;
   std::shared_ptr<void> attachment_;
 };
 

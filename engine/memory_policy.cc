@@ -44,7 +44,8 @@ std::vector<float> TrailingRows(const float* queries, int num_heads, int w, int 
 class FullPolicy : public MemoryPolicy {
  public:
   const char* name() const override { return "full"; }
-  std::vector<std::vector<int64_t>> Select(const TurnView& turn) override {
+  bool reads_hot_rows() const override { return false; }
+  absl::StatusOr<std::vector<std::vector<int64_t>>> Select(const TurnView& turn) override {
     const KvCache& kv = *turn.kv;
     std::vector<std::vector<int64_t>> keep;
     for (int l = 0; l < kv.num_layers(); ++l) {
@@ -62,7 +63,8 @@ class WindowPolicy : public MemoryPolicy {
  public:
   explicit WindowPolicy(const MemoryOptions& o) : budget_(o.budget), sinks_(o.sink_tokens) {}
   const char* name() const override { return "window"; }
-  std::vector<std::vector<int64_t>> Select(const TurnView& turn) override {
+  bool reads_hot_rows() const override { return false; }
+  absl::StatusOr<std::vector<std::vector<int64_t>>> Select(const TurnView& turn) override {
     const KvCache& kv = *turn.kv;
     std::vector<std::vector<int64_t>> keep;
     for (int l = 0; l < kv.num_layers(); ++l) {
@@ -94,7 +96,9 @@ class SnapKvPolicy : public MemoryPolicy {
   explicit SnapKvPolicy(const MemoryOptions& o) : options_(SnapKvOptionsOf(o)) {}
   const char* name() const override { return "snapkv"; }
   int observe_window() const override { return options_.window; }
-  std::vector<std::vector<int64_t>> Select(const TurnView& turn) override {
+  // Selects where the backend keeps its rows; reads the host's only when that path is absent.
+  bool reads_hot_rows() const override { return false; }
+  absl::StatusOr<std::vector<std::vector<int64_t>>> Select(const TurnView& turn) override {
     const KvCache& kv = *turn.kv;
     const int w = static_cast<int>(std::min<int64_t>(turn.observed, turn.new_tokens));
     KVMEM_CHECK(w == turn.observed && w > 0);
@@ -103,6 +107,12 @@ class SnapKvPolicy : public MemoryPolicy {
       // bringing the keys to the host. Any failure there falls back to the host below.
       auto on_backend = turn.backend->SelectSnapKv(kv, options_, *turn.observed_queries, w);
       if (on_backend.ok()) return *std::move(on_backend);
+      // Without host rows there is nothing to fall back to.
+      if (!kv.host_rows()) return on_backend.status();
+    }
+    if (!kv.host_rows()) {
+      return absl::FailedPreconditionError(
+          "SnapKV needs either the backend's selection or the hot rows on the host");
     }
     std::vector<std::vector<int64_t>> keep;
     for (int l = 0; l < kv.num_layers(); ++l) {
@@ -134,7 +144,7 @@ class H2oPolicy : public MemoryPolicy {
   const char* name() const override { return "h2o"; }
   int observe_window() const override { return kWholeTurn; }
 
-  std::vector<std::vector<int64_t>> Select(const TurnView& turn) override {
+  absl::StatusOr<std::vector<std::vector<int64_t>>> Select(const TurnView& turn) override {
     const KvCache& kv = *turn.kv;
     const int group = turn.num_heads / kv.num_kv_heads();
     if (memory_.empty()) memory_.resize(static_cast<size_t>(kv.num_layers()) * kv.num_kv_heads());
@@ -229,7 +239,7 @@ class AdaptiveSnapKvPolicy : public MemoryPolicy {
   const char* name() const override { return "snapkv-adaptive"; }
   int observe_window() const override { return options_.window; }
 
-  std::vector<std::vector<int64_t>> Select(const TurnView& turn) override {
+  absl::StatusOr<std::vector<std::vector<int64_t>>> Select(const TurnView& turn) override {
     const KvCache& kv = *turn.kv;
     const int w = static_cast<int>(std::min<int64_t>(turn.observed, turn.new_tokens));
     KVMEM_CHECK(w == turn.observed && w > 0);
@@ -276,7 +286,7 @@ class AdaKvPolicy : public MemoryPolicy {
   const char* name() const override { return "adakv"; }
   int observe_window() const override { return options_.window; }
 
-  std::vector<std::vector<int64_t>> Select(const TurnView& turn) override {
+  absl::StatusOr<std::vector<std::vector<int64_t>>> Select(const TurnView& turn) override {
     const KvCache& kv = *turn.kv;
     const int w = static_cast<int>(std::min<int64_t>(turn.observed, turn.new_tokens));
     KVMEM_CHECK(w == turn.observed && w > 0);

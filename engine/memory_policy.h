@@ -57,7 +57,9 @@ struct MemoryOptions {
 
 // What a policy sees at a turn boundary.
 struct TurnView {
-  const KvCache* kv = nullptr;  // every head ends with the turn's new entries
+  // Every head ends with the turn's new entries. Holds host rows unless the policy says it
+  // does not read them (MemoryPolicy::reads_hot_rows) and the rows live with the backend.
+  const KvCache* kv = nullptr;
   int64_t new_tokens = 0;       // length of the turn just appended
   // Per layer, (num_heads, observed, head_dim): queries of the turn's last `observed` tokens.
   // Query row i belongs to the entry at index size() - observed + i of every head.
@@ -81,7 +83,12 @@ class MemoryPolicy {
   // For every (layer, KV head) in layer-major order, the ascending indices of the entries
   // that stay hot. Called once per committed turn, in order: stateful policies update what
   // they remember of the session here.
-  virtual std::vector<std::vector<int64_t>> Select(const TurnView& turn) = 0;
+  // An error (the backend's selection failed) leaves the policy's memory unchanged.
+  virtual absl::StatusOr<std::vector<std::vector<int64_t>>> Select(const TurnView& turn) = 0;
+  // Whether Select reads the keys and values of the hot entries (attention rows). A session
+  // whose rows live with the backend hands such a policy a copy with host rows, read back
+  // from its blocks; policies that answer false see positions only there.
+  virtual bool reads_hot_rows() const { return true; }
   // A policy with the same settings and the same memory of the session, for a forked session.
   virtual std::unique_ptr<MemoryPolicy> Clone() const = 0;
   // What a stateful policy remembers of the session, as one score per hot entry of every

@@ -5,9 +5,11 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <numeric>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -131,10 +133,14 @@ Session::Session(const Model& model, Backend& backend, const SessionOptions& opt
       template_(std::move(chat_template)),
       policy_(std::move(policy)),
       storage_(std::move(storage)),
-      hot_(model.config().num_layers, model.config().num_kv_heads, model.config().head_dim),
+      hot_(model.config().num_layers, model.config().num_kv_heads, model.config().head_dim,
+           backend.KeepsHotRows() && !options.host_hot_rows ? KvCache::RowHome::kBackend
+                                                            : KvCache::RowHome::kHost),
       owners_{{0, storage_.uid}},
       tails_(model.config().num_layers),
-      digests_(model.config().num_layers) {}
+      digests_(model.config().num_layers) {
+  hot_.set_row_source(this);
+}
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Restore(const Model& model, Backend& backend,
                                                           const SessionOptions& options,
@@ -176,12 +182,19 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Restore(const Model& model, Ba
       std::fill(copy->values.begin() + used, copy->values.end(), 0.f);
       s->tails_[l] = std::move(copy);
     }
-    // The hot set, read back from the blocks bit for bit.
+    // The hot set, read back from the blocks bit for bit. A backend that keeps the rows reads
+    // them through ReadRows on its first pass, so here the host takes positions only.
     std::shared_ptr<const KvBlock> block;
     for (int g = 0; g < c.num_kv_heads; ++g) {
       HeadKv& head = s->hot_.head(l, g);
       for (int64_t p : snapshot.hot_positions[l * c.num_kv_heads + g]) {
-        if (p < 0 || p >= s->position_) return absl::DataLossError("stored hot index is corrupt");
+        if (p < 0 || p >= s->position_ || (!head.positions.empty() && p <= head.positions.back())) {
+          return absl::DataLossError("stored hot index is corrupt");
+        }
+        if (!s->hot_.host_rows()) {
+          head.positions.push_back(p);
+          continue;
+        }
         if (block == nullptr || block->index != p / B) {
           KVMEM_ASSIGN_OR_RETURN(block, s->storage_.source->ReadBlock(s->KeyOf(l, p / B), nullptr));
         }
@@ -236,6 +249,7 @@ absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view tex
                                            KvCache*) { return Recall(layer, q, count, &result); };
   }
   absl::Status forward_status = backend_.Forward(tokens, position_, &hot_, forward_options, &forward);
+  blocks_in_flight_.clear();  // recall's blocks: the backend has its rows now
   if (!forward_status.ok()) {
     // Recall may have changed the hot set before failing: the session must be restored.
     if (result.recalled_blocks > 0 || hot_.MaxPosition() >= position_) broken_ = true;
@@ -257,9 +271,14 @@ absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view tex
     result.queries = TrailingQueries(queries, c.num_heads, c.head_dim, observed,
                                      std::min(append_options.return_queries, observed));
   }
-  result.evicted = ApplyPolicy(
-      n, TrailingQueries(queries, c.num_heads, c.head_dim, observed, policy_observed),
-      policy_observed);
+  absl::StatusOr<int64_t> evicted =
+      ApplyPolicy(n, TrailingQueries(queries, c.num_heads, c.head_dim, observed, policy_observed),
+                  policy_observed);
+  if (!evicted.ok()) {
+    broken_ = true;  // the turn is in the hot set and its blocks but not durable
+    return evicted.status();
+  }
+  result.evicted = *evicted;
   result.select_ms = MillisSince(start);
 
   if (append_options.return_logits) {
@@ -374,9 +393,21 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
         extra_k.push_back({p, &block.keys[off]});
         extra_v.push_back({p, &block.values[off]});
       }
+      // A backend that keeps the rows uploads them through ReadRows during this pass.
+      if (!hot_.host_rows()) blocks_in_flight_.emplace(std::make_pair(layer, b), it->second);
       ++stats->recalled_blocks;
     }
     if (extra_k.empty()) continue;
+    if (!hot_.host_rows()) {
+      std::vector<int64_t> added;
+      for (const auto& [p, data] : extra_k) added.push_back(p);
+      std::sort(added.begin(), added.end());
+      std::vector<int64_t> positions;
+      std::merge(head.positions.begin(), head.positions.end(), added.begin(), added.end(),
+                 std::back_inserter(positions));
+      hot_.head(layer, g).positions = std::move(positions);
+      continue;
+    }
     std::vector<size_t> order(extra_k.size());
     std::iota(order.begin(), order.end(), 0);
     std::sort(order.begin(), order.end(),
@@ -420,10 +451,13 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
         HeadKv& h = hot_.head(l, g);
         const int64_t n = sizes_before[l * c.num_kv_heads + g];
         h.positions.resize(n);
-        h.keys.resize(n * c.head_dim);
-        h.values.resize(n * c.head_dim);
+        if (hot_.host_rows()) {
+          h.keys.resize(n * c.head_dim);
+          h.values.resize(n * c.head_dim);
+        }
       }
     }
+    if (!hot_.host_rows()) hot_.DropFreshFrom(position_before);
     position_ = position_before;
   };
 
@@ -503,8 +537,13 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
 
   std::vector<BlockWrite> blocks = FillBlocks();
   start = std::chrono::steady_clock::now();
-  result.evicted = ApplyPolicy(static_cast<int64_t>(turn_tokens.size()), queries.Gather(),
-                               queries.size());
+  absl::StatusOr<int64_t> evicted =
+      ApplyPolicy(static_cast<int64_t>(turn_tokens.size()), queries.Gather(), queries.size());
+  if (!evicted.ok()) {
+    broken_ = true;  // the turn is in the hot set and its blocks but not durable
+    return evicted.status();
+  }
+  result.evicted = *evicted;
   result.select_ms = MillisSince(start);
   last_logits_ = std::move(final_logits);
   turns_.push_back({Role::kAssistant, result.generation.text, std::move(turn_tokens),
@@ -537,6 +576,7 @@ absl::Status Session::Commit(const TurnRecord& turn, std::vector<BlockWrite> blo
     broken_ = true;
     return status;
   }
+  blocks_in_flight_.clear();  // storage serves them from here on
   return absl::OkStatus();
 }
 
@@ -551,7 +591,8 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Fork(SessionStorage storage) c
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<Session> fork,
                          Create(model_, backend_, options_, std::move(storage)));
   fork->policy_ = policy_->Clone();  // stateful policies (h2o) carry their scores over
-  fork->hot_ = hot_;
+  fork->hot_ = hot_;  // without the device copy: the fork's first pass uploads its own
+  fork->hot_.set_row_source(fork.get());
   fork->turns_ = turns_;
   fork->position_ = position_;
   fork->committed_ = committed_;
@@ -599,9 +640,17 @@ std::vector<BlockWrite> Session::FillBlocks() {
       if (touched.empty() || touched.back() != tail) touched.push_back(tail);
       const int64_t slot = p % B;
       KVMEM_CHECK(tail->index == p / B && tail->filled == slot);
-      for (int g = 0; g < c.num_kv_heads; ++g) {
+      if (!hot_.host_rows()) {
+        // The backend handed the new positions' rows over as fresh rows, in block layout.
+        const KvCache::FreshRows& f = hot_.fresh(l);
+        KVMEM_CHECK(p >= f.first && p < f.first + hot_.fresh_size(l));
+        const size_t off = static_cast<size_t>(p - f.first) * row;
+        std::copy_n(&f.keys[off], row, &tail->keys[slot * row]);
+        std::copy_n(&f.values[off], row, &tail->values[slot * row]);
+      }
+      for (int g = 0; g < c.num_kv_heads && hot_.host_rows(); ++g) {
         // The uncommitted positions are the last `count` entries of every head.
-        const HeadKv& h = hot_.head(l, g);
+        const HeadKv& h = std::as_const(hot_).head(l, g);
         const int64_t i = h.size() - count + (p - committed_);
         KVMEM_CHECK(h.positions[i] == p);
         std::copy_n(&h.keys[i * c.head_dim], c.head_dim, &tail->keys[slot * row + g * c.head_dim]);
@@ -620,11 +669,45 @@ std::vector<BlockWrite> Session::FillBlocks() {
         layer_digests.resize(stored->index + 1);
       }
       layer_digests[stored->index] = digest;
+      blocks_in_flight_[{l, stored->index}] = stored;
       writes.push_back({{storage_.uid, l, stored->index}, std::move(stored), std::move(digest)});
     }
   }
   committed_ = position_;
+  if (!hot_.host_rows()) hot_.DropFreshBefore(committed_);
   return writes;
+}
+
+absl::StatusOr<std::shared_ptr<const KvBlock>> Session::FindBlock(int layer, int64_t index) {
+  if (tails_[layer] != nullptr && tails_[layer]->index == index) return tails_[layer];
+  auto it = blocks_in_flight_.find({layer, index});
+  if (it != blocks_in_flight_.end()) return it->second;
+  return storage_.source->ReadBlock(KeyOf(layer, index), nullptr);
+}
+
+absl::Status Session::ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions,
+                               float* keys, float* values) {
+  const ModelConfig& c = model_.config();
+  const int B = options_.block_size, hd = c.head_dim;
+  std::shared_ptr<const KvBlock> block;
+  for (size_t i = 0; i < positions.size(); ++i) {
+    const int64_t p = positions[i];
+    if (p < 0 || p >= committed_) {
+      return absl::InternalError(absl::StrCat("row of position ", p, " was asked for but only ",
+                                              committed_, " positions are in blocks"));
+    }
+    if (block == nullptr || block->index != p / B) {
+      KVMEM_ASSIGN_OR_RETURN(block, FindBlock(layer, p / B));
+    }
+    if (block->index != p / B || p % B >= block->filled) {
+      return absl::DataLossError(
+          absl::StrCat("stored block ", p / B, " of layer ", layer, " lacks position ", p));
+    }
+    const int64_t off = ((p % B) * c.num_kv_heads + kv_head) * hd;
+    std::copy_n(&block->keys[off], hd, keys + i * hd);
+    std::copy_n(&block->values[off], hd, values + i * hd);
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Session::ReadPosition(int layer, int64_t position, int kv_head, float* k, float* v) {
@@ -651,17 +734,24 @@ absl::Status Session::ReadPosition(int layer, int64_t position, int kv_head, flo
   return absl::OkStatus();
 }
 
-int64_t Session::ApplyPolicy(int64_t new_tokens, const std::vector<std::vector<float>>& queries,
-                             int observed) {
+absl::StatusOr<int64_t> Session::ApplyPolicy(int64_t new_tokens,
+                                             const std::vector<std::vector<float>>& queries,
+                                             int observed) {
   const ModelConfig& c = model_.config();
-  TurnView view{.kv = &hot_,
+  // A policy that reads attention rows gets them from the blocks when the backend keeps the
+  // hot rows (this turn's are among the blocks in flight).
+  std::optional<KvCache> with_rows;
+  if (!hot_.host_rows() && policy_->reads_hot_rows()) {
+    KVMEM_ASSIGN_OR_RETURN(with_rows, hot_.WithHostRows());
+  }
+  TurnView view{.kv = with_rows.has_value() ? &*with_rows : &hot_,
                 .new_tokens = new_tokens,
                 .observed_queries = &queries,
                 .observed = observed,
                 .num_heads = c.num_heads,
                 .sliding_window = c.sliding_window,
                 .backend = &backend_};
-  std::vector<std::vector<int64_t>> keep = policy_->Select(view);
+  KVMEM_ASSIGN_OR_RETURN(std::vector<std::vector<int64_t>> keep, policy_->Select(view));
   int64_t evicted = 0;
   for (int l = 0; l < c.num_layers; ++l) {
     for (int g = 0; g < c.num_kv_heads; ++g) {
@@ -670,16 +760,21 @@ int64_t Session::ApplyPolicy(int64_t new_tokens, const std::vector<std::vector<f
       if (static_cast<int64_t>(k.size()) == std::as_const(hot_).head(l, g).size()) continue;
       HeadKv& h = hot_.head(l, g);
       evicted += h.size() - static_cast<int64_t>(k.size());
-      // Compact in place: kept indices are ascending, so each moves down or stays.
+      // Compact in place: kept indices are ascending, so each moves down or stays. Without
+      // host rows only positions move (the backend gathers its rows on its next sync).
+      const bool rows = hot_.host_rows();
       for (size_t i = 0; i < k.size(); ++i) {
         const int64_t from = k[i];
         h.positions[i] = h.positions[from];
+        if (!rows || from == static_cast<int64_t>(i)) continue;
         std::copy_n(&h.keys[from * c.head_dim], c.head_dim, &h.keys[i * c.head_dim]);
         std::copy_n(&h.values[from * c.head_dim], c.head_dim, &h.values[i * c.head_dim]);
       }
       h.positions.resize(k.size());
-      h.keys.resize(k.size() * c.head_dim);
-      h.values.resize(k.size() * c.head_dim);
+      if (rows) {
+        h.keys.resize(k.size() * c.head_dim);
+        h.values.resize(k.size() * c.head_dim);
+      }
     }
   }
   return evicted;

@@ -11,9 +11,11 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -40,6 +42,11 @@ struct SessionOptions {
   // Default: 8. Blocks per (layer, KV head) that a turn may recall from outside the hot set
   // into its attention, chosen by digest score; 0 disables recall.
   int recall_blocks = 8;
+  // Default: false. Keep the hot entries' keys and values in host memory even when the backend
+  // keeps its own copy (Backend::KeepsHotRows): analysis tools that read Session::hot()'s rows
+  // need it. Otherwise such a session keeps positions only and reads rows back from its
+  // blocks when the backend needs them again.
+  bool host_hot_rows = false;
 };
 
 struct TurnRecord {
@@ -121,7 +128,7 @@ struct SessionSnapshot {
   std::vector<std::pair<int64_t, uint64_t>> owners;  // (first block index, owner uid)
 };
 
-class Session {
+class Session : private KvRowSource {
  public:
   // INVALID_ARGUMENT for bad memory options or template names; FAILED_PRECONDITION for a
   // model without a tokenizer or a template its tokenizer cannot express.
@@ -160,6 +167,7 @@ class Session {
   const SessionOptions& options() const { return options_; }
   const std::vector<TurnRecord>& turns() const { return turns_; }
   int64_t position() const { return position_; }
+  // Rows live on the host unless the backend keeps them (see SessionOptions::host_hot_rows).
   const KvCache& hot() const { return hot_; }
   int block_size() const { return options_.block_size; }
   // K and V of one committed position and KV head, from wherever its block lives.
@@ -173,11 +181,17 @@ class Session {
   // Moves positions [committed_, position_) (the last entries of every hot head) into blocks;
   // returns the blocks written (new or rewritten tails) with their digests.
   std::vector<BlockWrite> FillBlocks();
-  // Runs the memory policy after a turn of `new_tokens` and drops what it does not keep.
-  int64_t ApplyPolicy(int64_t new_tokens, const std::vector<std::vector<float>>& queries,
-                      int observed);
+  // Runs the memory policy after a turn of `new_tokens` and drops what it does not keep;
+  // returns the number of entries dropped. On error nothing is dropped.
+  absl::StatusOr<int64_t> ApplyPolicy(int64_t new_tokens,
+                                      const std::vector<std::vector<float>>& queries, int observed);
   // Recall for one layer during prefill (see SessionOptions::recall_blocks).
   absl::Status Recall(int layer, const float* q, int64_t n, AppendResult* stats);
+  // KvRowSource: committed positions' rows, for a backend that keeps the hot rows itself.
+  absl::Status ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions, float* keys,
+                        float* values) override;
+  // A block of this session from the live tail, the blocks in flight, or storage.
+  absl::StatusOr<std::shared_ptr<const KvBlock>> FindBlock(int layer, int64_t index);
   // Makes the turn just applied durable; marks the session broken on failure.
   absl::Status Commit(const TurnRecord& turn, std::vector<BlockWrite> blocks);
 
@@ -198,6 +212,9 @@ class Session {
   std::vector<std::vector<std::vector<float>>> digests_;
   int64_t recalled_blocks_ = 0;
   bool broken_ = false;
+  // Blocks not (yet) readable through storage that ReadRows may need: those FillBlocks wrote
+  // until the commit lands, and those recall read during the pass in flight.
+  std::map<std::pair<int, int64_t>, std::shared_ptr<const KvBlock>> blocks_in_flight_;
 };
 
 }  // namespace kvmem

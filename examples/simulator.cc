@@ -355,6 +355,7 @@ absl::StatusOr<SimResults> RunSimulation(const Model& model, Backend& backend,
     SessionOptions so = base;
     so.memory = {.policy = "full"};
     so.recall_blocks = 0;
+    so.host_hot_rows = true;  // the reference's attention is read from the hot rows below
     Reference& ref = references[s];
     const ScenarioSession& spec = scenario.sessions[s];
     KVMEM_RETURN_IF_ERROR(Replay(

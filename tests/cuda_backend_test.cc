@@ -483,6 +483,10 @@ class CudaSessionTest : public ::testing::Test {
       auto g = (*s)->Generate({.sampling = {.max_tokens = 24}}, nullptr);
       EXPECT_TRUE(g.ok()) << g.status();
       if (g.ok()) texts.push_back(g->generation.text);
+      // On the GPU the host keeps positions only, unless asked to keep the rows as well.
+      const bool host_rows = !backend.KeepsHotRows() || options.host_hot_rows;
+      EXPECT_EQ((*s)->hot().host_rows(), host_rows);
+      if (!host_rows) EXPECT_EQ((*s)->hot().Bytes(), 0) << "fresh rows outlived the commit";
     }
     return texts;
   }
@@ -520,11 +524,14 @@ TEST_F(CudaSessionTest, SnapKvSessionWithRecallGivesTheSameTokens) {
   const std::vector<std::string> want = Run(*cpu_, options);
   ASSERT_EQ(want.size(), 4u);
   EXPECT_EQ(Run(*gpu_, options), want);
+  options.host_hot_rows = true;  // the same with an f32 host copy of the hot rows
+  EXPECT_EQ(Run(*gpu_, options), want);
 }
 
 TEST_F(CudaSessionTest, DurableSessionRestartedOnTheGpuContinuesLikeTheCpu) {
-  // Two lives of a durable store: the second restores the session from its blocks (the host
-  // cache is rebuilt, then uploaded whole), recalls from the store and keeps generating.
+  // Two lives of a durable store: the second restores the session (positions only; its first
+  // pass reads the hot rows back from the blocks and uploads them), recalls from the store
+  // and keeps generating.
   auto run = [&](Backend& backend) {
     TempDir dir;
     SessionManagerOptions o;

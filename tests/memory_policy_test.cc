@@ -92,7 +92,7 @@ TEST(H2oTest, KeepsRecentEntriesAndTheHeaviestAccumulatedAttention) {
   TurnView turn{
       .kv = &kv, .new_tokens = 3, .observed_queries = &queries, .observed = 3, .num_heads = 1};
   auto h2o = MakePolicy({.policy = "h2o", .budget = 4, .recent_share = 0.5});
-  EXPECT_EQ(h2o->Select(turn), (std::vector<std::vector<int64_t>>{{2, 5, 8, 9}}));
+  EXPECT_EQ(h2o->Select(turn).value(), (std::vector<std::vector<int64_t>>{{2, 5, 8, 9}}));
 }
 
 TEST(H2oTest, AccumulatedScoresOfEarlierTurnsStillCount) {
@@ -104,7 +104,7 @@ TEST(H2oTest, AccumulatedScoresOfEarlierTurnsStillCount) {
   TurnView turn1{
       .kv = &turn1_kv, .new_tokens = 2, .observed_queries = &q1, .observed = 2, .num_heads = 1};
   auto h2o = MakePolicy({.policy = "h2o", .budget = 4, .recent_share = 0.25});
-  ASSERT_EQ(PositionsOf(turn1_kv.head(0, 0), h2o->Select(turn1)[0]),
+  ASSERT_EQ(PositionsOf(turn1_kv.head(0, 0), h2o->Select(turn1).value()[0]),
             (std::vector<int64_t>{0, 1, 3, 5}));
   auto clone = h2o->Clone();
 
@@ -116,11 +116,11 @@ TEST(H2oTest, AccumulatedScoresOfEarlierTurnsStillCount) {
       .kv = &turn2_kv, .new_tokens = 2, .observed_queries = &q2, .observed = 2, .num_heads = 1};
   const HeadKv& head = turn2_kv.head(0, 0);
   // Remembering turn 1, position 1 stays a heavy hitter.
-  EXPECT_EQ(PositionsOf(head, h2o->Select(turn2)[0]), (std::vector<int64_t>{1, 3, 5, 7}));
-  EXPECT_EQ(PositionsOf(head, clone->Select(turn2)[0]), (std::vector<int64_t>{1, 3, 5, 7}));
+  EXPECT_EQ(PositionsOf(head, h2o->Select(turn2).value()[0]), (std::vector<int64_t>{1, 3, 5, 7}));
+  EXPECT_EQ(PositionsOf(head, clone->Select(turn2).value()[0]), (std::vector<int64_t>{1, 3, 5, 7}));
   // A policy that saw only turn 2 would have dropped it.
   auto fresh = MakePolicy({.policy = "h2o", .budget = 4, .recent_share = 0.25});
-  EXPECT_EQ(PositionsOf(head, fresh->Select(turn2)[0]), (std::vector<int64_t>{0, 3, 5, 7}));
+  EXPECT_EQ(PositionsOf(head, fresh->Select(turn2).value()[0]), (std::vector<int64_t>{0, 3, 5, 7}));
 }
 
 // Entropy-adaptive SnapKV ----------------------------------------------------------------------
@@ -161,7 +161,7 @@ TEST(AdaptiveSnapKvTest, EqualsSnapKvWhenALayerHasOneKvHead) {
   auto snapkv = MakePolicy(o);
   o.policy = "snapkv-adaptive";
   auto adaptive = MakePolicy(o);
-  EXPECT_EQ(adaptive->Select(turn), snapkv->Select(turn));
+  EXPECT_EQ(adaptive->Select(turn).value(), snapkv->Select(turn).value());
 }
 
 TEST(AdaptiveSnapKvTest, SharpHeadUsesAShortWindowAndKeepsMoreOlderEntries) {
@@ -180,7 +180,8 @@ TEST(AdaptiveSnapKvTest, SharpHeadUsesAShortWindowAndKeepsMoreOlderEntries) {
   TurnView turn{
       .kv = &kv, .new_tokens = w, .observed_queries = &queries, .observed = w, .num_heads = 2};
   auto keep = MakePolicy({.policy = "snapkv-adaptive", .budget = budget, .window = w, .kernel = 1})
-                  ->Select(turn);
+                  ->Select(turn)
+                  .value();
   ASSERT_EQ(keep.size(), 2u);
   for (const auto& k : keep) {
     EXPECT_EQ(k.size(), static_cast<size_t>(budget));

@@ -1,0 +1,489 @@
+// Sessions whose hot rows live with the backend (KvCache::RowHome::kBackend), as they do with the
+// CUDA backend: the host keeps positions and fresh rows, and reads older rows back from the
+// session's blocks when the backend must upload them again. MirrorBackend plays the device
+// here: it keeps its own copy of every hot row, brings it up to date the way the CUDA backend
+// does (by head versions, reading missing rows through KvCache::ReadRows) and computes with the
+// CPU reference on that copy only. Every session below is compared with the same session on the
+// CPU backend, whose host rows are the oracle.
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu_backend.h"
+#include "engine/session.h"
+#include "engine/status_macros.h"
+#include "gtest/gtest.h"
+
+namespace kvmem {
+namespace {
+
+class MirrorBackend : public Backend {
+ public:
+  MirrorBackend(const Model& model, CpuBackend* cpu) : model_(model), cpu_(cpu) {}
+
+  const char* name() const override { return "mirror"; }
+  bool KeepsHotRows() const override { return true; }
+  // Rows read back through KvCache::ReadRows (what a device would upload).
+  int64_t rows_read() const { return rows_read_; }
+
+  absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
+                       const ForwardOptions& options, ForwardResult* result) override {
+    if (kv->host_rows()) return cpu_->Forward(tokens, start_pos, kv, options, result);
+    if (kv->attachment() == nullptr) {
+      const ModelConfig& c = model_.config();
+      auto mirror = std::make_shared<Mirror>(Mirror{
+          KvCache(c.num_layers, c.num_kv_heads, c.head_dim),
+          std::vector<uint64_t>(static_cast<size_t>(c.num_layers) * c.num_kv_heads, ~uint64_t{0})});
+      kv->set_attachment(mirror);
+    }
+    Mirror& m = *static_cast<Mirror*>(kv->attachment().get());
+    KVMEM_RETURN_IF_ERROR(Sync(*kv, m, 0, kv->num_layers()));
+    ForwardOptions inner = options;
+    if (options.before_attention) {
+      // Recall edits the session's cache; the copy catches up before the layer attends.
+      inner.before_attention = [&](int layer, const float* q, int64_t n, KvCache*) {
+        KVMEM_RETURN_IF_ERROR(options.before_attention(layer, q, n, kv));
+        return Sync(*kv, m, layer, layer + 1);
+      };
+    }
+    absl::Status s = cpu_->Forward(tokens, start_pos, &m.rows, inner, result);
+    if (!s.ok()) {
+      std::fill(m.versions.begin(), m.versions.end(), ~uint64_t{0});  // rebuild next time
+      return s;
+    }
+    // Hand the new rows over as fresh rows and their positions to every head.
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    const int kvh = kv->num_kv_heads(), hd = kv->head_dim();
+    for (int l = 0; l < kv->num_layers(); ++l) {
+      std::vector<float> k(static_cast<size_t>(n) * kvh * hd), v(k.size());
+      for (int g = 0; g < kvh; ++g) {
+        const HeadKv& h = std::as_const(m.rows).head(l, g);
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t e = h.size() - n + t;
+          std::memcpy(&k[(t * kvh + g) * hd], &h.keys[e * hd], hd * sizeof(float));
+          std::memcpy(&v[(t * kvh + g) * hd], &h.values[e * hd], hd * sizeof(float));
+        }
+      }
+      kv->AppendFresh(l, start_pos, n, k.data(), v.data());
+      for (int g = 0; g < kvh; ++g) {
+        const size_t i = static_cast<size_t>(l) * kvh + g;
+        const bool in_step = m.versions[i] == kv->version(l, g);
+        HeadKv& head = kv->head(l, g);
+        for (int64_t t = 0; t < n; ++t) head.positions.push_back(start_pos + t);
+        m.versions[i] = in_step ? kv->version(l, g) : ~uint64_t{0};
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
+      const KvCache& kv, const SnapKvOptions& options,
+      const std::vector<std::vector<float>>& queries, int w) override {
+    if (kv.attachment() == nullptr) return absl::UnimplementedError("no copy of this cache");
+    Mirror& m = *static_cast<Mirror*>(kv.attachment().get());
+    KVMEM_RETURN_IF_ERROR(Sync(kv, m, 0, kv.num_layers()));
+    std::vector<std::vector<int64_t>> keep;
+    for (int l = 0; l < kv.num_layers(); ++l) {
+      std::vector<const HeadKv*> heads;
+      for (int g = 0; g < kv.num_kv_heads(); ++g)
+        heads.push_back(&std::as_const(m.rows).head(l, g));
+      for (auto& k : kvmem::SelectSnapKv(options, queries[l].data(), model_.config().num_heads, w,
+                                         heads, model_.config().sliding_window)) {
+        keep.push_back(std::move(k));
+      }
+    }
+    return keep;
+  }
+
+ private:
+  struct Mirror {
+    KvCache rows;                    // kHost: the backend's copy
+    std::vector<uint64_t> versions;  // (layer, kv_head) of the session's cache last synced
+  };
+
+  // Rebuilds every head of [first, last) whose version changed: rows the copy holds stay,
+  // the others are read back through the cache.
+  absl::Status Sync(const KvCache& kv, Mirror& m, int first, int last) {
+    const int kvh = kv.num_kv_heads(), hd = kv.head_dim();
+    for (int l = first; l < last; ++l) {
+      for (int g = 0; g < kvh; ++g) {
+        const size_t i = static_cast<size_t>(l) * kvh + g;
+        if (m.versions[i] == kv.version(l, g)) continue;
+        const HeadKv& want = kv.head(l, g);
+        const HeadKv& held = std::as_const(m.rows).head(l, g);
+        std::vector<int64_t> missing;
+        for (int64_t p : want.positions) {
+          if (!std::binary_search(held.positions.begin(), held.positions.end(), p)) {
+            missing.push_back(p);
+          }
+        }
+        std::vector<float> mk(missing.size() * hd), mv(mk.size());
+        KVMEM_RETURN_IF_ERROR(kv.ReadRows(l, g, missing, mk.data(), mv.data()));
+        rows_read_ += static_cast<int64_t>(missing.size());
+        HeadKv rebuilt;
+        size_t next_missing = 0;
+        for (int64_t p : want.positions) {
+          auto it = std::lower_bound(held.positions.begin(), held.positions.end(), p);
+          if (it != held.positions.end() && *it == p) {
+            const int64_t e = it - held.positions.begin();
+            rebuilt.Append(p, &held.keys[e * hd], &held.values[e * hd], hd);
+          } else {
+            rebuilt.Append(p, &mk[next_missing * hd], &mv[next_missing * hd], hd);
+            ++next_missing;
+          }
+        }
+        m.rows.head(l, g) = std::move(rebuilt);
+        m.versions[i] = kv.version(l, g);
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  const Model& model_;
+  CpuBackend* cpu_;
+  int64_t rows_read_ = 0;
+};
+
+// A store whose block reads can be made to fail, to show a failed read back loses nothing.
+class FailingSource : public BlockSource {
+ public:
+  explicit FailingSource(std::shared_ptr<MemoryBlockStore> store) : store_(std::move(store)) {}
+  absl::StatusOr<std::shared_ptr<const KvBlock>> ReadBlock(const BlockKey& key,
+                                                           bool* from_cold) override {
+    if (failing_) return absl::DataLossError(absl::StrCat("block ", key.index, " is damaged"));
+    return store_->ReadBlock(key, from_cold);
+  }
+  absl::StatusOr<std::vector<float>> ReadDigest(const BlockKey& key) override {
+    return store_->ReadDigest(key);
+  }
+  void set_failing(bool failing) { failing_ = failing; }
+
+ private:
+  std::shared_ptr<MemoryBlockStore> store_;
+  bool failing_ = false;
+};
+
+const char* const kTurns[] = {
+    "Once upon a time, there was a little dog named Max. Max loved to run in the big green "
+    "park near his house. Every day he played with a red ball and a small cat named Tom.",
+    "One day, Max lost his ball under a tree. He looked and looked, but he could not find it. "
+    "He felt very sad and sat down.",
+    "Then Tom the cat came by and said, Do not be sad, Max. I will help you find your ball.",
+    "They looked under the tree and behind the bench, and at last Max saw something red.",
+};
+
+// Everything observable about one session after a call, to compare two backends.
+struct Trace {
+  std::vector<int32_t> tokens;
+  std::vector<std::vector<int64_t>> hot;  // after each call, every head
+  std::vector<int64_t> recalled, evicted;
+
+  void Hot(const Session& s) {
+    for (int l = 0; l < s.hot().num_layers(); ++l) {
+      for (int g = 0; g < s.hot().num_kv_heads(); ++g) hot.push_back(s.hot().head(l, g).positions);
+    }
+  }
+  bool operator==(const Trace& o) const {
+    return tokens == o.tokens && hot == o.hot && recalled == o.recalled && evicted == o.evicted;
+  }
+};
+
+class HotRowsOnBackendTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto model = Model::Load(KVMEM_TEST_MODEL_DIR);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::move(*model).release();
+    cpu_ = new CpuBackend(*model_, {.threads = 1});
+  }
+  static void TearDownTestSuite() {
+    delete cpu_;
+    delete model_;
+  }
+  void SetUp() override { mirror_ = std::make_unique<MirrorBackend>(*model_, cpu_); }
+
+  static SessionOptions Options(std::string policy = "snapkv") {
+    SessionOptions o;
+    o.memory = {.policy = policy, .budget = 24, .window = 8, .kernel = 3};
+    o.block_size = 8;
+    o.recall_blocks = 2;
+    return o;
+  }
+
+  std::unique_ptr<Session> NewSession(Backend& backend, const SessionOptions& o,
+                                      std::shared_ptr<MemoryBlockStore> store = nullptr) {
+    if (store == nullptr) store = std::make_shared<MemoryBlockStore>();
+    auto s = Session::Create(*model_, backend, o, {1, store, store});
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.ok() ? std::move(*s) : nullptr;
+  }
+
+  // Turns [first, last) of kTurns, each followed by a greedy generation (kept or not).
+  static void Converse(Session* s, int first, int last, Trace* trace, bool keep = true) {
+    for (int t = first; t < last; ++t) {
+      auto a = s->AppendTurn(Role::kUser, kTurns[t]);
+      ASSERT_TRUE(a.ok()) << a.status();
+      trace->recalled.push_back(a->recalled_blocks);
+      trace->evicted.push_back(a->evicted);
+      trace->Hot(*s);
+      auto g = s->Generate({.sampling = {.max_tokens = 12}, .keep = keep}, nullptr);
+      ASSERT_TRUE(g.ok()) << g.status();
+      trace->tokens.insert(trace->tokens.end(), g->generation.tokens.begin(),
+                           g->generation.tokens.end());
+      trace->evicted.push_back(g->evicted);
+      trace->Hot(*s);
+    }
+  }
+
+  // The host holds no row of the hot set between calls: positions only.
+  static void ExpectPositionsOnly(const Session& s) {
+    EXPECT_FALSE(s.hot().host_rows());
+    EXPECT_EQ(s.hot().Bytes(), 0) << "fresh rows outlived the commit";
+    for (int l = 0; l < s.hot().num_layers(); ++l) {
+      for (int g = 0; g < s.hot().num_kv_heads(); ++g) {
+        EXPECT_TRUE(s.hot().head(l, g).keys.empty());
+        EXPECT_TRUE(s.hot().head(l, g).values.empty());
+      }
+    }
+  }
+
+  static Model* model_;
+  static CpuBackend* cpu_;
+  std::unique_ptr<MirrorBackend> mirror_;
+};
+Model* HotRowsOnBackendTest::model_ = nullptr;
+CpuBackend* HotRowsOnBackendTest::cpu_ = nullptr;
+
+TEST_F(HotRowsOnBackendTest, SessionWithEvictionAndRecallMatchesTheCpuReference) {
+  Trace on_cpu, on_mirror;
+  auto a = NewSession(*cpu_, Options());
+  auto b = NewSession(*mirror_, Options());
+  Converse(a.get(), 0, 4, &on_cpu);
+  Converse(b.get(), 0, 4, &on_mirror);
+  ASSERT_EQ(on_cpu.tokens.size(), 48u);
+  EXPECT_EQ(on_cpu.tokens, on_mirror.tokens);
+  EXPECT_EQ(on_cpu.hot, on_mirror.hot);
+  EXPECT_EQ(on_cpu.recalled, on_mirror.recalled);
+  EXPECT_EQ(on_cpu.evicted, on_mirror.evicted);
+  int64_t recalled = 0;
+  for (int64_t r : on_cpu.recalled) recalled += r;
+  EXPECT_GT(recalled, 0) << "the scenario must exercise recall";
+  EXPECT_GT(mirror_->rows_read(), 0) << "recalled rows come back through ReadRows";
+  ExpectPositionsOnly(*b);
+  EXPECT_EQ(a->Stats().blocks, b->Stats().blocks);
+  // The blocks hold the same rows: the fresh rows went into them unchanged.
+  const ModelConfig& c = model_->config();
+  std::vector<float> ka(c.head_dim), va(c.head_dim), kb(c.head_dim), vb(c.head_dim);
+  for (int64_t p = 0; p < a->position(); p += 7) {
+    ASSERT_TRUE(a->ReadPosition(2, p, 1, ka.data(), va.data()).ok());
+    ASSERT_TRUE(b->ReadPosition(2, p, 1, kb.data(), vb.data()).ok());
+    EXPECT_EQ(ka, kb) << "position " << p;
+    EXPECT_EQ(va, vb) << "position " << p;
+  }
+}
+
+TEST_F(HotRowsOnBackendTest, DiscardedGenerationDropsItsPositionsAndFreshRows) {
+  Trace on_cpu, on_mirror;
+  auto a = NewSession(*cpu_, Options());
+  auto b = NewSession(*mirror_, Options());
+  Converse(a.get(), 0, 2, &on_cpu, /*keep=*/false);
+  Converse(b.get(), 0, 2, &on_mirror, /*keep=*/false);
+  ExpectPositionsOnly(*b);
+  EXPECT_EQ(a->position(), b->position());
+  Converse(a.get(), 2, 4, &on_cpu);
+  Converse(b.get(), 2, 4, &on_mirror);
+  EXPECT_EQ(on_cpu, on_mirror);
+}
+
+TEST_F(HotRowsOnBackendTest, ForkReadsItsRowsFromSharedBlocksAndContinuesLikeTheCpu) {
+  Trace on_cpu, on_mirror, fork_cpu, fork_mirror;
+  auto a = NewSession(*cpu_, Options());
+  auto b = NewSession(*mirror_, Options());
+  Converse(a.get(), 0, 2, &on_cpu);
+  Converse(b.get(), 0, 2, &on_mirror);
+  auto fa = a->Fork();
+  auto fb = b->Fork();
+  ASSERT_TRUE(fa.ok() && fb.ok());
+  ExpectPositionsOnly(**fb);
+  const int64_t read_before = mirror_->rows_read();
+  Converse(fa->get(), 2, 4, &fork_cpu);
+  Converse(fb->get(), 2, 4, &fork_mirror);
+  EXPECT_GE(mirror_->rows_read() - read_before, (*fb)->hot().TotalEntries() / 2)
+      << "the fork's copy was built from blocks";
+  EXPECT_EQ(fork_cpu, fork_mirror);
+  // The parent is untouched by its fork and goes on the same way as well.
+  Converse(a.get(), 2, 3, &on_cpu);
+  Converse(b.get(), 2, 3, &on_mirror);
+  EXPECT_EQ(on_cpu, on_mirror);
+}
+
+TEST_F(HotRowsOnBackendTest, RestoredSessionReadsItsHotSetBackFromBlocks) {
+  auto store_a = std::make_shared<MemoryBlockStore>();
+  auto store_b = std::make_shared<MemoryBlockStore>();
+  Trace on_cpu, on_mirror;
+  auto a = NewSession(*cpu_, Options(), store_a);
+  auto b = NewSession(*mirror_, Options(), store_b);
+  Converse(a.get(), 0, 2, &on_cpu);
+  Converse(b.get(), 0, 2, &on_mirror);
+  auto ra = Session::Restore(*model_, *cpu_, Options(), {1, store_a, store_a}, a->Snapshot());
+  auto rb = Session::Restore(*model_, *mirror_, Options(), {1, store_b, store_b}, b->Snapshot());
+  ASSERT_TRUE(ra.ok() && rb.ok());
+  ExpectPositionsOnly(**rb);
+  const int64_t hot = (*rb)->hot().TotalEntries();
+  const int64_t read_before = mirror_->rows_read();
+  Converse(ra->get(), 2, 4, &on_cpu);
+  Converse(rb->get(), 2, 4, &on_mirror);
+  EXPECT_GE(mirror_->rows_read() - read_before, hot) << "the whole hot set was read back";
+  EXPECT_EQ(on_cpu, on_mirror);
+}
+
+TEST_F(HotRowsOnBackendTest, PolicyThatReadsRowsGetsThemFromBlocks) {
+  for (const char* policy : {"h2o", "adakv", "snapkv-adaptive"}) {
+    SCOPED_TRACE(policy);
+    Trace on_cpu, on_mirror;
+    auto a = NewSession(*cpu_, Options(policy));
+    auto b = NewSession(*mirror_, Options(policy));
+    Converse(a.get(), 0, 3, &on_cpu);
+    Converse(b.get(), 0, 3, &on_mirror);
+    EXPECT_EQ(on_cpu, on_mirror);
+    ExpectPositionsOnly(*b);
+  }
+}
+
+TEST_F(HotRowsOnBackendTest, HostHotRowsOptionKeepsRowsOnTheHost) {
+  SessionOptions o = Options();
+  o.host_hot_rows = true;
+  Trace on_cpu, on_mirror;
+  auto a = NewSession(*cpu_, Options());
+  auto b = NewSession(*mirror_, o);
+  ASSERT_TRUE(b->hot().host_rows());
+  Converse(a.get(), 0, 2, &on_cpu);
+  Converse(b.get(), 0, 2, &on_mirror);
+  EXPECT_EQ(on_cpu, on_mirror);
+  EXPECT_EQ(b->hot().Bytes(), a->hot().Bytes());
+  EXPECT_GT(b->hot().Bytes(), 0);
+}
+
+TEST_F(HotRowsOnBackendTest, FailedReadBackFailsTheTurnAndLosesNothing) {
+  auto store = std::make_shared<MemoryBlockStore>();
+  auto source = std::make_shared<FailingSource>(store);
+  Trace on_cpu, unused;
+  auto a = NewSession(*cpu_, Options());
+  auto b = NewSession(*mirror_, Options(), store);
+  Converse(a.get(), 0, 2, &on_cpu);
+  Converse(b.get(), 0, 2, &unused);
+  auto restored = Session::Restore(*model_, *mirror_, Options(), {1, source, store}, b->Snapshot());
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  Session& r = **restored;
+  const int64_t turns = static_cast<int64_t>(r.turns().size());
+  const int64_t position = r.position();
+  source->set_failing(true);
+  auto failed = r.AppendTurn(Role::kUser, kTurns[2]);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kDataLoss) << failed.status();
+  EXPECT_FALSE(r.broken());
+  EXPECT_EQ(static_cast<int64_t>(r.turns().size()), turns);
+  EXPECT_EQ(r.position(), position);
+  source->set_failing(false);
+  Trace after;
+  Converse(&r, 2, 4, &after);
+  Converse(a.get(), 2, 4, &on_cpu);
+  // The CPU trace also holds turns 0-1: compare the continuation only.
+  const std::vector<int32_t> tail(on_cpu.tokens.end() - static_cast<long>(after.tokens.size()),
+                                  on_cpu.tokens.end());
+  EXPECT_EQ(after.tokens, tail);
+}
+
+TEST_F(HotRowsOnBackendTest, CpuBackendRefusesACacheWithoutHostRows) {
+  const ModelConfig& c = model_->config();
+  KvCache kv(c.num_layers, c.num_kv_heads, c.head_dim, KvCache::RowHome::kBackend);
+  ForwardResult r;
+  const std::vector<int32_t> tokens = {1, 2};
+  absl::Status s = cpu_->Forward(tokens, 0, &kv, {}, &r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_EQ(kv.TotalEntries(), 0);
+}
+
+// A row source over a map, counting its calls.
+class MapRows : public KvRowSource {
+ public:
+  absl::Status ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions, float* keys,
+                        float* values) override {
+    ++calls;
+    for (size_t i = 0; i < positions.size(); ++i) {
+      if (positions[i] >= 100) return absl::NotFoundError("no such row");
+      keys[i * 2] = keys[i * 2 + 1] = static_cast<float>(positions[i] + 1000 * layer);
+      values[i * 2] = values[i * 2 + 1] = static_cast<float>(-positions[i] - 10 * kv_head);
+    }
+    return absl::OkStatus();
+  }
+  int calls = 0;
+};
+
+TEST(KvCacheTest, FreshRowsAppendDropAndServeReads) {
+  KvCache kv(2, 2, 2, KvCache::RowHome::kBackend);
+  // Positions 10, 11 of layer 1: (n, kv_heads, head_dim).
+  const float k[] = {1, 1, 2, 2, 3, 3, 4, 4}, v[] = {5, 5, 6, 6, 7, 7, 8, 8};
+  kv.AppendFresh(1, 10, 2, k, v);
+  EXPECT_EQ(kv.fresh_size(1), 2);
+  EXPECT_EQ(kv.fresh_size(0), 0);
+  EXPECT_EQ(kv.Bytes(), 16 * static_cast<int64_t>(sizeof(float)));
+  float rk[4], rv[4];
+  const int64_t both[] = {11, 10};
+  ASSERT_TRUE(kv.ReadRows(1, 1, both, rk, rv).ok());
+  EXPECT_EQ(std::vector<float>(rk, rk + 4), (std::vector<float>{4, 4, 2, 2}));
+  EXPECT_EQ(std::vector<float>(rv, rv + 4), (std::vector<float>{8, 8, 6, 6}));
+  // Older positions need a source.
+  const int64_t older[] = {3, 11};
+  EXPECT_EQ(kv.ReadRows(1, 0, older, rk, rv).code(), absl::StatusCode::kFailedPrecondition);
+  MapRows source;
+  kv.set_row_source(&source);
+  ASSERT_TRUE(kv.ReadRows(1, 0, older, rk, rv).ok());
+  EXPECT_EQ(std::vector<float>(rk, rk + 4), (std::vector<float>{1003, 1003, 3, 3}));
+  EXPECT_EQ(std::vector<float>(rv, rv + 4), (std::vector<float>{-3, -3, 7, 7}));
+  const int64_t missing[] = {100};
+  EXPECT_EQ(kv.ReadRows(0, 0, missing, rk, rv).code(), absl::StatusCode::kNotFound);
+  // A copy keeps the fresh rows, not the source.
+  KvCache copy = kv;
+  EXPECT_EQ(copy.fresh_size(1), 2);
+  EXPECT_EQ(copy.ReadRows(1, 0, older, rk, rv).code(), absl::StatusCode::kFailedPrecondition);
+  // Dropping from a position rolls back; dropping before one keeps the rest readable.
+  KvCache rolled = kv;
+  rolled.DropFreshFrom(11);
+  EXPECT_EQ(rolled.fresh_size(1), 1);
+  kv.DropFreshBefore(11);
+  EXPECT_EQ(kv.fresh_size(1), 1);
+  const int64_t eleven[] = {11};
+  const int calls = source.calls;
+  ASSERT_TRUE(kv.ReadRows(1, 1, eleven, rk, rv).ok());
+  EXPECT_EQ(source.calls, calls);
+  EXPECT_EQ(rk[0], 4);
+  kv.AppendFresh(1, 12, 1, k, v);  // continues where the rows end
+  EXPECT_EQ(kv.fresh(1).first, 11);
+  kv.DropFreshBefore(20);
+  EXPECT_EQ(kv.Bytes(), 0);
+}
+
+TEST(KvCacheTest, WithHostRowsReadsEveryEntry) {
+  KvCache kv(1, 2, 2, KvCache::RowHome::kBackend);
+  MapRows source;
+  kv.set_row_source(&source);
+  kv.head(0, 0).positions = {1, 4};
+  kv.head(0, 1).positions = {2};
+  auto rows = kv.WithHostRows();
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  EXPECT_TRUE(rows->host_rows());
+  EXPECT_EQ(rows->head(0, 0).positions, (std::vector<int64_t>{1, 4}));
+  EXPECT_EQ(rows->head(0, 0).keys, (std::vector<float>{1, 1, 4, 4}));
+  EXPECT_EQ(rows->head(0, 1).values, (std::vector<float>{-12, -12}));
+  kv.head(0, 1).positions = {200};
+  EXPECT_EQ(kv.WithHostRows().status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace kvmem
