@@ -1,7 +1,9 @@
 // Warm and cold tier bandwidth for KV blocks of the Llama-3-8B shape (8 KV heads, head_dim
 // 128, 16 positions per block, f32: 128 KiB per block), against memcpy measured in the same
-// run. Also compares RocksDB blob files with plain SST values.
-//   build/bin/tier_bench [DIR] [BLOCKS]
+// run. Also compares RocksDB blob files with plain SST values. ROWS bf16 fills the blocks with
+// bf16-exact values, as the CUDA backend's bf16 rows are: the cold tier then stores 2 bytes per
+// value (GB/s still counts the f32 block bytes, so the two runs compare directly).
+//   build/bin/tier_bench [DIR] [BLOCKS] [ROWS: f32|bf16]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -30,6 +32,11 @@ int main(int argc, char** argv) {
   namespace fs = std::filesystem;
   const std::string root = argc > 1 ? argv[1] : (fs::temp_directory_path() / "kvmem-tier-bench").string();
   const int blocks = argc > 2 ? std::atoi(argv[2]) : 512;
+  const std::string rows = argc > 3 ? argv[3] : "f32";
+  if (rows != "f32" && rows != "bf16") {
+    std::fprintf(stderr, "ROWS must be f32 or bf16\n");
+    return 2;
+  }
   const int64_t block_bytes = 2LL * kBlock * kHeads * kHeadDim * sizeof(float);
   const double total_gb = static_cast<double>(block_bytes) * blocks / 1e9;
 
@@ -41,6 +48,16 @@ int main(int argc, char** argv) {
     b->filled = kBlock;
     for (float& v : b->keys) v = normal(rng);
     for (float& v : b->values) v = normal(rng);
+    if (rows == "bf16") {
+      for (std::vector<float>* part : {&b->keys, &b->values}) {
+        for (float& v : *part) {
+          uint32_t bits;
+          std::memcpy(&bits, &v, 4);
+          bits &= 0xffff0000u;  // truncation is enough to make it exact
+          std::memcpy(&v, &bits, 4);
+        }
+      }
+    }
     data.push_back(b);
   }
   std::vector<int> order(blocks);
@@ -56,8 +73,8 @@ int main(int argc, char** argv) {
   }
   const double memcpy_gbs = total_gb / Seconds(start);
 
-  std::printf("blocks: %d x %lld KiB (Llama-3-8B KV shape, f32) = %.1f MB\n", blocks,
-              static_cast<long long>(block_bytes >> 10), total_gb * 1e3);
+  std::printf("blocks: %d x %lld KiB (Llama-3-8B KV shape, f32 in memory, %s values) = %.1f MB\n",
+              blocks, static_cast<long long>(block_bytes >> 10), rows.c_str(), total_gb * 1e3);
   std::printf("%-34s %10s %12s\n", "path", "GB/s", "vs memcpy");
   std::printf("%-34s %10.2f %12.3f\n", "memcpy (baseline)", memcpy_gbs, 1.0);
 

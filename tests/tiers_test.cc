@@ -1,7 +1,9 @@
 // Warm and cold tiers on their own: byte budgets, bit-exact round trips, checksums.
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <random>
+#include <utility>
 
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
@@ -129,6 +131,62 @@ TEST(RecordCodecTest, BlocksRoundTripBitExactAndCorruptionIsDataLoss) {
   }
   EXPECT_EQ(DecodeBlock(bytes, 32, 4, 8).status().code(), absl::StatusCode::kDataLoss);
   EXPECT_EQ(DecodeBlock("", 16, 4, 8).status().code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(RecordCodecTest, DeviceRowsTakeHalfTheBytesAndComeBackBitExact) {
+  auto block = [](float (*value)(std::mt19937&)) {
+    std::mt19937 rng(9);
+    auto b = std::make_shared<KvBlock>(MakeEmptyBlock(5, 16, 4, 8));
+    b->filled = 16;
+    for (float& v : b->keys) v = value(rng);
+    for (float& v : b->values) v = value(rng);
+    return b;
+  };
+  // bf16 rows (as the GPU keeps them in bf16 mode): the low 16 bits of every f32 are zero.
+  auto bf16 = block([](std::mt19937& rng) {
+    uint32_t bits = static_cast<uint32_t>(rng()) & 0xffff0000u;
+    if (((bits >> 23) & 0xff) == 0xff) bits &= 0xbfffffffu;  // no infinities or NaNs
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return v;
+  });
+  // f16 rows: an 11-bit significand (odd, so never a bf16) scaled into the half range, plus
+  // subnormal halves, zeros of both signs and infinities.
+  auto f16 = block([](std::mt19937& rng) {
+    switch (rng() % 8) {
+      case 0:
+        return std::ldexp(static_cast<float>(rng() % 1023 + 1), -24);  // subnormal
+      case 1:
+        return rng() % 2 ? 0.f : -0.f;
+      case 2:
+        return rng() % 2 ? INFINITY : -INFINITY;
+      default: {
+        const float m = static_cast<float>((rng() % 1024 + 1024) | 1);
+        const int e = static_cast<int>(rng() % 30) - 14;  // normal halves: 2^-14 .. 2^15
+        return (rng() % 2 ? 1.f : -1.f) * std::ldexp(m, e - 10);
+      }
+    }
+  });
+  auto f32 = RandomBlock(5, 16, 3);
+  const std::string f32_bytes = EncodeBlock(*f32, 4, 8);
+  for (const auto& [name, b] : {std::pair{"bf16", bf16}, std::pair{"f16", f16}}) {
+    SCOPED_TRACE(name);
+    const std::string bytes = EncodeBlock(*b, 4, 8);
+    EXPECT_LT(bytes.size(), f32_bytes.size() / 2 + 64);
+    auto back = DecodeBlock(bytes, 16, 4, 8);
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(0, std::memcmp(back->keys.data(), b->keys.data(), b->keys.size() * 4));
+    EXPECT_EQ(0, std::memcmp(back->values.data(), b->values.data(), b->values.size() * 4));
+  }
+  // One value that neither half type holds keeps the whole block in f32.
+  auto mixed = std::make_shared<KvBlock>(*bf16);
+  mixed->values[77] = 1.0f + 0x1p-20f;
+  const std::string bytes = EncodeBlock(*mixed, 4, 8);
+  EXPECT_EQ(bytes.size(), f32_bytes.size());
+  auto back = DecodeBlock(bytes, 16, 4, 8);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->values, mixed->values);
+  EXPECT_EQ(0, std::memcmp(back->keys.data(), mixed->keys.data(), mixed->keys.size() * 4));
 }
 
 TEST(RecordCodecTest, SessionRecordsAndTurnsRoundTrip) {

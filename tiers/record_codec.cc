@@ -12,6 +12,89 @@ namespace {
 constexpr uint32_t kBlockMagic = 0x4b564231;    // "KVB1"
 constexpr uint32_t kSessionMagic = 0x4b565331;  // "KVS1"
 constexpr uint8_t kDTypeF32 = 1;
+constexpr uint8_t kDTypeBF16 = 2;
+constexpr uint8_t kDTypeF16 = 3;
+
+uint32_t BitsOf(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return bits;
+}
+
+float FloatOf(uint32_t bits) {
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// v as bf16 when that is exact (its low 16 bits are zero).
+bool ExactBf16(float v, uint16_t* out) {
+  const uint32_t bits = BitsOf(v);
+  if ((bits & 0xffffu) != 0) return false;
+  *out = static_cast<uint16_t>(bits >> 16);
+  return true;
+}
+
+// v as IEEE half when that is exact: zeros, infinities, normal and subnormal halves; never
+// NaN or f32 subnormals.
+bool ExactF16(float v, uint16_t* out) {
+  const uint32_t bits = BitsOf(v);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const int exp = static_cast<int>((bits >> 23) & 0xffu);
+  const uint32_t mant = bits & 0x7fffffu;
+  if (exp == 0) {
+    if (mant != 0) return false;
+    *out = sign;
+    return true;
+  }
+  if (exp == 0xff) {
+    if (mant != 0) return false;
+    *out = sign | 0x7c00u;
+    return true;
+  }
+  const int e = exp - 127;
+  if (e >= -14 && e <= 15) {
+    if ((mant & 0x1fffu) != 0) return false;
+    *out = static_cast<uint16_t>(sign | ((e + 15) << 10) | (mant >> 13));
+    return true;
+  }
+  if (e >= -24 && e < -14) {
+    // A subnormal half m * 2^-24 with the significand (1.mant) * 2^e: m = sig >> -(e + 1).
+    const uint32_t sig = mant | 0x800000u;
+    const int shift = -(e + 1);
+    if ((sig & ((1u << shift) - 1)) != 0) return false;
+    *out = static_cast<uint16_t>(sign | (sig >> shift));
+    return true;
+  }
+  return false;
+}
+
+float FromF16(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const int exp = (h >> 10) & 0x1f;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0) {
+    // Zero or subnormal: mant * 2^-24, exact in f32.
+    const float magnitude = static_cast<float>(mant) * 0x1p-24f;
+    return sign != 0 ? -magnitude : magnitude;
+  }
+  if (exp == 0x1f) return FloatOf(sign | 0x7f800000u | (mant << 13));
+  return FloatOf(sign | (static_cast<uint32_t>(exp - 15 + 127) << 23) | (mant << 13));
+}
+
+// Every value of keys and values narrowed by `narrow`, or false when one is not exact.
+bool Narrow(const std::vector<float>& keys, const std::vector<float>& values,
+            bool (*narrow)(float, uint16_t*), std::vector<uint16_t>* k, std::vector<uint16_t>* v) {
+  k->resize(keys.size());
+  v->resize(values.size());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (!narrow(keys[i], &(*k)[i])) return false;
+  }
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (!narrow(values[i], &(*v)[i])) return false;
+  }
+  return true;
+}
 
 absl::Status Corrupt(std::string_view what) {
   return absl::DataLossError(absl::StrCat("stored ", std::string(what), " is corrupt"));
@@ -42,6 +125,10 @@ void ByteWriter::Str(std::string_view s) {
 void ByteWriter::Floats(const std::vector<float>& v) {
   U64(v.size());
   out_.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+}
+void ByteWriter::U16s(const std::vector<uint16_t>& v) {
+  U64(v.size());
+  out_.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(uint16_t));
 }
 void ByteWriter::I64s(const std::vector<int64_t>& v) {
   U64(v.size());
@@ -131,6 +218,14 @@ bool ByteReader::Floats(std::vector<float>* v) {
   std::memcpy(v->data(), p, n * 4);
   return true;
 }
+bool ByteReader::U16s(std::vector<uint16_t>* v) {
+  uint64_t n;
+  const char* p;
+  if (!U64(&n) || n > (data_.size() - pos_) / 2 || !Take(n * 2, &p)) return false;
+  v->resize(n);
+  std::memcpy(v->data(), p, n * 2);
+  return true;
+}
 bool ByteReader::I64s(std::vector<int64_t>* v) {
   uint64_t n;
   if (!U64(&n) || n > (data_.size() - pos_) / 8) return false;
@@ -153,16 +248,28 @@ bool ByteReader::I32s(std::vector<int32_t>* v) {
 }
 
 std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim) {
+  std::vector<uint16_t> k16, v16;
+  uint8_t dtype = kDTypeF32;
+  if (Narrow(block.keys, block.values, ExactBf16, &k16, &v16)) {
+    dtype = kDTypeBF16;
+  } else if (Narrow(block.keys, block.values, ExactF16, &k16, &v16)) {
+    dtype = kDTypeF16;
+  }
   ByteWriter w;
   w.U32(kBlockMagic);
-  w.U8(kDTypeF32);
+  w.U8(dtype);
   w.I64(block.index);
   w.U32(static_cast<uint32_t>(block.filled));
   w.U32(static_cast<uint32_t>(block.keys.size() / (static_cast<size_t>(num_kv_heads) * head_dim)));
   w.U32(static_cast<uint32_t>(num_kv_heads));
   w.U32(static_cast<uint32_t>(head_dim));
-  w.Floats(block.keys);
-  w.Floats(block.values);
+  if (dtype == kDTypeF32) {
+    w.Floats(block.keys);
+    w.Floats(block.values);
+  } else {
+    w.U16s(k16);
+    w.U16s(v16);
+  }
   return w.Finish();
 }
 
@@ -172,11 +279,27 @@ absl::StatusOr<KvBlock> DecodeBlock(std::string_view value, int block_size, int 
   uint32_t magic, filled, bs, heads, hd;
   uint8_t dtype;
   KvBlock b;
-  if (!r.U32(&magic) || magic != kBlockMagic || !r.U8(&dtype) || dtype != kDTypeF32 ||
-      !r.I64(&b.index) || !r.U32(&filled) || !r.U32(&bs) || !r.U32(&heads) || !r.U32(&hd) ||
-      !r.Floats(&b.keys) || !r.Floats(&b.values) || !r.done()) {
+  if (!r.U32(&magic) || magic != kBlockMagic || !r.U8(&dtype) ||
+      (dtype != kDTypeF32 && dtype != kDTypeBF16 && dtype != kDTypeF16) || !r.I64(&b.index) ||
+      !r.U32(&filled) || !r.U32(&bs) || !r.U32(&heads) || !r.U32(&hd)) {
     return Corrupt("KV block");
   }
+  if (dtype == kDTypeF32) {
+    if (!r.Floats(&b.keys) || !r.Floats(&b.values)) return Corrupt("KV block");
+  } else {
+    std::vector<uint16_t> k16, v16;
+    if (!r.U16s(&k16) || !r.U16s(&v16)) return Corrupt("KV block");
+    auto widen = [dtype](const std::vector<uint16_t>& in, std::vector<float>* out) {
+      out->resize(in.size());
+      for (size_t i = 0; i < in.size(); ++i) {
+        (*out)[i] =
+            dtype == kDTypeBF16 ? FloatOf(static_cast<uint32_t>(in[i]) << 16) : FromF16(in[i]);
+      }
+    };
+    widen(k16, &b.keys);
+    widen(v16, &b.values);
+  }
+  if (!r.done()) return Corrupt("KV block");
   if (static_cast<int>(bs) != block_size || static_cast<int>(heads) != num_kv_heads ||
       static_cast<int>(hd) != head_dim || filled > bs ||
       b.keys.size() != static_cast<size_t>(bs) * heads * hd || b.values.size() != b.keys.size()) {

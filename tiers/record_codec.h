@@ -29,6 +29,7 @@ class ByteWriter {
   void F64(double v);
   void Str(std::string_view s);
   void Floats(const std::vector<float>& v);
+  void U16s(const std::vector<uint16_t>& v);
   void I64s(const std::vector<int64_t>& v);
   void I32s(const std::vector<int32_t>& v);
   // Appends the checksum and returns the value.
@@ -50,6 +51,7 @@ class ByteReader {
   bool F64(double* v);
   bool Str(std::string* s);
   bool Floats(std::vector<float>* v);
+  bool U16s(std::vector<uint16_t>* v);
   bool I64s(std::vector<int64_t>* v);
   bool I32s(std::vector<int32_t>* v);
   bool done() const { return pos_ == data_.size(); }
@@ -60,8 +62,10 @@ class ByteReader {
   size_t pos_ = 0;
 };
 
-// A stored KV block: header (layout version, dtype f32, index, filled, block size, heads,
-// head_dim), K, V, checksum.
+// A stored KV block: header (layout version, dtype, index, filled, block size, heads,
+// head_dim), K, V, checksum. K and V are stored in the narrowest of bf16, f16 and f32 that
+// holds every value exactly: a device backend's bf16 or f16 rows take half the bytes of f32,
+// and decoding always gives back the very same floats.
 std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim);
 absl::StatusOr<KvBlock> DecodeBlock(std::string_view value, int block_size, int num_kv_heads,
                                     int head_dim);
