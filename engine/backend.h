@@ -25,6 +25,10 @@ struct ForwardOptions {
   // (keeping each head sorted by position). q is (n, num_heads, head_dim). An error aborts the
   // pass; `kv` may then hold part of it.
   std::function<absl::Status(int layer, const float* q, int64_t n, KvCache* kv)> before_attention;
+  // Default: 0 (all). When positive, before_attention receives only the queries of the last
+  // min(hook_query_rows, n) tokens (q holds those rows and n counts them): a device backend
+  // then copies only those to the host.
+  int hook_query_rows = 0;
 };
 
 struct ForwardResult {

@@ -74,7 +74,9 @@ absl::Status CpuBackend::Forward(absl::Span<const int32_t> tokens, int64_t start
       ApplyRope(&k[t * kvd], c.num_kv_heads, hd, start_pos + t, inv_freq_.data());
     }
     if (options.before_attention) {
-      KVMEM_RETURN_IF_ERROR(options.before_attention(l, q.data(), n, kv));
+      const int64_t rows =
+          options.hook_query_rows > 0 ? std::min<int64_t>(options.hook_query_rows, n) : n;
+      KVMEM_RETURN_IF_ERROR(options.before_attention(l, q.data() + (n - rows) * qd, rows, kv));
     }
     for (int g = 0; g < c.num_kv_heads; ++g) {
       HeadKv& head = kv->head(l, g);

@@ -1460,12 +1460,16 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
   if (options.before_attention) {
     // Recall may change this layer's heads on the host: hand it the queries, then bring the
     // layer's device copy up to date again before the new tokens join it.
-    after_qkv = [&](int l) -> absl::Status {
-      host_q.resize(n * qd);
-      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_q.data(), b.q, n * qd * sizeof(float),
-                                                 cudaMemcpyDeviceToHost, s));
+    // Only the rows the hook asks for come over (recall reads the turn's last window).
+    const int64_t rows =
+        options.hook_query_rows > 0 ? std::min<int64_t>(options.hook_query_rows, n) : n;
+    after_qkv = [&, rows](int l) -> absl::Status {
+      host_q.resize(rows * qd);
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(host_q.data(), b.q + (n - rows) * qd,
+                                                 rows * qd * sizeof(float), cudaMemcpyDeviceToHost,
+                                                 s));
       KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
-      KVMEM_RETURN_IF_ERROR(options.before_attention(l, host_q.data(), n, kv));
+      KVMEM_RETURN_IF_ERROR(options.before_attention(l, host_q.data(), rows, kv));
       KVMEM_RETURN_IF_ERROR(SyncHeads(*kv, *dkv, l, l + 1));
       for (int g = 0; g < kvh; ++g) {
         DeviceHead<T>& dh = dkv->heads[l * kvh + g];

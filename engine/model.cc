@@ -220,6 +220,18 @@ void Model::ComputeFingerprint(const std::string& config_text) {
   }
 }
 
+std::unique_ptr<Model> Model::Shaped(const ModelConfig& config,
+                                     std::unique_ptr<Tokenizer> tokenizer) {
+  std::unique_ptr<Model> m(new Model());
+  m->config_ = config;
+  m->tokenizer_ = std::move(tokenizer);
+  m->ComputeFingerprint(absl::StrCat("shaped ", config.architecture, " ", config.hidden_size, " ",
+                                     config.intermediate_size, " ", config.num_layers, " ",
+                                     config.num_heads, " ", config.num_kv_heads, " ",
+                                     config.head_dim, " ", config.vocab_size));
+  return m;
+}
+
 bool Model::IsEos(int token) const {
   const auto& eos = config_.eos_token_ids;
   return std::find(eos.begin(), eos.end(), token) != eos.end();

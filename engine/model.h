@@ -58,6 +58,12 @@ class Model {
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir,
                                                      const ModelLoadOptions& options = {});
 
+  // A model of `config`'s shape with no weights: for benchmarks of the work around the forward
+  // pass, with a backend that needs no host weights (a stand-in, or the CUDA backend's random
+  // device weights). weights() is empty; the fingerprint covers the shape and the tokenizer.
+  static std::unique_ptr<Model> Shaped(const ModelConfig& config,
+                                       std::unique_ptr<Tokenizer> tokenizer);
+
   const std::string& dir() const { return dir_; }
   const ModelConfig& config() const { return config_; }
   const ModelWeights& weights() const { return weights_; }

@@ -247,6 +247,7 @@ absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view tex
   if (options_.recall_blocks > 0 && committed_ > 0) {
     forward_options.before_attention = [&](int layer, const float* q, int64_t count,
                                            KvCache*) { return Recall(layer, q, count, &result); };
+    forward_options.hook_query_rows = std::max(1, options_.memory.window);  // what Recall reads
   }
   absl::Status forward_status = backend_.Forward(tokens, position_, &hot_, forward_options, &forward);
   blocks_in_flight_.clear();  // recall's blocks: the backend has its rows now

@@ -200,6 +200,30 @@ TEST_P(CudaParityTest, DeviceCopyFollowsEveryEditOfTheHotSet) {
   EXPECT_LT(RelativeL2(got.logits, want.logits), tol) << "a copied cache";
 }
 
+TEST_P(CudaParityTest, RecallHookGetsTheLastQueryRowsItAsksFor) {
+  const ModelConfig& c = model_->config();
+  auto tokens = RandomTokens(12, c.vocab_size, 4);
+  auto run = [&](Backend& backend) {
+    std::vector<float> seen;  // every layer's rows, in layer order
+    std::vector<int64_t> counts;
+    KvCache kv = NewCache();
+    ForwardOptions opts;
+    opts.hook_query_rows = 5;
+    opts.before_attention = [&](int, const float* q, int64_t n, KvCache*) {
+      counts.push_back(n);
+      seen.insert(seen.end(), q, q + n * c.q_dim());
+      return absl::OkStatus();
+    };
+    ForwardResult r;
+    EXPECT_TRUE(backend.Forward(tokens, 0, &kv, opts, &r).ok());
+    EXPECT_EQ(counts, std::vector<int64_t>(c.num_layers, 5));
+    return seen;
+  };
+  const std::vector<float> want = run(*cpu_), got = run(*gpu_);
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_LT(RelativeL2(got, want), Tolerance(GetParam().dtype));
+}
+
 TEST_P(CudaParityTest, RecallHookChangesTheLayerBeforeItsAttention) {
   // The session's recall inserts entries while the pass runs (ForwardOptions::before_attention).
   const ModelConfig& c = model_->config();

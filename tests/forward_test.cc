@@ -254,5 +254,41 @@ TEST(ForwardErrorsTest, RejectsOutOfVocabularyTokensAndStalePositions) {
   EXPECT_EQ(kv.head(0, 0).size(), 2);
 }
 
+TEST(ForwardHookTest, HookGetsOnlyTheLastQueryRowsItAsksFor) {
+  TempDir dir;
+  testing::WriteRandomModel(dir.path(), {});
+  auto model = Model::Load(dir.path(), {.require_tokenizer = false});
+  ASSERT_TRUE(model.ok()) << model.status();
+  const ModelConfig& c = (*model)->config();
+  CpuBackend backend(**model, {.threads = 1});
+  const std::vector<int32_t> tokens = {3, 4, 5, 6, 7, 8, 9};
+  // Per layer, the query rows the hook saw: (rows, num_heads, head_dim).
+  auto run = [&](int hook_query_rows, std::vector<int64_t>* counts) {
+    std::vector<std::vector<float>> seen(c.num_layers);
+    KvCache kv(c.num_layers, c.num_kv_heads, c.head_dim);
+    ForwardOptions options;
+    options.hook_query_rows = hook_query_rows;
+    options.before_attention = [&](int layer, const float* q, int64_t n, KvCache*) {
+      counts->push_back(n);
+      seen[layer].assign(q, q + n * c.q_dim());
+      return absl::OkStatus();
+    };
+    ForwardResult result;
+    EXPECT_TRUE(backend.Forward(tokens, 0, &kv, options, &result).ok());
+    return seen;
+  };
+  std::vector<int64_t> all_counts, tail_counts, big_counts;
+  const auto all = run(0, &all_counts);
+  const auto tail = run(3, &tail_counts);
+  const auto big = run(100, &big_counts);
+  EXPECT_EQ(all_counts, std::vector<int64_t>(c.num_layers, 7));
+  EXPECT_EQ(tail_counts, std::vector<int64_t>(c.num_layers, 3));
+  EXPECT_EQ(big_counts, std::vector<int64_t>(c.num_layers, 7));
+  for (int l = 0; l < c.num_layers; ++l) {
+    EXPECT_EQ(tail[l], std::vector<float>(all[l].end() - 3 * c.q_dim(), all[l].end()));
+    EXPECT_EQ(big[l], all[l]);
+  }
+}
+
 }  // namespace
 }  // namespace kvmem

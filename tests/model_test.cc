@@ -166,6 +166,30 @@ TEST(StoriesModelTest, FingerprintIsStable32HexDigits) {
   EXPECT_EQ((*a)->fingerprint(), (*b)->fingerprint());
 }
 
+TEST(StoriesModelTest, ShapedModelHasTheShapeAndTokenizerButNoWeights) {
+  auto stories = Model::Load(kStoriesDir);
+  ASSERT_TRUE(stories.ok()) << stories.status();
+  std::string error;
+  auto tokenizer =
+      Tokenizer::LoadSentencePiece(std::string(kStoriesDir) + "/tokenizer.model", &error);
+  ASSERT_NE(tokenizer, nullptr) << error;
+  ModelConfig wide = (*stories)->config();
+  wide.hidden_size *= 2;
+  auto a = Model::Shaped((*stories)->config(), std::move(tokenizer));
+  tokenizer = Tokenizer::LoadSentencePiece(std::string(kStoriesDir) + "/tokenizer.model", &error);
+  auto b = Model::Shaped(wide, std::move(tokenizer));
+  EXPECT_EQ(a->config().hidden_size, (*stories)->config().hidden_size);
+  EXPECT_EQ(b->config().hidden_size, 2 * (*stories)->config().hidden_size);
+  ASSERT_NE(a->tokenizer(), nullptr);
+  EXPECT_EQ(a->tokenizer()->vocab_size(), 512);
+  EXPECT_TRUE(a->weights().layers.empty());
+  EXPECT_EQ(a->weights().embed, nullptr);
+  EXPECT_TRUE(std::regex_match(a->fingerprint(), std::regex("[0-9a-f]{32}")));
+  // Never the fingerprint of real weights, and different shapes differ.
+  EXPECT_NE(a->fingerprint(), (*stories)->fingerprint());
+  EXPECT_NE(a->fingerprint(), b->fingerprint());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Random models written to temporary directories.
 

@@ -1,0 +1,230 @@
+// The host's share of a turn on a device backend, at Llama-3-8B (or 3.2-1B) shape, on any
+// machine: the device's work is replaced by a stand-in that does only the host side of the
+// CUDA backend's contract (positions and fresh rows in, recall scores and SnapKV picks out), so
+// what is timed is the session's own work around the GPU: recall bookkeeping and block reads,
+// block filling and digests, the policy's compaction of positions and the durable commit to a
+// fsync'd RocksDB store. Printed per turn and as a share of the 15 ms turn target of a 256-token
+// turn on 8B (issue 6); the GPU's own time comes on top.
+//   build/bin/turn_host_bench [--shape 8b|1b] [--history 16384] [--turns 8] [--budget 4096]
+//                             [--recall 8] [--data DIR] [--blob-files 0|1]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "engine/backend.h"
+#include "engine/model.h"
+#include "service/session_manager.h"
+
+namespace kvmem {
+namespace {
+
+ModelConfig LlamaShape(int hidden, int inter, int layers, int heads, int kv_heads, int vocab) {
+  ModelConfig c;
+  c.architecture = "LlamaForCausalLM";
+  c.hidden_size = hidden;
+  c.intermediate_size = inter;
+  c.num_layers = layers;
+  c.num_heads = heads;
+  c.num_kv_heads = kv_heads;
+  c.head_dim = hidden / heads;
+  c.vocab_size = vocab;
+  c.max_position_embeddings = 131072;
+  c.rope_theta = 500000.0;
+  return c;
+}
+
+// The host side of a device backend with the device's arithmetic left out. Rows are zeros
+// (bf16-exact, as a bf16 device's are); recall scores and SnapKV picks are spread
+// deterministically over the candidates so that recall reads blocks and eviction is scattered.
+class StandInBackend : public Backend {
+ public:
+  explicit StandInBackend(const ModelConfig& c) : c_(c) {}
+  const char* name() const override { return "stand-in"; }
+  bool KeepsHotRows() const override { return true; }
+  int64_t HotEntryBytes(int head_dim) const override { return 4 * head_dim + 8; }
+
+  absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
+                       const ForwardOptions& options, ForwardResult* result) override {
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    const int64_t qd = c_.q_dim(), kvd = c_.kv_dim();
+    if (kv->host_rows()) return absl::FailedPreconditionError("stand-in needs kBackend caches");
+    const int observed = static_cast<int>(std::min<int64_t>(options.observe_last, n));
+    result->observed_queries.assign(observed > 0 ? c_.num_layers : 0, {});
+    std::vector<float> rows(n * kvd, 0.f);
+    std::vector<float> q;
+    for (int l = 0; l < c_.num_layers; ++l) {
+      if (options.before_attention) {
+        // The CUDA backend downloads the layer's queries the hook asks for here.
+        const int64_t rows =
+            options.hook_query_rows > 0 ? std::min<int64_t>(options.hook_query_rows, n) : n;
+        q.assign(rows * qd, 0.01f);
+        if (absl::Status s = options.before_attention(l, q.data(), rows, kv); !s.ok()) return s;
+      }
+      kv->AppendFresh(l, start_pos, n, rows.data(), rows.data());
+      for (int g = 0; g < c_.num_kv_heads; ++g) {
+        std::vector<int64_t>& p = kv->head(l, g).positions;
+        for (int64_t t = 0; t < n; ++t) p.push_back(start_pos + t);
+      }
+      if (observed > 0)
+        result->observed_queries[l].assign(c_.num_heads * observed * c_.head_dim, 0.f);
+    }
+    result->logits.assign(c_.vocab_size, 0.f);
+    result->logits[1 + (start_pos % (c_.vocab_size - 1))] = 1.f;
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::vector<float>> ScoreRecallBlocks(
+      const KvCache& kv, int layer, const float* q, int64_t n, int w,
+      const std::vector<std::vector<float>>& digests) override {
+    const int64_t blocks = static_cast<int64_t>(digests.size());
+    std::vector<float> scores(c_.num_kv_heads * blocks);
+    for (size_t i = 0; i < scores.size(); ++i) {
+      scores[i] = static_cast<float>((i * 2654435761u + layer * 97u) % 1000003u);
+    }
+    return scores;
+  }
+
+  // Keeps the window and `budget - w` candidates spread evenly over the head.
+  absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
+      const KvCache& kv, const SnapKvOptions& options,
+      const std::vector<std::vector<float>>& queries, int w) override {
+    std::vector<std::vector<int64_t>> keep;
+    for (int l = 0; l < kv.num_layers(); ++l) {
+      for (int g = 0; g < kv.num_kv_heads(); ++g) {
+        const int64_t n = kv.head(l, g).size(), candidates = n - w;
+        const int64_t take = std::min<int64_t>(options.budget, n) - w;
+        std::vector<int64_t>& k = keep.emplace_back();
+        k.reserve(take + w);
+        for (int64_t j = 0; j < take; ++j) k.push_back(j * candidates / std::max<int64_t>(take, 1));
+        for (int64_t i = candidates; i < n; ++i) k.push_back(i);
+      }
+    }
+    return keep;
+  }
+
+ private:
+  ModelConfig c_;
+};
+
+double Ms(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+int Run(int argc, char** argv) {
+  std::string shape = "8b", data;
+  int64_t history = 16384;
+  int turns = 8, budget = 4096, recall = 8;
+  bool blob_files = false;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i], value = argv[i + 1];
+    bool ok = true;
+    if (flag == "--shape") {
+      shape = value;
+    } else if (flag == "--history") {
+      ok = absl::SimpleAtoi(value, &history);
+    } else if (flag == "--turns") {
+      ok = absl::SimpleAtoi(value, &turns);
+    } else if (flag == "--budget") {
+      ok = absl::SimpleAtoi(value, &budget);
+    } else if (flag == "--recall") {
+      ok = absl::SimpleAtoi(value, &recall);
+    } else if (flag == "--data") {
+      data = value;
+    } else if (flag == "--blob-files") {
+      blob_files = value == "1" || value == "true";
+    } else {
+      ok = false;
+    }
+    if (!ok) return std::fprintf(stderr, "bad flag %s %s\n", flag.c_str(), value.c_str()), 2;
+  }
+  ModelConfig c;
+  if (shape == "8b") {
+    c = LlamaShape(4096, 14336, 32, 32, 8, 128256);
+  } else if (shape == "1b") {
+    c = LlamaShape(2048, 8192, 16, 32, 8, 128256);
+  } else {
+    return std::fprintf(stderr, "--shape is 8b or 1b\n"), 2;
+  }
+  // Any sentencepiece model tokenizes the text; its ids are valid in the 128256-entry vocab.
+  auto dir = ResolveModelDir("");
+  if (!dir.ok())
+    return std::fprintf(stderr, "%s\n", std::string(dir.status().message()).c_str()), 1;
+  std::string error;
+  auto tokenizer = Tokenizer::LoadSentencePiece(*dir + "/tokenizer.model", &error);
+  if (tokenizer == nullptr) return std::fprintf(stderr, "tokenizer: %s\n", error.c_str()), 1;
+  std::unique_ptr<Model> model = Model::Shaped(c, std::move(tokenizer));
+  StandInBackend backend(c);
+
+  if (data.empty())
+    data = (std::filesystem::temp_directory_path() / "kvmem-turn-host-bench").string();
+  std::filesystem::remove_all(data);
+  SessionManagerOptions options;
+  options.data_dir = data;
+  options.cold_blob_files = blob_files;
+  options.session_defaults.memory = {.policy = "snapkv", .budget = budget, .window = 32};
+  options.session_defaults.recall_blocks = recall;
+  options.session_defaults.max_turn_tokens = 8192;
+  auto manager = SessionManager::Open(*model, backend, options);
+  if (!manager.ok()) return std::fprintf(stderr, "%s\n", manager.status().ToString().c_str()), 1;
+  if (!(*manager)->CreateSession({.session_id = "bench"}).ok()) return 1;
+
+  // About 256 tokens of text per turn with the stories tokenizer.
+  std::string text;
+  while (text.size() < 900) {
+    text += "The little dog ran to the park with his red ball and played with his friend. ";
+  }
+  auto append = [&](AppendResult* out) -> absl::Status {
+    auto r = (*manager)->AppendTurn({.session_id = "bench", .content = text});
+    if (!r.ok()) return r.status();
+    *out = *r;
+    return absl::OkStatus();
+  };
+  AppendResult r;
+  const auto build = std::chrono::steady_clock::now();
+  while (r.total_tokens < history) {
+    if (absl::Status s = append(&r); !s.ok())
+      return std::fprintf(stderr, "%s\n", s.ToString().c_str()), 1;
+  }
+  std::printf(
+      "shape %s (%d layers x %d KV heads x %d), snapkv budget %d, recall %d blocks, "
+      "fsync'd RocksDB under %s; history of %lld tokens built in %.1f s\n",
+      shape.c_str(), c.num_layers, c.num_kv_heads, c.head_dim, budget, recall, data.c_str(),
+      static_cast<long long>(r.total_tokens), Ms(build) / 1e3);
+  std::printf(
+      "| turn tokens | host ms/turn | recall + stand-in | select | commit | other (fill, "
+      "digests) | blocks recalled | share of 15 ms |\n");
+  std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  double total = 0, prefill = 0, select = 0, commit = 0;
+  int64_t tokens = 0, recalled = 0;
+  for (int t = 0; t < turns; ++t) {
+    const auto start = std::chrono::steady_clock::now();
+    if (absl::Status s = append(&r); !s.ok())
+      return std::fprintf(stderr, "%s\n", s.ToString().c_str()), 1;
+    total += Ms(start);
+    prefill += r.prefill_ms;
+    select += r.select_ms;
+    commit += r.commit_ms;
+    tokens += r.turn_tokens;
+    recalled += r.recalled_blocks;
+  }
+  const double per = total / turns;
+  std::printf("| %lld | %.2f | %.2f | %.2f | %.2f | %.2f | %lld | %.2f |\n",
+              static_cast<long long>(tokens / turns), per, prefill / turns, select / turns,
+              commit / turns, (total - prefill - select - commit) / turns,
+              static_cast<long long>(recalled / turns), per / 15.0);
+  manager->reset();
+  std::filesystem::remove_all(data);
+  return 0;
+}
+
+}  // namespace
+}  // namespace kvmem
+
+int main(int argc, char** argv) { return kvmem::Run(argc, argv); }
