@@ -119,6 +119,23 @@ TEST_F(DurabilityTest, RestartContinuesTokenForToken) {
   EXPECT_EQ(got, want);
 }
 
+TEST_F(DurabilityTest, BlobFileStoreRestartsAndContinuesTokenForToken) {
+  const std::vector<int32_t> want = Reference();
+  TempDir dir;
+  SessionManagerOptions options = Options(dir.path());
+  options.cold_blob_files = true;
+  std::vector<int32_t> got;
+  {
+    Server server(*model_, options);
+    ASSERT_TRUE(server->CreateSession({.session_id = "s"}).ok());
+    got = RunSteps(server.get(), "s", 0, 3);
+  }
+  Server server(*model_, options);
+  auto rest = RunSteps(server.get(), "s", 3, kScript.size());
+  got.insert(got.end(), rest.begin(), rest.end());
+  EXPECT_EQ(got, want);
+}
+
 // Reads one byte from `fd` (false at EOF).
 bool ReadByte(int fd) {
   char c;
