@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "engine/cuda_backend.h"
 #include "engine/kv_blocks.h"
@@ -152,6 +153,10 @@ class BlockRows : public KvRowSource {
                         float* values) override {
     const int hd = c_.head_dim;
     for (size_t i = 0; i < positions.size(); ++i) {
+      if (positions[i] < 0 ||
+          positions[i] / kBlock >= static_cast<int64_t>((*blocks_)[layer].size())) {
+        return absl::OutOfRangeError(absl::StrCat("no block holds position ", positions[i]));
+      }
       const KvBlock& block = *(*blocks_)[layer][positions[i] / kBlock];
       const size_t off = ((positions[i] % kBlock) * c_.num_kv_heads + kv_head) * hd;
       std::memcpy(keys + i * hd, &block.keys[off], hd * sizeof(float));

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
@@ -96,7 +97,8 @@ class SnapKvPolicy : public MemoryPolicy {
   explicit SnapKvPolicy(const MemoryOptions& o) : options_(SnapKvOptionsOf(o)) {}
   const char* name() const override { return "snapkv"; }
   int observe_window() const override { return options_.window; }
-  // Selects where the backend keeps its rows; reads the host's only when that path is absent.
+  // Selects where the backend keeps its rows; reads rows on the host (read back from the blocks
+  // when the backend keeps them) only when the backend has no such path or it fails.
   bool reads_hot_rows() const override { return false; }
   absl::StatusOr<std::vector<std::vector<int64_t>>> Select(const TurnView& turn) override {
     const KvCache& kv = *turn.kv;
@@ -107,17 +109,17 @@ class SnapKvPolicy : public MemoryPolicy {
       // bringing the keys to the host. Any failure there falls back to the host below.
       auto on_backend = turn.backend->SelectSnapKv(kv, options_, *turn.observed_queries, w);
       if (on_backend.ok()) return *std::move(on_backend);
-      // Without host rows there is nothing to fall back to.
-      if (!kv.host_rows()) return on_backend.status();
     }
+    // On the host: with the cache's own rows, or rows read back from the session's blocks.
+    std::optional<KvCache> read_back;
     if (!kv.host_rows()) {
-      return absl::FailedPreconditionError(
-          "SnapKV needs either the backend's selection or the hot rows on the host");
+      KVMEM_ASSIGN_OR_RETURN(read_back, kv.WithHostRows());
     }
+    const KvCache& rows = read_back.has_value() ? *read_back : kv;
     std::vector<std::vector<int64_t>> keep;
     for (int l = 0; l < kv.num_layers(); ++l) {
       auto layer_keep = SelectSnapKv(options_, (*turn.observed_queries)[l].data(), turn.num_heads,
-                                     w, LayerHeads(kv, l), turn.sliding_window);
+                                     w, LayerHeads(rows, l), turn.sliding_window);
       for (auto& k : layer_keep) keep.push_back(std::move(k));
     }
     return keep;

@@ -192,7 +192,7 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Restore(const Model& model, Ba
           return absl::DataLossError("stored hot index is corrupt");
         }
         if (!s->hot_.host_rows()) {
-          head.positions.push_back(p);
+          head.positions.push_back(p);  // rows: read below
           continue;
         }
         if (block == nullptr || block->index != p / B) {
@@ -206,6 +206,8 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Restore(const Model& model, Ba
       }
     }
   }
+  // Rows the backend keeps: their blocks are read (and checked) now, for its first upload.
+  KVMEM_RETURN_IF_ERROR(s->PrefetchHotBlocks());
   return s;
 }
 
@@ -235,6 +237,7 @@ absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view tex
   }
   const int64_t n = static_cast<int64_t>(tokens.size());
   const ModelConfig& c = model_.config();
+  KVMEM_RETURN_IF_ERROR(PrefetchHotBlocks());
 
   // 2. Prefill over the hot set, recalled blocks and the turn, causally.
   AppendResult result;
@@ -435,6 +438,7 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
   if (broken_) return BrokenError();
   KVMEM_RETURN_IF_ERROR(ValidateSamplingParams(options.sampling));
   const ModelConfig& c = model_.config();
+  KVMEM_RETURN_IF_ERROR(PrefetchHotBlocks());
   GenerateResult result;
   result.hot_attended = hot_.TotalEntries();
   result.start_position = position_;
@@ -460,6 +464,7 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
     }
     if (!hot_.host_rows()) hot_.DropFreshFrom(position_before);
     position_ = position_before;
+    blocks_in_flight_.clear();
   };
 
   const int window = policy_->observe_window();
@@ -534,6 +539,7 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
     turn_tokens.insert(turn_tokens.end(), suffix.begin(), suffix.end());
   }
   result.generation.last_logits.clear();
+  blocks_in_flight_.clear();               // the passes are done: the backend holds what it read
   if (turn_tokens.empty()) return result;  // nothing was generated: no turn to keep
 
   std::vector<BlockWrite> blocks = FillBlocks();
@@ -567,7 +573,7 @@ absl::Status Session::Commit(const TurnRecord& turn, std::vector<BlockWrite> blo
   commit.owners = &owners_;
   for (int l = 0; l < c.num_layers; ++l) {
     for (int g = 0; g < c.num_kv_heads; ++g) {
-      commit.hot_positions.push_back(hot_.head(l, g).positions);
+      commit.hot_positions.push_back(std::as_const(hot_).head(l, g).positions);
     }
   }
   commit.policy_scores = policy_->SaveState();
@@ -683,7 +689,35 @@ absl::StatusOr<std::shared_ptr<const KvBlock>> Session::FindBlock(int layer, int
   if (tails_[layer] != nullptr && tails_[layer]->index == index) return tails_[layer];
   auto it = blocks_in_flight_.find({layer, index});
   if (it != blocks_in_flight_.end()) return it->second;
-  return storage_.source->ReadBlock(KeyOf(layer, index), nullptr);
+  KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<const KvBlock> block,
+                         storage_.source->ReadBlock(KeyOf(layer, index), nullptr));
+  blocks_in_flight_.emplace(std::make_pair(layer, index), block);
+  return block;
+}
+
+absl::Status Session::PrefetchHotBlocks() {
+  if (hot_.host_rows() || hot_.attachment() != nullptr) return absl::OkStatus();
+  const ModelConfig& c = model_.config();
+  const int B = options_.block_size;
+  std::map<std::pair<int, int64_t>, std::shared_ptr<const KvBlock>> read;
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (int g = 0; g < c.num_kv_heads; ++g) {
+      for (int64_t p : std::as_const(hot_).head(l, g).positions) {
+        if (p >= committed_) break;  // fresh rows: the host holds them
+        const std::pair<int, int64_t> key{l, p / B};
+        auto it = read.find(key);
+        if (it == read.end()) {
+          KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<const KvBlock> block, FindBlock(l, p / B));
+          it = read.emplace(key, std::move(block)).first;
+        }
+        if (it->second->index != p / B || p % B >= it->second->filled) {
+          return absl::DataLossError(
+              absl::StrCat("stored block ", p / B, " of layer ", l, " lacks position ", p));
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Session::ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions,

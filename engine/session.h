@@ -190,8 +190,14 @@ class Session : private KvRowSource {
   // KvRowSource: committed positions' rows, for a backend that keeps the hot rows itself.
   absl::Status ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions, float* keys,
                         float* values) override;
-  // A block of this session from the live tail, the blocks in flight, or storage.
+  // A block of this session from the live tail, the blocks in flight, or storage (then kept
+  // in flight, so a pass reads each block once).
   absl::StatusOr<std::shared_ptr<const KvBlock>> FindBlock(int layer, int64_t index);
+  // When the rows live with the backend and it has no copy of this cache (after a restore, a
+  // fork or an error), reads the blocks of every hot position into the blocks in flight, so
+  // the backend's upload finds them in memory (not in storage, under its device lock).
+  // DATA_LOSS or NOT_FOUND for a damaged or missing block; nothing changes then.
+  absl::Status PrefetchHotBlocks();
   // Makes the turn just applied durable; marks the session broken on failure.
   absl::Status Commit(const TurnRecord& turn, std::vector<BlockWrite> blocks);
 
@@ -212,8 +218,8 @@ class Session : private KvRowSource {
   std::vector<std::vector<std::vector<float>>> digests_;
   int64_t recalled_blocks_ = 0;
   bool broken_ = false;
-  // Blocks not (yet) readable through storage that ReadRows may need: those FillBlocks wrote
-  // until the commit lands, and those recall read during the pass in flight.
+  // Blocks ReadRows may need, held for the call in flight: those FillBlocks wrote (until the
+  // commit lands), those recall and ReadRows read, and those PrefetchHotBlocks read.
   std::map<std::pair<int, int64_t>, std::shared_ptr<const KvBlock>> blocks_in_flight_;
 };
 

@@ -510,7 +510,9 @@ class CudaSessionTest : public ::testing::Test {
       // On the GPU the host keeps positions only, unless asked to keep the rows as well.
       const bool host_rows = !backend.KeepsHotRows() || options.host_hot_rows;
       EXPECT_EQ((*s)->hot().host_rows(), host_rows);
-      if (!host_rows) EXPECT_EQ((*s)->hot().Bytes(), 0) << "fresh rows outlived the commit";
+      if (!host_rows) {
+        EXPECT_EQ((*s)->hot().Bytes(), 0) << "fresh rows outlived the commit";
+      }
     }
     return texts;
   }

@@ -30,6 +30,8 @@ class MirrorBackend : public Backend {
   bool KeepsHotRows() const override { return true; }
   // Rows read back through KvCache::ReadRows (what a device would upload).
   int64_t rows_read() const { return rows_read_; }
+  // Makes SelectSnapKv fail, as a device out of memory would.
+  void set_select_fails(bool fails) { select_fails_ = fails; }
 
   absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
                        const ForwardOptions& options, ForwardResult* result) override {
@@ -84,6 +86,7 @@ class MirrorBackend : public Backend {
   absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
       const KvCache& kv, const SnapKvOptions& options,
       const std::vector<std::vector<float>>& queries, int w) override {
+    if (select_fails_) return absl::ResourceExhaustedError("no memory for SnapKV's workspace");
     if (kv.attachment() == nullptr) return absl::UnimplementedError("no copy of this cache");
     Mirror& m = *static_cast<Mirror*>(kv.attachment().get());
     KVMEM_RETURN_IF_ERROR(Sync(kv, m, 0, kv.num_layers()));
@@ -147,6 +150,7 @@ class MirrorBackend : public Backend {
   const Model& model_;
   CpuBackend* cpu_;
   int64_t rows_read_ = 0;
+  bool select_fails_ = false;
 };
 
 // A store whose block reads can be made to fail, to show a failed read back loses nothing.
@@ -155,6 +159,7 @@ class FailingSource : public BlockSource {
   explicit FailingSource(std::shared_ptr<MemoryBlockStore> store) : store_(std::move(store)) {}
   absl::StatusOr<std::shared_ptr<const KvBlock>> ReadBlock(const BlockKey& key,
                                                            bool* from_cold) override {
+    ++reads_;
     if (failing_) return absl::DataLossError(absl::StrCat("block ", key.index, " is damaged"));
     return store_->ReadBlock(key, from_cold);
   }
@@ -162,10 +167,12 @@ class FailingSource : public BlockSource {
     return store_->ReadDigest(key);
   }
   void set_failing(bool failing) { failing_ = failing; }
+  int reads() const { return reads_; }
 
  private:
   std::shared_ptr<MemoryBlockStore> store_;
   bool failing_ = false;
+  int reads_ = 0;
 };
 
 const char* const kTurns[] = {
@@ -369,7 +376,50 @@ TEST_F(HotRowsOnBackendTest, HostHotRowsOptionKeepsRowsOnTheHost) {
   EXPECT_GT(b->hot().Bytes(), 0);
 }
 
-TEST_F(HotRowsOnBackendTest, FailedReadBackFailsTheTurnAndLosesNothing) {
+TEST_F(HotRowsOnBackendTest, SnapKvFallsBackToRowsReadFromBlocksWhenTheBackendCannotSelect) {
+  Trace on_cpu, on_mirror;
+  auto a = NewSession(*cpu_, Options());
+  auto b = NewSession(*mirror_, Options());
+  mirror_->set_select_fails(true);
+  Converse(a.get(), 0, 3, &on_cpu);
+  Converse(b.get(), 0, 3, &on_mirror);
+  EXPECT_EQ(on_cpu, on_mirror);
+  EXPECT_FALSE(b->broken());
+  ExpectPositionsOnly(*b);
+}
+
+TEST_F(HotRowsOnBackendTest, RestoreReadsTheHotBlocksBeforeTheFirstPassAndRefusesDamagedOnes) {
+  SessionOptions o = Options();
+  o.recall_blocks = 0;  // recall would read storage during the pass
+  auto store = std::make_shared<MemoryBlockStore>();
+  auto source = std::make_shared<FailingSource>(store);
+  Trace on_cpu, unused, after;
+  auto a = NewSession(*cpu_, o);
+  auto b = NewSession(*mirror_, o, store);
+  Converse(a.get(), 0, 2, &on_cpu);
+  Converse(b.get(), 0, 2, &unused);
+  // A damaged block is DATA_LOSS at restore, as with host rows.
+  source->set_failing(true);
+  auto damaged = Session::Restore(*model_, *mirror_, o, {1, source, store}, b->Snapshot());
+  EXPECT_EQ(damaged.status().code(), absl::StatusCode::kDataLoss) << damaged.status();
+  // Otherwise the restore reads the hot blocks, and the first pass (the device's upload, under
+  // its lock) reads no storage at all.
+  source->set_failing(false);
+  auto restored = Session::Restore(*model_, *mirror_, o, {1, source, store}, b->Snapshot());
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  EXPECT_GT(source->reads(), 0);
+  source->set_failing(true);
+  auto first = (*restored)->AppendTurn(Role::kUser, kTurns[2]);
+  ASSERT_TRUE(first.ok()) << first.status();
+  source->set_failing(false);
+  auto g = (*restored)->Generate({.sampling = {.max_tokens = 12}}, nullptr);
+  ASSERT_TRUE(g.ok()) << g.status();
+  Converse(a.get(), 2, 3, &on_cpu);
+  const std::vector<int32_t> tail(on_cpu.tokens.end() - 12, on_cpu.tokens.end());
+  EXPECT_EQ(g->generation.tokens, tail);
+}
+
+TEST_F(HotRowsOnBackendTest, FailedReadBackFailsTheCallAndLosesNothing) {
   auto store = std::make_shared<MemoryBlockStore>();
   auto source = std::make_shared<FailingSource>(store);
   Trace on_cpu, unused;
@@ -377,21 +427,24 @@ TEST_F(HotRowsOnBackendTest, FailedReadBackFailsTheTurnAndLosesNothing) {
   auto b = NewSession(*mirror_, Options(), store);
   Converse(a.get(), 0, 2, &on_cpu);
   Converse(b.get(), 0, 2, &unused);
-  auto restored = Session::Restore(*model_, *mirror_, Options(), {1, source, store}, b->Snapshot());
-  ASSERT_TRUE(restored.ok()) << restored.status();
-  Session& r = **restored;
-  const int64_t turns = static_cast<int64_t>(r.turns().size());
-  const int64_t position = r.position();
+  // A fork has no device copy: its first call reads its hot blocks, which fails here.
+  auto fork = b->Fork({2, source, store});
+  ASSERT_TRUE(fork.ok()) << fork.status();
+  Session& f = **fork;
+  const size_t turns = f.turns().size();
+  const int64_t position = f.position();
   source->set_failing(true);
-  auto failed = r.AppendTurn(Role::kUser, kTurns[2]);
+  auto failed = f.AppendTurn(Role::kUser, kTurns[2]);
   ASSERT_FALSE(failed.ok());
   EXPECT_EQ(failed.status().code(), absl::StatusCode::kDataLoss) << failed.status();
-  EXPECT_FALSE(r.broken());
-  EXPECT_EQ(static_cast<int64_t>(r.turns().size()), turns);
-  EXPECT_EQ(r.position(), position);
+  auto failed_generate = f.Generate({.sampling = {.max_tokens = 4}}, nullptr);
+  EXPECT_EQ(failed_generate.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_FALSE(f.broken());
+  EXPECT_EQ(f.turns().size(), turns);
+  EXPECT_EQ(f.position(), position);
   source->set_failing(false);
   Trace after;
-  Converse(&r, 2, 4, &after);
+  Converse(&f, 2, 4, &after);
   Converse(a.get(), 2, 4, &on_cpu);
   // The CPU trace also holds turns 0-1: compare the continuation only.
   const std::vector<int32_t> tail(on_cpu.tokens.end() - static_cast<long>(after.tokens.size()),

@@ -189,6 +189,68 @@ TEST(RecordCodecTest, DeviceRowsTakeHalfTheBytesAndComeBackBitExact) {
   EXPECT_EQ(0, std::memcmp(back->keys.data(), mixed->keys.data(), mixed->keys.size() * 4));
 }
 
+TEST(RecordCodecTest, HotIndexStoresGapsAndReadsTheFirstLayoutToo) {
+  std::mt19937 rng(4);
+  std::vector<int64_t> positions;
+  for (int64_t p = 0; p < 20000; p += 1 + static_cast<int64_t>(rng() % 5)) positions.push_back(p);
+  positions.push_back(int64_t{1} << 40);  // a gap of several varint bytes
+  const std::vector<double> scores = {0.5, -2.25};
+  const std::string bytes = EncodeHotIndex(positions, scores);
+  // A byte per entry here, where the first layout took eight.
+  EXPECT_LT(bytes.size(), positions.size() * 2);
+  std::vector<int64_t> got_positions;
+  std::vector<double> got_scores;
+  ASSERT_TRUE(DecodeHotIndex(bytes, &got_positions, &got_scores).ok());
+  EXPECT_EQ(got_positions, positions);
+  EXPECT_EQ(got_scores, scores);
+  ASSERT_TRUE(DecodeHotIndex(EncodeHotIndex({}, {}), &got_positions, &got_scores).ok());
+  EXPECT_TRUE(got_positions.empty());
+  // Records written in the first layout (eight bytes per position) still read back.
+  ByteWriter old;
+  old.I64s({3, 9, 27});
+  old.U64(1);
+  old.F64(4.5);
+  ASSERT_TRUE(DecodeHotIndex(old.Finish(), &got_positions, &got_scores).ok());
+  EXPECT_EQ(got_positions, (std::vector<int64_t>{3, 9, 27}));
+  EXPECT_EQ(got_scores, (std::vector<double>{4.5}));
+  // A gap of zero (a repeated position) and a cut varint are corruption.
+  ByteWriter repeated;
+  repeated.U64(0xfffffffffffffe03ull);
+  repeated.U64(2);
+  repeated.U8(1);
+  repeated.U8(0);
+  repeated.U64(0);
+  EXPECT_EQ(DecodeHotIndex(repeated.Finish(), &got_positions, &got_scores).code(),
+            absl::StatusCode::kDataLoss);
+  ByteWriter cut;
+  cut.U64(0xfffffffffffffe03ull);
+  cut.U64(1);
+  cut.U8(0x80);
+  EXPECT_EQ(DecodeHotIndex(cut.Finish(), &got_positions, &got_scores).code(),
+            absl::StatusCode::kDataLoss);
+}
+
+TEST(RecordCodecTest, DigestsOfBf16KeysTakeHalfTheBytesAndOldRecordsStillRead) {
+  std::vector<float> exact = {0.f, -1.5f, 0.15625f, 0x1p127f, -0.f}, inexact = exact;
+  inexact[2] = 0.1f;
+  const std::string narrow = EncodeFloats(exact), wide = EncodeFloats(inexact);
+  EXPECT_LT(narrow.size(), wide.size() - 8);
+  auto back = DecodeFloats(narrow, "digest");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(0, std::memcmp(back->data(), exact.data(), exact.size() * 4));
+  back = DecodeFloats(wide, "digest");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(*back, inexact);
+  ByteWriter old;
+  old.Floats(inexact);
+  back = DecodeFloats(old.Finish(), "digest");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(*back, inexact);
+  std::string bad = narrow;
+  bad[9] ^= 0x7f;  // the type byte
+  EXPECT_EQ(DecodeFloats(bad, "digest").status().code(), absl::StatusCode::kDataLoss);
+}
+
 TEST(RecordCodecTest, SessionRecordsAndTurnsRoundTrip) {
   SessionRecord r;
   r.tenant = "acme";

@@ -1,6 +1,9 @@
 #include "tiers/record_codec.h"
 
+#include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
@@ -82,19 +85,58 @@ float FromF16(uint16_t h) {
   return FloatOf(sign | (static_cast<uint32_t>(exp - 15 + 127) << 23) | (mant << 13));
 }
 
-// Every value of keys and values narrowed by `narrow`, or false when one is not exact.
-bool Narrow(const std::vector<float>& keys, const std::vector<float>& values,
-            bool (*narrow)(float, uint16_t*), std::vector<uint16_t>* k, std::vector<uint16_t>* v) {
-  k->resize(keys.size());
-  v->resize(values.size());
-  for (size_t i = 0; i < keys.size(); ++i) {
-    if (!narrow(keys[i], &(*k)[i])) return false;
+// The narrowest of bf16, f16 and f32 that holds every value of `parts` exactly; for the 16-bit
+// types, (*codes)[i] holds part i's values.
+uint8_t Narrowest(std::initializer_list<const std::vector<float>*> parts,
+                  std::vector<std::vector<uint16_t>>* codes) {
+  using Narrow = bool (*)(float, uint16_t*);
+  for (auto [dtype, narrow] : {std::pair<uint8_t, Narrow>{kDTypeBF16, ExactBf16},
+                               std::pair<uint8_t, Narrow>{kDTypeF16, ExactF16}}) {
+    codes->assign(parts.size(), {});
+    bool exact = true;
+    size_t p = 0;
+    for (const std::vector<float>* part : parts) {
+      std::vector<uint16_t>& out = (*codes)[p++];
+      out.resize(part->size());
+      for (size_t i = 0; exact && i < part->size(); ++i) exact = narrow((*part)[i], &out[i]);
+      if (!exact) break;
+    }
+    if (exact) return dtype;
   }
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (!narrow(values[i], &(*v)[i])) return false;
+  codes->clear();
+  return kDTypeF32;
+}
+
+void Widen(uint8_t dtype, const std::vector<uint16_t>& in, std::vector<float>* out) {
+  out->resize(in.size());
+  for (size_t i = 0; i < in.size(); ++i) {
+    (*out)[i] = dtype == kDTypeBF16 ? FloatOf(static_cast<uint32_t>(in[i]) << 16) : FromF16(in[i]);
   }
+}
+
+// Values written as `dtype`: f32 as they are, the 16-bit types as their codes.
+void WriteValues(ByteWriter& w, uint8_t dtype, const std::vector<float>& values,
+                 const std::vector<uint16_t>* codes) {
+  if (dtype == kDTypeF32) {
+    w.Floats(values);
+  } else {
+    w.U16s(*codes);
+  }
+}
+
+bool ReadValues(ByteReader& r, uint8_t dtype, std::vector<float>* values) {
+  if (dtype == kDTypeF32) return r.Floats(values);
+  if (dtype != kDTypeBF16 && dtype != kDTypeF16) return false;
+  std::vector<uint16_t> codes;
+  if (!r.U16s(&codes)) return false;
+  Widen(dtype, codes, values);
   return true;
 }
+
+// Leading U64 of records in a later layout. A record in the first layout starts with an element
+// count, which never comes near these values.
+constexpr uint64_t kNarrowFloatsTag = 0xfffffffffffffe02ull;
+constexpr uint64_t kDeltaHotIndexTag = 0xfffffffffffffe03ull;
 
 absl::Status Corrupt(std::string_view what) {
   return absl::DataLossError(absl::StrCat("stored ", std::string(what), " is corrupt"));
@@ -248,13 +290,8 @@ bool ByteReader::I32s(std::vector<int32_t>* v) {
 }
 
 std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim) {
-  std::vector<uint16_t> k16, v16;
-  uint8_t dtype = kDTypeF32;
-  if (Narrow(block.keys, block.values, ExactBf16, &k16, &v16)) {
-    dtype = kDTypeBF16;
-  } else if (Narrow(block.keys, block.values, ExactF16, &k16, &v16)) {
-    dtype = kDTypeF16;
-  }
+  std::vector<std::vector<uint16_t>> codes;
+  const uint8_t dtype = Narrowest({&block.keys, &block.values}, &codes);
   ByteWriter w;
   w.U32(kBlockMagic);
   w.U8(dtype);
@@ -263,13 +300,8 @@ std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim) {
   w.U32(static_cast<uint32_t>(block.keys.size() / (static_cast<size_t>(num_kv_heads) * head_dim)));
   w.U32(static_cast<uint32_t>(num_kv_heads));
   w.U32(static_cast<uint32_t>(head_dim));
-  if (dtype == kDTypeF32) {
-    w.Floats(block.keys);
-    w.Floats(block.values);
-  } else {
-    w.U16s(k16);
-    w.U16s(v16);
-  }
+  WriteValues(w, dtype, block.keys, codes.empty() ? nullptr : &codes[0]);
+  WriteValues(w, dtype, block.values, codes.empty() ? nullptr : &codes[1]);
   return w.Finish();
 }
 
@@ -284,22 +316,9 @@ absl::StatusOr<KvBlock> DecodeBlock(std::string_view value, int block_size, int 
       !r.U32(&filled) || !r.U32(&bs) || !r.U32(&heads) || !r.U32(&hd)) {
     return Corrupt("KV block");
   }
-  if (dtype == kDTypeF32) {
-    if (!r.Floats(&b.keys) || !r.Floats(&b.values)) return Corrupt("KV block");
-  } else {
-    std::vector<uint16_t> k16, v16;
-    if (!r.U16s(&k16) || !r.U16s(&v16)) return Corrupt("KV block");
-    auto widen = [dtype](const std::vector<uint16_t>& in, std::vector<float>* out) {
-      out->resize(in.size());
-      for (size_t i = 0; i < in.size(); ++i) {
-        (*out)[i] =
-            dtype == kDTypeBF16 ? FloatOf(static_cast<uint32_t>(in[i]) << 16) : FromF16(in[i]);
-      }
-    };
-    widen(k16, &b.keys);
-    widen(v16, &b.values);
+  if (!ReadValues(r, dtype, &b.keys) || !ReadValues(r, dtype, &b.values) || !r.done()) {
+    return Corrupt("KV block");
   }
-  if (!r.done()) return Corrupt("KV block");
   if (static_cast<int>(bs) != block_size || static_cast<int>(heads) != num_kv_heads ||
       static_cast<int>(hd) != head_dim || filled > bs ||
       b.keys.size() != static_cast<size_t>(bs) * heads * hd || b.values.size() != b.keys.size()) {
@@ -310,21 +329,47 @@ absl::StatusOr<KvBlock> DecodeBlock(std::string_view value, int block_size, int 
 }
 
 std::string EncodeFloats(const std::vector<float>& v) {
+  std::vector<std::vector<uint16_t>> codes;
+  const uint8_t dtype = Narrowest({&v}, &codes);
   ByteWriter w;
-  w.Floats(v);
+  w.U64(kNarrowFloatsTag);
+  w.U8(dtype);
+  WriteValues(w, dtype, v, codes.empty() ? nullptr : &codes[0]);
   return w.Finish();
 }
 
 absl::StatusOr<std::vector<float>> DecodeFloats(std::string_view value, std::string_view what) {
   KVMEM_ASSIGN_OR_RETURN(ByteReader r, ByteReader::Open(value, what));
   std::vector<float> v;
+  const ByteReader first = r;
+  uint64_t tag;
+  uint8_t dtype;
+  if (r.U64(&tag) && tag == kNarrowFloatsTag) {
+    if (!r.U8(&dtype) || !ReadValues(r, dtype, &v) || !r.done()) return Corrupt(what);
+    return v;
+  }
+  r = first;  // the first layout: a count, then f32 values
   if (!r.Floats(&v) || !r.done()) return Corrupt(what);
   return v;
 }
 
 std::string EncodeHotIndex(const std::vector<int64_t>& positions, const std::vector<double>& scores) {
+  // Ascending positions as LEB128 varints of their gaps (the first from -1): a byte or two per
+  // entry instead of eight.
   ByteWriter w;
-  w.I64s(positions);
+  w.U64(kDeltaHotIndexTag);
+  w.U64(positions.size());
+  int64_t previous = -1;
+  for (int64_t p : positions) {
+    KVMEM_CHECK(p > previous);
+    uint64_t gap = static_cast<uint64_t>(p - previous);
+    previous = p;
+    while (gap >= 0x80) {
+      w.U8(static_cast<uint8_t>(gap | 0x80));
+      gap >>= 7;
+    }
+    w.U8(static_cast<uint8_t>(gap));
+  }
   w.U64(scores.size());
   for (double v : scores) w.F64(v);
   return w.Finish();
@@ -333,8 +378,28 @@ std::string EncodeHotIndex(const std::vector<int64_t>& positions, const std::vec
 absl::Status DecodeHotIndex(std::string_view value, std::vector<int64_t>* positions,
                             std::vector<double>* scores) {
   KVMEM_ASSIGN_OR_RETURN(ByteReader r, ByteReader::Open(value, "hot index"));
-  uint64_t n;
-  bool ok = r.I64s(positions) && r.U64(&n) && n <= positions->size();
+  const ByteReader first = r;
+  uint64_t tag, count, n;
+  bool ok = true;
+  if (r.U64(&tag) && tag == kDeltaHotIndexTag) {
+    ok = r.U64(&count) && count <= value.size();  // at least a byte per entry
+    positions->clear();
+    int64_t previous = -1;
+    for (uint64_t i = 0; ok && i < count; ++i) {
+      uint64_t gap = 0;
+      uint8_t byte = 0x80;
+      for (int shift = 0; ok && (byte & 0x80) != 0; shift += 7) {
+        ok = shift < 63 && r.U8(&byte);
+        gap |= static_cast<uint64_t>(byte & 0x7f) << shift;
+      }
+      ok = ok && gap >= 1 && gap <= static_cast<uint64_t>(INT64_MAX - previous);
+      if (ok) positions->push_back(previous += static_cast<int64_t>(gap));
+    }
+  } else {
+    r = first;  // the first layout: eight bytes per position
+    ok = r.I64s(positions);
+  }
+  ok = ok && r.U64(&n) && n <= positions->size();
   scores->resize(ok ? n : 0);
   for (uint64_t i = 0; ok && i < n; ++i) ok = r.F64(&(*scores)[i]);
   if (!ok || !r.done()) return Corrupt("hot index");
