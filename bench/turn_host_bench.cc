@@ -54,6 +54,8 @@ class StandInBackend : public Backend {
     const int64_t n = static_cast<int64_t>(tokens.size());
     const int64_t qd = c_.q_dim(), kvd = c_.kv_dim();
     if (kv->host_rows()) return absl::FailedPreconditionError("stand-in needs kBackend caches");
+    // Its "device copy": present from the first pass on, as the CUDA backend's is.
+    if (kv->attachment() == nullptr) kv->set_attachment(std::make_shared<int>(0));
     const int observed = static_cast<int>(std::min<int64_t>(options.observe_last, n));
     result->observed_queries.assign(observed > 0 ? c_.num_layers : 0, {});
     std::vector<float> rows(n * kvd, 0.f);

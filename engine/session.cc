@@ -699,18 +699,15 @@ absl::Status Session::PrefetchHotBlocks() {
   if (hot_.host_rows() || hot_.attachment() != nullptr) return absl::OkStatus();
   const ModelConfig& c = model_.config();
   const int B = options_.block_size;
-  std::map<std::pair<int, int64_t>, std::shared_ptr<const KvBlock>> read;
   for (int l = 0; l < c.num_layers; ++l) {
     for (int g = 0; g < c.num_kv_heads; ++g) {
+      std::shared_ptr<const KvBlock> block;  // of the previous position (positions ascend)
       for (int64_t p : std::as_const(hot_).head(l, g).positions) {
         if (p >= committed_) break;  // fresh rows: the host holds them
-        const std::pair<int, int64_t> key{l, p / B};
-        auto it = read.find(key);
-        if (it == read.end()) {
-          KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<const KvBlock> block, FindBlock(l, p / B));
-          it = read.emplace(key, std::move(block)).first;
+        if (block == nullptr || block->index != p / B) {
+          KVMEM_ASSIGN_OR_RETURN(block, FindBlock(l, p / B));  // kept in flight
         }
-        if (it->second->index != p / B || p % B >= it->second->filled) {
+        if (block->index != p / B || p % B >= block->filled) {
           return absl::DataLossError(
               absl::StrCat("stored block ", p / B, " of layer ", l, " lacks position ", p));
         }
