@@ -668,8 +668,10 @@ std::vector<BlockWrite> Session::FillBlocks() {
       if (tail->filled == B) tail = nullptr;  // full blocks are immutable from here on
     }
     for (const std::shared_ptr<KvBlock>& block : touched) {
-      // The stored block is a snapshot: the live tail keeps filling in later turns.
-      auto stored = std::make_shared<const KvBlock>(*block);
+      // A partial block is stored as a snapshot (the live tail keeps filling in later turns); a
+      // full one is immutable from here on and is stored as it is.
+      std::shared_ptr<const KvBlock> stored =
+          block->filled == B ? block : std::make_shared<const KvBlock>(*block);
       std::vector<float> digest = ComputeDigest(*stored, c.num_kv_heads, c.head_dim);
       auto& layer_digests = digests_[l];
       if (static_cast<int64_t>(layer_digests.size()) <= stored->index) {
