@@ -9,7 +9,9 @@
 #       runs every CUDA test, then the kernel tests again under compute-sanitizer (memcheck,
 #       racecheck), writing logs to $OUT when set;
 #   there:                             scripts/gpu-check.sh bench
-#       runs bench/cuda_bench (decode roofline, turn append, page-in) into $OUT/cuda_bench.md.
+#       runs bench/cuda_bench (decode roofline, turn append, page-in) into $OUT/cuda_bench.md,
+#       then bench/turn_host_bench (the session's host work around a turn, at 8B shape) on
+#       that machine's server-class CPU into $OUT/turn_host_bench.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -20,7 +22,7 @@ case "${1:-}" in
     # is 35 MB uncompressed.
     rm -rf gpu-pack gpu-pack.tgz
     mkdir -p gpu-pack/bin gpu-pack/lib gpu-pack/models
-    for b in kernels_test kernels_attention_test cuda_backend_test cuda_bench; do
+    for b in kernels_test kernels_attention_test cuda_backend_test cuda_bench turn_host_bench; do
       cp "build/bin/$b" gpu-pack/bin/ && strip -s "gpu-pack/bin/$b"
     done
     skip='/libc\.so|/libm\.so|ld-linux|libgcc_s|libstdc\+\+|libpthread|libdl\.|librt\.|libcuda\.|libcudart|libcublas|libnvidia'
@@ -63,6 +65,9 @@ case "${1:-}" in
     out="${OUT:-/tmp}"
     echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" | tee "$out/cuda_bench.md"
     gpu-pack/bin/cuda_bench "${@:2}" | tee -a "$out/cuda_bench.md"
+    echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" | tee "$out/turn_host_bench.md"
+    KVMEM_MODEL="$PWD/gpu-pack/models/stories260K" gpu-pack/bin/turn_host_bench --shape 8b \
+      --history 16384 --turns 8 --data /tmp/kvmem-turn-host-bench | tee -a "$out/turn_host_bench.md"
     ;;
   *)
     echo "usage: scripts/gpu-check.sh pack|run|bench [cuda_bench flags]" >&2
