@@ -28,6 +28,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "bench/model_shapes.h"
 #include "engine/cuda_backend.h"
 #include "engine/kv_blocks.h"
 #include "engine/kv_store.h"
@@ -36,28 +37,6 @@
 
 namespace kvmem {
 namespace {
-
-struct Shape {
-  std::string name;
-  ModelConfig config;
-};
-
-ModelConfig LlamaShape(int hidden, int inter, int layers, int heads, int kv_heads, int vocab,
-                       bool tied) {
-  ModelConfig c;
-  c.architecture = "LlamaForCausalLM";
-  c.hidden_size = hidden;
-  c.intermediate_size = inter;
-  c.num_layers = layers;
-  c.num_heads = heads;
-  c.num_kv_heads = kv_heads;
-  c.head_dim = hidden / heads;
-  c.vocab_size = vocab;
-  c.max_position_embeddings = 131072;
-  c.rope_theta = 500000.0;
-  c.tie_word_embeddings = tied;
-  return c;
-}
 
 double Seconds(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -287,15 +266,12 @@ int Run(int argc, char** argv) {
               copy_gbps, pinned_gbps);
 
   for (const std::string& name : shapes) {
-    Shape shape;
-    if (name == "1b") {
-      shape = {"Llama-3.2-1B", LlamaShape(2048, 8192, 16, 32, 8, 128256, true)};
-    } else if (name == "8b") {
-      shape = {"Llama-3-8B", LlamaShape(4096, 14336, 32, 32, 8, 128256, false)};
-    } else {
-      std::fprintf(stderr, "unknown shape %s (1b or 8b)\n", name.c_str());
+    absl::StatusOr<ModelShape> named = NamedModelShape(name);
+    if (!named.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(named.status().message()).c_str());
       return 2;
     }
+    const ModelShape& shape = *named;
     const ModelConfig& c = shape.config;
     auto backend = CreateCudaBackend(c, nullptr, {.dtype = dtype, .random_weights_seed = 7});
     if (!backend.ok()) {

@@ -17,27 +17,13 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "bench/model_shapes.h"
 #include "engine/backend.h"
 #include "engine/model.h"
 #include "service/session_manager.h"
 
 namespace kvmem {
 namespace {
-
-ModelConfig LlamaShape(int hidden, int inter, int layers, int heads, int kv_heads, int vocab) {
-  ModelConfig c;
-  c.architecture = "LlamaForCausalLM";
-  c.hidden_size = hidden;
-  c.intermediate_size = inter;
-  c.num_layers = layers;
-  c.num_heads = heads;
-  c.num_kv_heads = kv_heads;
-  c.head_dim = hidden / heads;
-  c.vocab_size = vocab;
-  c.max_position_embeddings = 131072;
-  c.rope_theta = 500000.0;
-  return c;
-}
 
 // The host side of a device backend with the device's arithmetic left out. Rows are zeros
 // (bf16-exact, as a bf16 device's are); recall scores and SnapKV picks are spread
@@ -146,14 +132,10 @@ int Run(int argc, char** argv) {
     }
     if (!ok) return std::fprintf(stderr, "bad flag %s %s\n", flag.c_str(), value.c_str()), 2;
   }
-  ModelConfig c;
-  if (shape == "8b") {
-    c = LlamaShape(4096, 14336, 32, 32, 8, 128256);
-  } else if (shape == "1b") {
-    c = LlamaShape(2048, 8192, 16, 32, 8, 128256);
-  } else {
-    return std::fprintf(stderr, "--shape is 8b or 1b\n"), 2;
-  }
+  absl::StatusOr<ModelShape> named = NamedModelShape(shape);
+  if (!named.ok())
+    return std::fprintf(stderr, "%s\n", std::string(named.status().message()).c_str()), 2;
+  const ModelConfig c = named->config;
   // Any sentencepiece model tokenizes the text; its ids are valid in the 128256-entry vocab.
   auto dir = ResolveModelDir("");
   if (!dir.ok())
