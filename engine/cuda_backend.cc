@@ -6,16 +6,17 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <map>
-#include <atomic>
 #include <mutex>
 #include <type_traits>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "engine/host_convert.h"
 #include "engine/kv_sync_plan.h"
 #include "engine/status_macros.h"
 #include "kernels/convert.cuh"
@@ -65,23 +66,6 @@ template <typename T>
 constexpr cudaDataType_t kCudaType = std::is_same_v<T, float>           ? CUDA_R_32F
                                      : std::is_same_v<T, __nv_bfloat16> ? CUDA_R_16BF
                                                                         : CUDA_R_16F;
-
-// Host-side rounding to a device element type, as the device's conversions round (to nearest
-// even); the cuda_fp16/cuda_bf16 conversions are host-callable.
-template <typename T>
-T HostFromFloat(float v);
-template <>
-float HostFromFloat<float>(float v) {
-  return v;
-}
-template <>
-__nv_bfloat16 HostFromFloat<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__half HostFromFloat<__half>(float v) {
-  return __float2half_rn(v);
-}
 
 // Host-side widening of a device element (bf16 is the top half of an f32).
 inline float HostToFloat(float v) { return v; }
@@ -785,10 +769,8 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
         T* values = reinterpret_cast<T*>(slot.host + full.values) + rows * hd;
         const float* key = read_back ? &read_keys[u * hd] : &src.keys[e * hd];
         const float* value = read_back ? &read_values[u * hd] : &src.values[e * hd];
-        for (int d = 0; d < hd; ++d) {
-          keys[d] = HostFromFloat<T>(key[d]);
-          values[d] = HostFromFloat<T>(value[d]);
-        }
+        RowsFromFloat(key, hd, keys);
+        RowsFromFloat(value, hd, values);
         reinterpret_cast<int64_t*>(slot.host + full.positions)[rows] = src.positions[e];
         reinterpret_cast<T**>(slot.host + full.dst_keys)[rows] = dh.keys(hd) + row * hd;
         reinterpret_cast<T**>(slot.host + full.dst_values)[rows] = dh.values(hd) + row * hd;

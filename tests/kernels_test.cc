@@ -15,10 +15,11 @@
 #include <vector>
 
 #include "engine/cpu_ops.h"
+#include "engine/host_convert.h"
 #include "engine/safetensors.h"
 #include "gtest/gtest.h"
-#include "kernels/cuda_check.cuh"
 #include "kernels/convert.cuh"
+#include "kernels/cuda_check.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/kv_append.cuh"
 #include "kernels/qkv_rope.cuh"
@@ -417,6 +418,35 @@ TEST_F(KernelsTest, FillUniformIsSeededBoundedAndIndependentOfLaunchShape) {
   DeviceArray<float> c(1000);
   Finish(LaunchFillUniform(c.get(), 1000, 5, 0.25f, stream_));
   EXPECT_EQ(c.ToHost(), std::vector<float>(ha.begin(), ha.begin() + 1000));
+}
+
+// Host-only (runs without a GPU): the upload path's f32 -> bf16 rounding equals CUDA's own host
+// conversion at every rounding boundary of every bf16 value, and for NaN and infinities.
+TEST(HostConvertTest, Bf16RoundingEqualsTheCudaHostConversionBitForBit) {
+  std::mt19937 rng(3);
+  int64_t checked = 0;
+  for (uint32_t high = 0; high <= 0xffff; ++high) {
+    for (uint32_t low : {0x0000u, 0x0001u, 0x7fffu, 0x8000u, 0x8001u, 0xffffu,
+                         static_cast<uint32_t>(rng() & 0xffff)}) {
+      const uint32_t bits = high << 16 | low;
+      float v;
+      std::memcpy(&v, &bits, sizeof(v));
+      const __nv_bfloat16 want = __float2bfloat16_rn(v);
+      uint16_t want_bits;
+      std::memcpy(&want_bits, &want, sizeof(want_bits));
+      ASSERT_EQ(Bf16BitsRne(v), want_bits) << std::hex << bits;
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 7 * 65536);
+  // Whole rows, as the upload path converts them.
+  std::vector<float> row(257);
+  for (float& x : row) x = std::normal_distribution<float>()(rng);
+  std::vector<__nv_bfloat16> got(row.size());
+  RowsFromFloat(row.data(), static_cast<int64_t>(row.size()), got.data());
+  for (size_t i = 0; i < row.size(); ++i) {
+    EXPECT_EQ(__bfloat162float(got[i]), __bfloat162float(__float2bfloat16_rn(row[i]))) << i;
+  }
 }
 
 }  // namespace
