@@ -19,6 +19,7 @@
 #include "engine/host_convert.h"
 #include "engine/kv_sync_plan.h"
 #include "engine/status_macros.h"
+#include "engine/thread_pool.h"
 #include "kernels/convert.cuh"
 #include "kernels/cuda_check.cuh"
 #include "kernels/decode_attention.cuh"
@@ -738,62 +739,112 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
       return absl::OkStatus();
     };
     const int64_t chunk_rows = uploads_.slot_rows;
-    std::vector<int64_t> read_positions;
-    std::vector<float> read_keys, read_values;
-    for (Pending& p : pending) {
-      DeviceHead<T>& dh = dkv.heads[p.index];
-      const HeadKv& src = kv.head(p.index / kvh, p.index % kvh);
-      const int64_t first_row = static_cast<int64_t>(dh.mirrored.size());
-      // Rows the host does not hold (the cache keeps them with the backend) are read back
-      // from the session's blocks first: upload u's row is then row u of read_keys/values.
-      const bool read_back = !kv.host_rows();
-      if (read_back) {
-        read_positions.clear();
-        for (int64_t e : p.plan.uploads) read_positions.push_back(src.positions[e]);
-        read_keys.resize(read_positions.size() * hd);
-        read_values.resize(read_keys.size());
-        KVMEM_RETURN_IF_ERROR(kv.ReadRows(p.index / kvh, p.index % kvh, read_positions,
-                                          read_keys.data(), read_values.data()));
-      }
-      for (size_t u = 0; u < p.plan.uploads.size(); ++u) {
-        UploadSlot& slot = uploads_.slots[slot_index];
-        if (rows == 0) {
-          // The slot's previous copy must be done before its pinned memory is rewritten.
-          KVMEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.host_free));
-        }
-        // Rows are written at a full slot's layout; a partial last chunk is compacted below.
-        const UploadLayout full = uploads_.Layout(chunk_rows, hd);
-        const int64_t e = p.plan.uploads[u];
-        const int64_t row = first_row + static_cast<int64_t>(u);
-        T* keys = reinterpret_cast<T*>(slot.host + full.keys) + rows * hd;
-        T* values = reinterpret_cast<T*>(slot.host + full.values) + rows * hd;
-        const float* key = read_back ? &read_keys[u * hd] : &src.keys[e * hd];
-        const float* value = read_back ? &read_values[u * hd] : &src.values[e * hd];
-        RowsFromFloat(key, hd, keys);
-        RowsFromFloat(value, hd, values);
-        reinterpret_cast<int64_t*>(slot.host + full.positions)[rows] = src.positions[e];
-        reinterpret_cast<T**>(slot.host + full.dst_keys)[rows] = dh.keys(hd) + row * hd;
-        reinterpret_cast<T**>(slot.host + full.dst_values)[rows] = dh.values(hd) + row * hd;
-        reinterpret_cast<int64_t**>(slot.host + full.dst_positions)[rows] = dh.positions(hd) + row;
-        if (++rows == chunk_rows) KVMEM_RETURN_IF_ERROR(flush());
-      }
-    }
-    if (rows > 0) {
-      // A partial chunk: move its sections from the full-slot layout to the compact one.
+    // The rows of one chunk: upload `u` of pending head `pending`, in slot row order.
+    struct Item {
+      int32_t pending;
+      int64_t u;
+    };
+    std::vector<Item> chunk;
+    chunk.reserve(static_cast<size_t>(chunk_rows));
+    // Packs `chunk` into the current slot (at a full slot's layout, compacted when partial) and
+    // sends it. Runs of one head's rows are packed on the shared thread pool: each run reads its
+    // rows back first when the cache keeps them with the backend (KvCache::ReadRows may be
+    // called from several threads), then converts them to T.
+    auto pack_and_flush = [&]() -> absl::Status {
+      if (chunk.empty()) return absl::OkStatus();
       UploadSlot& slot = uploads_.slots[slot_index];
+      // The slot's previous copy must be done before its pinned memory is rewritten.
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.host_free));
       const UploadLayout full = uploads_.Layout(chunk_rows, hd);
-      const UploadLayout compact = uploads_.Layout(rows, hd);
-      const size_t kv_bytes = static_cast<size_t>(rows) * hd * sizeof(T);
-      std::memmove(slot.host + compact.values, slot.host + full.values, kv_bytes);
-      std::memmove(slot.host + compact.positions, slot.host + full.positions,
-                   rows * sizeof(int64_t));
-      std::memmove(slot.host + compact.dst_keys, slot.host + full.dst_keys, rows * sizeof(void*));
-      std::memmove(slot.host + compact.dst_values, slot.host + full.dst_values,
-                   rows * sizeof(void*));
-      std::memmove(slot.host + compact.dst_positions, slot.host + full.dst_positions,
-                   rows * sizeof(void*));
-      KVMEM_RETURN_IF_ERROR(flush());
+      constexpr int64_t kRunRows = 512;
+      std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) of chunk, one head each
+      for (int64_t b = 0; b < static_cast<int64_t>(chunk.size());) {
+        int64_t e = b + 1;
+        while (e < static_cast<int64_t>(chunk.size()) && e - b < kRunRows &&
+               chunk[e].pending == chunk[b].pending) {
+          ++e;
+        }
+        runs.push_back({b, e});
+        b = e;
+      }
+      const bool read_back = !kv.host_rows();
+      std::mutex error_mu;
+      absl::Status error;
+      auto pack_runs = [&](int64_t first_run, int64_t last_run) {
+        std::vector<int64_t> positions;
+        std::vector<float> read_keys, read_values;
+        for (int64_t r = first_run; r < last_run; ++r) {
+          const auto [begin, end] = runs[r];
+          const Pending& p = pending[chunk[begin].pending];
+          DeviceHead<T>& dh = dkv.heads[p.index];
+          const int layer = p.index / kvh, head = p.index % kvh;
+          const HeadKv& src = kv.head(layer, head);
+          if (read_back) {
+            positions.clear();
+            for (int64_t k = begin; k < end; ++k) {
+              positions.push_back(src.positions[p.plan.uploads[chunk[k].u]]);
+            }
+            read_keys.resize(positions.size() * hd);
+            read_values.resize(read_keys.size());
+            absl::Status s =
+                kv.ReadRows(layer, head, positions, read_keys.data(), read_values.data());
+            if (!s.ok()) {
+              std::lock_guard<std::mutex> lock(error_mu);
+              if (error.ok()) error = std::move(s);
+              continue;
+            }
+          }
+          // Rows [0, mirrored.size()) stay; upload u lands at row mirrored.size() + u.
+          const int64_t first_row = static_cast<int64_t>(dh.mirrored.size());
+          for (int64_t k = begin; k < end; ++k) {
+            const int64_t u = chunk[k].u;
+            const int64_t e = p.plan.uploads[u];
+            const int64_t row = first_row + u;
+            const float* key = read_back ? &read_keys[(k - begin) * hd] : &src.keys[e * hd];
+            const float* value = read_back ? &read_values[(k - begin) * hd] : &src.values[e * hd];
+            RowsFromFloat(key, hd, reinterpret_cast<T*>(slot.host + full.keys) + k * hd);
+            RowsFromFloat(value, hd, reinterpret_cast<T*>(slot.host + full.values) + k * hd);
+            reinterpret_cast<int64_t*>(slot.host + full.positions)[k] = src.positions[e];
+            reinterpret_cast<T**>(slot.host + full.dst_keys)[k] = dh.keys(hd) + row * hd;
+            reinterpret_cast<T**>(slot.host + full.dst_values)[k] = dh.values(hd) + row * hd;
+            reinterpret_cast<int64_t**>(slot.host + full.dst_positions)[k] = dh.positions(hd) + row;
+          }
+        }
+      };
+      // A few rows (a recalled block or two) are not worth waking the pool.
+      const int64_t runs_count = static_cast<int64_t>(runs.size());
+      if (static_cast<int64_t>(chunk.size()) < 4 * kRunRows) {
+        pack_runs(0, runs_count);
+      } else {
+        SharedThreadPool().ParallelFor(runs_count, pack_runs);
+      }
+      KVMEM_RETURN_IF_ERROR(error);
+      rows = static_cast<int64_t>(chunk.size());
+      chunk.clear();
+      if (rows < chunk_rows) {
+        // A partial chunk: move its sections from the full-slot layout to the compact one.
+        const UploadLayout compact = uploads_.Layout(rows, hd);
+        const size_t kv_bytes = static_cast<size_t>(rows) * hd * sizeof(T);
+        std::memmove(slot.host + compact.values, slot.host + full.values, kv_bytes);
+        std::memmove(slot.host + compact.positions, slot.host + full.positions,
+                     rows * sizeof(int64_t));
+        std::memmove(slot.host + compact.dst_keys, slot.host + full.dst_keys, rows * sizeof(void*));
+        std::memmove(slot.host + compact.dst_values, slot.host + full.dst_values,
+                     rows * sizeof(void*));
+        std::memmove(slot.host + compact.dst_positions, slot.host + full.dst_positions,
+                     rows * sizeof(void*));
+      }
+      return flush();
+    };
+    for (size_t i = 0; i < pending.size(); ++i) {
+      for (size_t u = 0; u < pending[i].plan.uploads.size(); ++u) {
+        chunk.push_back({static_cast<int32_t>(i), static_cast<int64_t>(u)});
+        if (static_cast<int64_t>(chunk.size()) == chunk_rows) {
+          KVMEM_RETURN_IF_ERROR(pack_and_flush());
+        }
+      }
     }
+    KVMEM_RETURN_IF_ERROR(pack_and_flush());
   }
 
   // Heads rebuilt by a gather into fresh allocations, all in one launch.

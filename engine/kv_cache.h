@@ -31,7 +31,8 @@ class KvRowSource {
  public:
   virtual ~KvRowSource() = default;
   // Keys and values, each (positions.size(), head_dim), of one (layer, KV head) at `positions`
-  // (any order). DATA_LOSS or NOT_FOUND when a block is damaged or missing.
+  // (any order). DATA_LOSS or NOT_FOUND when a block is damaged or missing. A backend may call
+  // it from several threads at once, for different heads or positions.
   virtual absl::Status ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions,
                                 float* keys, float* values) = 0;
 };

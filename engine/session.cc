@@ -689,12 +689,17 @@ std::vector<BlockWrite> Session::FillBlocks() {
 
 absl::StatusOr<std::shared_ptr<const KvBlock>> Session::FindBlock(int layer, int64_t index) {
   if (tails_[layer] != nullptr && tails_[layer]->index == index) return tails_[layer];
-  auto it = blocks_in_flight_.find({layer, index});
-  if (it != blocks_in_flight_.end()) return it->second;
+  {
+    std::lock_guard<std::mutex> lock(blocks_mu_);
+    auto it = blocks_in_flight_.find({layer, index});
+    if (it != blocks_in_flight_.end()) return it->second;
+  }
+  // Read without the lock, so that threads reading rows for the backend read blocks in
+  // parallel; a block two of them read is kept once.
   KVMEM_ASSIGN_OR_RETURN(std::shared_ptr<const KvBlock> block,
                          storage_.source->ReadBlock(KeyOf(layer, index), nullptr));
-  blocks_in_flight_.emplace(std::make_pair(layer, index), block);
-  return block;
+  std::lock_guard<std::mutex> lock(blocks_mu_);
+  return blocks_in_flight_.emplace(std::make_pair(layer, index), std::move(block)).first->second;
 }
 
 absl::Status Session::PrefetchHotBlocks() {

@@ -13,6 +13,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -188,6 +189,7 @@ class Session : private KvRowSource {
   // Recall for one layer during prefill (see SessionOptions::recall_blocks).
   absl::Status Recall(int layer, const float* q, int64_t n, AppendResult* stats);
   // KvRowSource: committed positions' rows, for a backend that keeps the hot rows itself.
+  // Safe to call from several threads at once (nothing else may run on the session then).
   absl::Status ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions, float* keys,
                         float* values) override;
   // A block of this session from the live tail, the blocks in flight, or storage (then kept
@@ -221,6 +223,9 @@ class Session : private KvRowSource {
   // Blocks ReadRows may need, held for the call in flight: those FillBlocks wrote (until the
   // commit lands), those recall and ReadRows read, and those PrefetchHotBlocks read.
   std::map<std::pair<int, int64_t>, std::shared_ptr<const KvBlock>> blocks_in_flight_;
+  // Guards blocks_in_flight_ while ReadRows runs on several threads (a backend's upload); the
+  // session's own thread changes it only between backend calls.
+  std::mutex blocks_mu_;
 };
 
 }  // namespace kvmem

@@ -49,7 +49,10 @@ struct SessionManagerOptions {
   bool cold_blob_files = false;
   // Default: none. Test hook: called on the reading thread when a block read misses the warm
   // tier and has read `key` from cold, before the block is offered to the warm tier, so a test
-  // can run other calls (commits, evictions) exactly inside that window.
+  // can run other calls (commits, evictions) exactly inside that window. With a backend that
+  // keeps the hot rows (the GPU), reads made for its uploads run on the shared thread pool while
+  // the backend holds its device lock: a hook that calls back into the manager must not run
+  // there.
   std::function<void(const BlockKey& key)> after_cold_block_read;
 };
 

@@ -6,6 +6,7 @@
 // CPU reference on that copy only. Every session below is compared with the same session on the
 // CPU backend, whose host rows are the oracle.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <set>
@@ -17,6 +18,7 @@
 #include "engine/cpu_backend.h"
 #include "engine/session.h"
 #include "engine/status_macros.h"
+#include "engine/thread_pool.h"
 #include "gtest/gtest.h"
 
 namespace kvmem {
@@ -110,39 +112,53 @@ class MirrorBackend : public Backend {
   };
 
   // Rebuilds every head of [first, last) whose version changed: rows the copy holds stay,
-  // the others are read back through the cache.
+  // the others are read back through the cache, for all heads at once on the shared thread
+  // pool (as the CUDA backend reads them).
   absl::Status Sync(const KvCache& kv, Mirror& m, int first, int last) {
     const int kvh = kv.num_kv_heads(), hd = kv.head_dim();
-    for (int l = first; l < last; ++l) {
-      for (int g = 0; g < kvh; ++g) {
-        const size_t i = static_cast<size_t>(l) * kvh + g;
-        if (m.versions[i] == kv.version(l, g)) continue;
-        const HeadKv& want = kv.head(l, g);
+    std::vector<int> changed;  // layer * kvh + head
+    for (int i = first * kvh; i < last * kvh; ++i) {
+      if (m.versions[i] != kv.version(i / kvh, i % kvh)) changed.push_back(i);
+    }
+    std::vector<std::vector<float>> mk(changed.size()), mv(changed.size());
+    std::vector<absl::Status> status(changed.size());
+    std::atomic<int64_t> read{0};
+    SharedThreadPool().ParallelFor(static_cast<int64_t>(changed.size()), [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        const int l = changed[c] / kvh, g = changed[c] % kvh;
         const HeadKv& held = std::as_const(m.rows).head(l, g);
         std::vector<int64_t> missing;
-        for (int64_t p : want.positions) {
+        for (int64_t p : kv.head(l, g).positions) {
           if (!std::binary_search(held.positions.begin(), held.positions.end(), p)) {
             missing.push_back(p);
           }
         }
-        std::vector<float> mk(missing.size() * hd), mv(mk.size());
-        KVMEM_RETURN_IF_ERROR(kv.ReadRows(l, g, missing, mk.data(), mv.data()));
-        rows_read_ += static_cast<int64_t>(missing.size());
-        HeadKv rebuilt;
-        size_t next_missing = 0;
-        for (int64_t p : want.positions) {
-          auto it = std::lower_bound(held.positions.begin(), held.positions.end(), p);
-          if (it != held.positions.end() && *it == p) {
-            const int64_t e = it - held.positions.begin();
-            rebuilt.Append(p, &held.keys[e * hd], &held.values[e * hd], hd);
-          } else {
-            rebuilt.Append(p, &mk[next_missing * hd], &mv[next_missing * hd], hd);
-            ++next_missing;
-          }
-        }
-        m.rows.head(l, g) = std::move(rebuilt);
-        m.versions[i] = kv.version(l, g);
+        mk[c].resize(missing.size() * hd);
+        mv[c].resize(mk[c].size());
+        status[c] = kv.ReadRows(l, g, missing, mk[c].data(), mv[c].data());
+        read += static_cast<int64_t>(missing.size());
       }
+    });
+    for (const absl::Status& s : status) KVMEM_RETURN_IF_ERROR(s);
+    rows_read_ += read.load();
+    for (size_t c = 0; c < changed.size(); ++c) {
+      const int l = changed[c] / kvh, g = changed[c] % kvh;
+      const HeadKv& want = kv.head(l, g);
+      const HeadKv& held = std::as_const(m.rows).head(l, g);
+      HeadKv rebuilt;
+      size_t next_missing = 0;
+      for (int64_t p : want.positions) {
+        auto it = std::lower_bound(held.positions.begin(), held.positions.end(), p);
+        if (it != held.positions.end() && *it == p) {
+          const int64_t e = it - held.positions.begin();
+          rebuilt.Append(p, &held.keys[e * hd], &held.values[e * hd], hd);
+        } else {
+          rebuilt.Append(p, &mk[c][next_missing * hd], &mv[c][next_missing * hd], hd);
+          ++next_missing;
+        }
+      }
+      m.rows.head(l, g) = std::move(rebuilt);
+      m.versions[changed[c]] = kv.version(l, g);
     }
     return absl::OkStatus();
   }
@@ -171,8 +187,8 @@ class FailingSource : public BlockSource {
 
  private:
   std::shared_ptr<MemoryBlockStore> store_;
-  bool failing_ = false;
-  int reads_ = 0;
+  std::atomic<bool> failing_{false};
+  std::atomic<int> reads_{0};  // backends read rows on several threads
 };
 
 const char* const kTurns[] = {
