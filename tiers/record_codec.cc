@@ -30,14 +30,6 @@ float FloatOf(uint32_t bits) {
   return v;
 }
 
-// v as bf16 when that is exact (its low 16 bits are zero).
-bool ExactBf16(float v, uint16_t* out) {
-  const uint32_t bits = BitsOf(v);
-  if ((bits & 0xffffu) != 0) return false;
-  *out = static_cast<uint16_t>(bits >> 16);
-  return true;
-}
-
 // v as IEEE half when that is exact: zeros, infinities, normal and subnormal halves; never
 // NaN or f32 subnormals.
 bool ExactF16(float v, uint16_t* out) {
@@ -89,22 +81,43 @@ float FromF16(uint16_t h) {
 // types, (*codes)[i] holds part i's values.
 uint8_t Narrowest(std::initializer_list<const std::vector<float>*> parts,
                   std::vector<std::vector<uint16_t>>* codes) {
-  using Narrow = bool (*)(float, uint16_t*);
-  for (auto [dtype, narrow] : {std::pair<uint8_t, Narrow>{kDTypeBF16, ExactBf16},
-                               std::pair<uint8_t, Narrow>{kDTypeF16, ExactF16}}) {
-    codes->assign(parts.size(), {});
-    bool exact = true;
+  // bf16 first, in two passes the compiler vectorizes: a value is a bf16 exactly when the low
+  // 16 bits of its f32 are zero; then the high halves are the codes.
+  uint32_t low = 0;
+  for (const std::vector<float>* part : parts) {
+    const float* v = part->data();
+    for (size_t i = 0; i < part->size(); ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, &v[i], sizeof(bits));
+      low |= bits & 0xffffu;
+    }
+  }
+  codes->assign(parts.size(), {});
+  if (low == 0) {
     size_t p = 0;
     for (const std::vector<float>* part : parts) {
       std::vector<uint16_t>& out = (*codes)[p++];
       out.resize(part->size());
-      for (size_t i = 0; exact && i < part->size(); ++i) exact = narrow((*part)[i], &out[i]);
-      if (!exact) break;
+      for (size_t i = 0; i < part->size(); ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, &(*part)[i], sizeof(bits));
+        out[i] = static_cast<uint16_t>(bits >> 16);
+      }
     }
-    if (exact) return dtype;
+    return kDTypeBF16;
   }
-  codes->clear();
-  return kDTypeF32;
+  size_t p = 0;
+  for (const std::vector<float>* part : parts) {
+    std::vector<uint16_t>& out = (*codes)[p++];
+    out.resize(part->size());
+    for (size_t i = 0; i < part->size(); ++i) {
+      if (!ExactF16((*part)[i], &out[i])) {
+        codes->clear();
+        return kDTypeF32;
+      }
+    }
+  }
+  return kDTypeF16;
 }
 
 void Widen(uint8_t dtype, const std::vector<uint16_t>& in, std::vector<float>* out) {
