@@ -14,6 +14,7 @@
 #include "engine/cpu_backend.h"
 #include "gtest/gtest.h"
 #include "service/session_manager.h"
+#include "tests/mirror_backend.h"
 #include "tests/test_util.h"
 #include "tiers/cold_store.h"
 
@@ -41,9 +42,13 @@ const std::vector<Step> kScript = {{0, 12}, {1, 12}, {2, 12}, {3, 12}, {4, 12}, 
 
 class Server {
  public:
-  Server(const Model& model, SessionManagerOptions options) {
+  // `mirror`: serve through MirrorBackend, whose sessions keep their hot rows with the backend
+  // as on the GPU (tests/mirror_backend.h).
+  Server(const Model& model, SessionManagerOptions options, bool mirror = false) {
     backend_ = std::make_unique<CpuBackend>(model, CpuBackendOptions{.threads = 1});
-    auto m = SessionManager::Open(model, *backend_, options);
+    if (mirror) mirror_ = std::make_unique<MirrorBackend>(model, backend_.get());
+    auto m =
+        SessionManager::Open(model, mirror ? static_cast<Backend&>(*mirror_) : *backend_, options);
     EXPECT_TRUE(m.ok()) << m.status();
     if (m.ok()) manager_ = std::move(*m);
   }
@@ -52,6 +57,7 @@ class Server {
 
  private:
   std::unique_ptr<CpuBackend> backend_;
+  std::unique_ptr<MirrorBackend> mirror_;
   std::unique_ptr<SessionManager> manager_;  // destroyed first
 };
 
@@ -134,6 +140,33 @@ TEST_F(DurabilityTest, BlobFileStoreRestartsAndContinuesTokenForToken) {
   auto rest = RunSteps(server.get(), "s", 3, kScript.size());
   got.insert(got.end(), rest.begin(), rest.end());
   EXPECT_EQ(got, want);
+}
+
+TEST_F(DurabilityTest, RowsKeptByTheBackendSurvivePagingRestartsAndForks) {
+  // As on the GPU: the host keeps hot positions only; paged-in, restarted and forked sessions
+  // read their rows back from the store, and still continue token for token.
+  const std::vector<int32_t> want = Reference();
+  TempDir dir;
+  SessionManagerOptions options = Options(dir.path());
+  options.hot_bytes = 1;  // every idle session is paged out after each call
+  std::vector<int32_t> got, forked;
+  {
+    Server server(*model_, options, /*mirror=*/true);
+    ASSERT_TRUE(server->CreateSession({.session_id = "s"}).ok());
+    ASSERT_TRUE(server->CreateSession({.session_id = "other"}).ok());
+    for (size_t i = 0; i < 3; ++i) {
+      auto part = RunSteps(server.get(), "s", i, i + 1);
+      got.insert(got.end(), part.begin(), part.end());
+      ASSERT_TRUE(server->AppendTurn({.session_id = "other", .content = "The sun was warm."}).ok());
+    }
+    ASSERT_TRUE(server->ForkSession("", "s", "child").ok());
+  }
+  Server server(*model_, options, /*mirror=*/true);
+  auto rest = RunSteps(server.get(), "s", 3, kScript.size());
+  got.insert(got.end(), rest.begin(), rest.end());
+  EXPECT_EQ(got, want);
+  forked = RunSteps(server.get(), "child", 3, kScript.size());
+  EXPECT_EQ(forked, rest);
 }
 
 // Reads one byte from `fd` (false at EOF).

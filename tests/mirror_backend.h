@@ -1,0 +1,173 @@
+// A test backend that keeps its own copy of every hot row, as the CUDA backend keeps one on the
+// device, and computes with the CPU reference on that copy only. Sessions over it keep
+// positions and fresh rows on the host (KvCache::RowHome::kBackend), so the session's side of
+// that contract (fresh rows, KvCache::ReadRows, head versions, read-back from blocks on several
+// threads) is tested without a GPU. The copy is brought up to date the way the CUDA backend
+// does it: by head versions, reading the rows it lacks through the cache.
+#ifndef KVMEM_TESTS_MIRROR_BACKEND_H_
+#define KVMEM_TESTS_MIRROR_BACKEND_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/cpu_backend.h"
+#include "engine/model.h"
+#include "engine/snapkv.h"
+#include "engine/status_macros.h"
+#include "engine/thread_pool.h"
+
+namespace kvmem {
+
+class MirrorBackend : public Backend {
+ public:
+  MirrorBackend(const Model& model, CpuBackend* cpu) : model_(model), cpu_(cpu) {}
+
+  const char* name() const override { return "mirror"; }
+  bool KeepsHotRows() const override { return true; }
+  // Rows read back through KvCache::ReadRows (what a device would upload).
+  int64_t rows_read() const { return rows_read_; }
+  // Makes SelectSnapKv fail, as a device out of memory would.
+  void set_select_fails(bool fails) { select_fails_ = fails; }
+
+  absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
+                       const ForwardOptions& options, ForwardResult* result) override {
+    if (kv->host_rows()) return cpu_->Forward(tokens, start_pos, kv, options, result);
+    if (kv->attachment() == nullptr) {
+      const ModelConfig& c = model_.config();
+      auto mirror = std::make_shared<Mirror>(Mirror{
+          KvCache(c.num_layers, c.num_kv_heads, c.head_dim),
+          std::vector<uint64_t>(static_cast<size_t>(c.num_layers) * c.num_kv_heads, ~uint64_t{0})});
+      kv->set_attachment(mirror);
+    }
+    Mirror& m = *static_cast<Mirror*>(kv->attachment().get());
+    KVMEM_RETURN_IF_ERROR(Sync(*kv, m, 0, kv->num_layers()));
+    ForwardOptions inner = options;
+    if (options.before_attention) {
+      // Recall edits the session's cache; the copy catches up before the layer attends.
+      inner.before_attention = [&](int layer, const float* q, int64_t n, KvCache*) {
+        KVMEM_RETURN_IF_ERROR(options.before_attention(layer, q, n, kv));
+        return Sync(*kv, m, layer, layer + 1);
+      };
+    }
+    absl::Status s = cpu_->Forward(tokens, start_pos, &m.rows, inner, result);
+    if (!s.ok()) {
+      std::fill(m.versions.begin(), m.versions.end(), ~uint64_t{0});  // rebuild next time
+      return s;
+    }
+    // Hand the new rows over as fresh rows and their positions to every head.
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    const int kvh = kv->num_kv_heads(), hd = kv->head_dim();
+    for (int l = 0; l < kv->num_layers(); ++l) {
+      std::vector<float> k(static_cast<size_t>(n) * kvh * hd), v(k.size());
+      for (int g = 0; g < kvh; ++g) {
+        const HeadKv& h = std::as_const(m.rows).head(l, g);
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t e = h.size() - n + t;
+          std::memcpy(&k[(t * kvh + g) * hd], &h.keys[e * hd], hd * sizeof(float));
+          std::memcpy(&v[(t * kvh + g) * hd], &h.values[e * hd], hd * sizeof(float));
+        }
+      }
+      kv->AppendFresh(l, start_pos, n, k.data(), v.data());
+      for (int g = 0; g < kvh; ++g) {
+        const size_t i = static_cast<size_t>(l) * kvh + g;
+        const bool in_step = m.versions[i] == kv->version(l, g);
+        HeadKv& head = kv->head(l, g);
+        for (int64_t t = 0; t < n; ++t) head.positions.push_back(start_pos + t);
+        m.versions[i] = in_step ? kv->version(l, g) : ~uint64_t{0};
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
+      const KvCache& kv, const SnapKvOptions& options,
+      const std::vector<std::vector<float>>& queries, int w) override {
+    if (select_fails_) return absl::ResourceExhaustedError("no memory for SnapKV's workspace");
+    if (kv.attachment() == nullptr) return absl::UnimplementedError("no copy of this cache");
+    Mirror& m = *static_cast<Mirror*>(kv.attachment().get());
+    KVMEM_RETURN_IF_ERROR(Sync(kv, m, 0, kv.num_layers()));
+    std::vector<std::vector<int64_t>> keep;
+    for (int l = 0; l < kv.num_layers(); ++l) {
+      std::vector<const HeadKv*> heads;
+      for (int g = 0; g < kv.num_kv_heads(); ++g)
+        heads.push_back(&std::as_const(m.rows).head(l, g));
+      for (auto& k : kvmem::SelectSnapKv(options, queries[l].data(), model_.config().num_heads, w,
+                                         heads, model_.config().sliding_window)) {
+        keep.push_back(std::move(k));
+      }
+    }
+    return keep;
+  }
+
+ private:
+  struct Mirror {
+    KvCache rows;                    // kHost: the backend's copy
+    std::vector<uint64_t> versions;  // (layer, kv_head) of the session's cache last synced
+  };
+
+  // Rebuilds every head of [first, last) whose version changed: rows the copy holds stay,
+  // the others are read back through the cache, for all heads at once on the shared thread
+  // pool (as the CUDA backend reads them).
+  absl::Status Sync(const KvCache& kv, Mirror& m, int first, int last) {
+    const int kvh = kv.num_kv_heads(), hd = kv.head_dim();
+    std::vector<int> changed;  // layer * kvh + head
+    for (int i = first * kvh; i < last * kvh; ++i) {
+      if (m.versions[i] != kv.version(i / kvh, i % kvh)) changed.push_back(i);
+    }
+    std::vector<std::vector<float>> mk(changed.size()), mv(changed.size());
+    std::vector<absl::Status> status(changed.size());
+    std::atomic<int64_t> read{0};
+    SharedThreadPool().ParallelFor(static_cast<int64_t>(changed.size()), [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        const int l = changed[c] / kvh, g = changed[c] % kvh;
+        const HeadKv& held = std::as_const(m.rows).head(l, g);
+        std::vector<int64_t> missing;
+        for (int64_t p : kv.head(l, g).positions) {
+          if (!std::binary_search(held.positions.begin(), held.positions.end(), p)) {
+            missing.push_back(p);
+          }
+        }
+        mk[c].resize(missing.size() * hd);
+        mv[c].resize(mk[c].size());
+        status[c] = kv.ReadRows(l, g, missing, mk[c].data(), mv[c].data());
+        read += static_cast<int64_t>(missing.size());
+      }
+    });
+    for (const absl::Status& s : status) KVMEM_RETURN_IF_ERROR(s);
+    rows_read_ += read.load();
+    for (size_t c = 0; c < changed.size(); ++c) {
+      const int l = changed[c] / kvh, g = changed[c] % kvh;
+      const HeadKv& want = kv.head(l, g);
+      const HeadKv& held = std::as_const(m.rows).head(l, g);
+      HeadKv rebuilt;
+      size_t next_missing = 0;
+      for (int64_t p : want.positions) {
+        auto it = std::lower_bound(held.positions.begin(), held.positions.end(), p);
+        if (it != held.positions.end() && *it == p) {
+          const int64_t e = it - held.positions.begin();
+          rebuilt.Append(p, &held.keys[e * hd], &held.values[e * hd], hd);
+        } else {
+          rebuilt.Append(p, &mk[c][next_missing * hd], &mv[c][next_missing * hd], hd);
+          ++next_missing;
+        }
+      }
+      m.rows.head(l, g) = std::move(rebuilt);
+      m.versions[changed[c]] = kv.version(l, g);
+    }
+    return absl::OkStatus();
+  }
+
+  const Model& model_;
+  CpuBackend* cpu_;
+  int64_t rows_read_ = 0;
+  bool select_fails_ = false;
+};
+
+}  // namespace kvmem
+
+#endif  // KVMEM_TESTS_MIRROR_BACKEND_H_
