@@ -6,7 +6,9 @@
 // fsync'd RocksDB store. Printed per turn and as a share of the 15 ms turn target of a 256-token
 // turn on 8B (issue 6); the GPU's own time comes on top.
 //   build/bin/turn_host_bench [--shape 8b|1b] [--history 16384] [--turns 8] [--budget 4096]
-//                             [--recall 8] [--data DIR] [--blob-files 0|1]
+//                             [--recall 8] [--data DIR] [--blob-files 0|1] [--turn-tokens 256]
+// The history is built from turns of about 256 tokens; the measured turns have about
+// --turn-tokens tokens (the issue's sizes are 256 and 4096).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -108,7 +110,7 @@ double Ms(std::chrono::steady_clock::time_point start) {
 int Run(int argc, char** argv) {
   std::string shape = "8b", data;
   int64_t history = 16384;
-  int turns = 8, budget = 4096, recall = 8;
+  int turns = 8, budget = 4096, recall = 8, turn_tokens = 256;
   bool blob_files = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
@@ -121,6 +123,8 @@ int Run(int argc, char** argv) {
       ok = absl::SimpleAtoi(value, &turns);
     } else if (flag == "--budget") {
       ok = absl::SimpleAtoi(value, &budget);
+    } else if (flag == "--turn-tokens") {
+      ok = absl::SimpleAtoi(value, &turn_tokens) && turn_tokens > 0 && turn_tokens <= 8000;
     } else if (flag == "--recall") {
       ok = absl::SimpleAtoi(value, &recall);
     } else if (flag == "--data") {
@@ -159,13 +163,18 @@ int Run(int argc, char** argv) {
   if (!manager.ok()) return std::fprintf(stderr, "%s\n", manager.status().ToString().c_str()), 1;
   if (!(*manager)->CreateSession({.session_id = "bench"}).ok()) return 1;
 
-  // About 256 tokens of text per turn with the stories tokenizer.
-  std::string text;
-  while (text.size() < 900) {
-    text += "The little dog ran to the park with his red ball and played with his friend. ";
-  }
+  // Text of about `tokens` tokens with the stories tokenizer (about 3.1 characters a token).
+  auto text_of = [](int tokens) {
+    std::string text;
+    while (text.size() < static_cast<size_t>(tokens) * 3.5) {
+      text += "The little dog ran to the park with his red ball and played with his friend. ";
+    }
+    return text;
+  };
+  const std::string history_text = text_of(256), turn_text = text_of(turn_tokens);
+  const std::string* text = &history_text;
   auto append = [&](AppendResult* out) -> absl::Status {
-    auto r = (*manager)->AppendTurn({.session_id = "bench", .content = text});
+    auto r = (*manager)->AppendTurn({.session_id = "bench", .content = *text});
     if (!r.ok()) return r.status();
     *out = *r;
     return absl::OkStatus();
@@ -187,6 +196,7 @@ int Run(int argc, char** argv) {
   std::printf("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
   double total = 0, prefill = 0, select = 0, commit = 0;
   int64_t tokens = 0, recalled = 0;
+  text = &turn_text;
   for (int t = 0; t < turns; ++t) {
     const auto start = std::chrono::steady_clock::now();
     if (absl::Status s = append(&r); !s.ok())
