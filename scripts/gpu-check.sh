@@ -66,8 +66,11 @@ case "${1:-}" in
     echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" | tee "$out/cuda_bench.md"
     gpu-pack/bin/cuda_bench "${@:2}" | tee -a "$out/cuda_bench.md"
     echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" | tee "$out/turn_host_bench.md"
-    KVMEM_MODEL="$PWD/gpu-pack/models/stories260K" gpu-pack/bin/turn_host_bench --shape 8b \
-      --history 16384 --turns 8 --data /tmp/kvmem-turn-host-bench | tee -a "$out/turn_host_bench.md"
+    for turn in 256 4096; do
+      KVMEM_MODEL="$PWD/gpu-pack/models/stories260K" gpu-pack/bin/turn_host_bench --shape 8b \
+        --history 16384 --turns 4 --turn-tokens "$turn" --data /tmp/kvmem-turn-host-bench |
+        tee -a "$out/turn_host_bench.md"
+    done
     ;;
   *)
     echo "usage: scripts/gpu-check.sh pack|run|bench [cuda_bench flags]" >&2
