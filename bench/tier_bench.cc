@@ -1,8 +1,8 @@
 // Warm and cold tier bandwidth for KV blocks of the Llama-3-8B shape (8 KV heads, head_dim
 // 128, 16 positions per block, f32: 128 KiB per block), against memcpy measured in the same
-// run. Also compares RocksDB blob files with plain SST values. ROWS bf16 fills the blocks with
-// bf16-exact values, as the CUDA backend's bf16 rows are: the cold tier then stores 2 bytes per
-// value (GB/s still counts the f32 block bytes, so the two runs compare directly).
+// run. Also compares block files (the default) with blocks inside RocksDB. ROWS bf16 fills the
+// blocks with bf16-exact values, as the CUDA backend's bf16 rows are: the cold tier then stores
+// 2 bytes per value (GB/s still counts the f32 block bytes, so the two runs compare directly).
 //   build/bin/tier_bench [DIR] [BLOCKS] [ROWS: f32|bf16]
 #include <chrono>
 #include <cstdio>
@@ -93,13 +93,13 @@ int main(int argc, char** argv) {
   std::printf("%-34s %10.2f %12.3f\n", "warm write", warm_put, warm_put / memcpy_gbs);
   std::printf("%-34s %10.2f %12.3f\n", "warm read (+copy out)", warm_get, warm_get / memcpy_gbs);
 
-  for (bool blob : {true, false}) {
+  for (bool files : {true, false}) {
     for (bool sync : {true, false}) {
-      const std::string dir = root + (blob ? "-blob" : "-sst") + (sync ? "-sync" : "-nosync");
+      const std::string dir = root + (files ? "-files" : "-sst") + (sync ? "-sync" : "-nosync");
       fs::remove_all(dir);
       double write_gbs = 0, read_gbs = 0;
       {
-        auto cold = kvmem::ColdStore::Open({.path = dir, .sync = sync, .blob_files = blob});
+        auto cold = kvmem::ColdStore::Open({.path = dir, .sync = sync, .block_files = files});
         if (!cold.ok()) {
           std::fprintf(stderr, "%s\n", std::string(cold.status().message()).c_str());
           return 1;
@@ -122,7 +122,7 @@ int main(int argc, char** argv) {
         }
         write_gbs = total_gb / Seconds(start);
       }
-      auto cold = kvmem::ColdStore::Open({.path = dir, .sync = sync, .blob_files = blob});
+      auto cold = kvmem::ColdStore::Open({.path = dir, .sync = sync, .block_files = files});
       if (!cold.ok()) return 1;
       start = Clock::now();
       for (int i : order) {
@@ -133,7 +133,7 @@ int main(int argc, char** argv) {
         }
       }
       read_gbs = total_gb / Seconds(start);
-      const std::string label = std::string("cold ") + (blob ? "blob files" : "sst values") +
+      const std::string label = std::string("cold ") + (files ? "block files" : "sst values") +
                                 (sync ? ", fsync" : ", no fsync");
       std::printf("%-34s %10.2f %12.3f\n", (label + " write").c_str(), write_gbs,
                   write_gbs / memcpy_gbs);

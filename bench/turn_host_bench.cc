@@ -6,7 +6,7 @@
 // fsync'd RocksDB store. Printed per turn and as a share of the 15 ms turn target of a 256-token
 // turn on 8B (issue 6); the GPU's own time comes on top.
 //   build/bin/turn_host_bench [--shape 8b|1b] [--history 16384] [--turns 8] [--budget 4096]
-//                             [--recall 8] [--data DIR] [--blob-files 0|1] [--turn-tokens 256]
+//                             [--recall 8] [--data DIR] [--block-files 0|1] [--turn-tokens 256]
 // The history is built from turns of about 256 tokens; the measured turns have about
 // --turn-tokens tokens (the issue's sizes are 256 and 4096).
 #include <algorithm>
@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "bench/model_shapes.h"
 #include "engine/backend.h"
+#include "engine/host_memory.h"
 #include "engine/model.h"
 #include "service/session_manager.h"
 
@@ -111,7 +112,7 @@ int Run(int argc, char** argv) {
   std::string shape = "8b", data;
   int64_t history = 16384;
   int turns = 8, budget = 4096, recall = 8, turn_tokens = 256;
-  bool blob_files = false;
+  bool block_files = true;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     bool ok = true;
@@ -129,8 +130,8 @@ int Run(int argc, char** argv) {
       ok = absl::SimpleAtoi(value, &recall);
     } else if (flag == "--data") {
       data = value;
-    } else if (flag == "--blob-files") {
-      blob_files = value == "1" || value == "true";
+    } else if (flag == "--block-files") {
+      block_files = value == "1" || value == "true";
     } else {
       ok = false;
     }
@@ -155,7 +156,7 @@ int Run(int argc, char** argv) {
   std::filesystem::remove_all(data);
   SessionManagerOptions options;
   options.data_dir = data;
-  options.cold_blob_files = blob_files;
+  options.cold_block_files = block_files;
   options.session_defaults.memory = {.policy = "snapkv", .budget = budget, .window = 32};
   options.session_defaults.recall_blocks = recall;
   options.session_defaults.max_turn_tokens = 8192;
@@ -221,4 +222,7 @@ int Run(int argc, char** argv) {
 }  // namespace
 }  // namespace kvmem
 
-int main(int argc, char** argv) { return kvmem::Run(argc, argv); }
+int main(int argc, char** argv) {
+  kvmem::RetainFreedHeapMemory();
+  return kvmem::Run(argc, argv);
+}

@@ -653,7 +653,7 @@ absl::StatusOr<std::unique_ptr<SessionManager>> SessionManager::Open(
   ColdStoreOptions cold;
   cold.path = options.data_dir;
   cold.sync = options.sync && !options.data_dir.empty();
-  cold.blob_files = options.cold_blob_files;
+  cold.block_files = options.cold_block_files;
   KVMEM_ASSIGN_OR_RETURN(std::unique_ptr<ColdStore> store, ColdStore::Open(cold));
   auto manager = std::make_unique<DurableSessionManager>(model, backend, options, std::move(store));
   KVMEM_RETURN_IF_ERROR(manager->LoadIndex());

@@ -45,8 +45,9 @@ struct SessionManagerOptions {
   int64_t hot_bytes = 0;
   // Default: true. fsync every commit before the call returns.
   bool sync = true;
-  // Default: false. Keep cold KV blocks in RocksDB blob files (ColdStoreOptions::blob_files).
-  bool cold_blob_files = false;
+  // Default: true. Write full KV blocks to append-only block files beside RocksDB
+  // (ColdStoreOptions::block_files); false keeps them inside RocksDB.
+  bool cold_block_files = true;
   // Default: none. Test hook: called on the reading thread when a block read misses the warm
   // tier and has read `key` from cold, before the block is offered to the warm tier, so a test
   // can run other calls (commits, evictions) exactly inside that window. With a backend that

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_format.h"
 #include "engine/cpu_backend.h"
 #include "gtest/gtest.h"
 #include "service/session_manager.h"
@@ -85,6 +86,34 @@ std::vector<int32_t> RunSteps(SessionManager& m, const std::string& id, size_t b
   return out;
 }
 
+uint64_t UidOf(const std::string& dir, const std::string& id) {
+  auto cold = ColdStore::Open({.path = dir});
+  EXPECT_TRUE(cold.ok());
+  auto records = (*cold)->ListSessions();
+  EXPECT_TRUE(records.ok());
+  for (const SessionRecord& r : *records) {
+    if (r.session_id == id) return r.uid;
+  }
+  return 0;
+}
+
+int64_t BlocksOf(const std::string& dir, uint64_t uid) {
+  auto cold = ColdStore::Open({.path = dir});
+  EXPECT_TRUE(cold.ok());
+  return *(*cold)->CountBlocks(uid);
+}
+
+int64_t FileBlocksOf(const std::string& dir, uint64_t uid) {
+  auto cold = ColdStore::Open({.path = dir});
+  EXPECT_TRUE(cold.ok());
+  return *(*cold)->CountFileBlocks(uid);
+}
+
+// The block file of owner `uid` (tiers/block_files.h).
+std::string BlockFileOf(const std::string& dir, uint64_t uid) {
+  return absl::StrFormat("%s/kvblocks/%016x.kvb", dir, uid);
+}
+
 class DurabilityTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -125,21 +154,32 @@ TEST_F(DurabilityTest, RestartContinuesTokenForToken) {
   EXPECT_EQ(got, want);
 }
 
-TEST_F(DurabilityTest, BlobFileStoreRestartsAndContinuesTokenForToken) {
+TEST_F(DurabilityTest, BlocksInsideRocksDbAndInBlockFilesReadAlikeAcrossRestarts) {
+  // A store written with blocks inside RocksDB (as before block files) reopens with block files
+  // on: old blocks still read, new full blocks go to files, and the session continues token for
+  // token.
   const std::vector<int32_t> want = Reference();
   TempDir dir;
   SessionManagerOptions options = Options(dir.path());
-  options.cold_blob_files = true;
+  options.cold_block_files = false;
   std::vector<int32_t> got;
   {
     Server server(*model_, options);
     ASSERT_TRUE(server->CreateSession({.session_id = "s"}).ok());
     got = RunSteps(server.get(), "s", 0, 3);
   }
-  Server server(*model_, options);
-  auto rest = RunSteps(server.get(), "s", 3, kScript.size());
-  got.insert(got.end(), rest.begin(), rest.end());
+  const uint64_t uid = UidOf(dir.path(), "s");
+  EXPECT_EQ(FileBlocksOf(dir.path(), uid), 0);
+  options.cold_block_files = true;
+  {
+    Server server(*model_, options);
+    auto rest = RunSteps(server.get(), "s", 3, kScript.size());
+    got.insert(got.end(), rest.begin(), rest.end());
+  }
   EXPECT_EQ(got, want);
+  const int64_t in_files = FileBlocksOf(dir.path(), uid);
+  EXPECT_GT(in_files, 0);
+  EXPECT_LT(in_files, BlocksOf(dir.path(), uid));
 }
 
 TEST_F(DurabilityTest, RowsKeptByTheBackendSurvivePagingRestartsAndForks) {
@@ -367,21 +407,38 @@ TEST_F(DurabilityTest, CorruptBlockFailsOnlyItsSession) {
   EXPECT_TRUE(good.ok()) << good.status();
 }
 
-uint64_t UidOf(const std::string& dir, const std::string& id) {
-  auto cold = ColdStore::Open({.path = dir});
-  EXPECT_TRUE(cold.ok());
-  auto records = (*cold)->ListSessions();
-  EXPECT_TRUE(records.ok());
-  for (const SessionRecord& r : *records) {
-    if (r.session_id == id) return r.uid;
+TEST_F(DurabilityTest, DamagedOrCutBlockFileFailsOnlyItsSessionAsDataLoss) {
+  for (bool cut : {false, true}) {
+    TempDir dir;
+    {
+      Server server(*model_, Options(dir.path()));
+      for (const char* id : {"a", "b"}) {
+        ASSERT_TRUE(server->CreateSession({.session_id = id}).ok());
+        RunSteps(server.get(), id, 0, 2);
+      }
+    }
+    const std::string file = BlockFileOf(dir.path(), UidOf(dir.path(), "a"));
+    const auto size = std::filesystem::file_size(file);
+    ASSERT_GT(size, 0u);
+    if (cut) {
+      std::filesystem::resize_file(file, size / 2);
+    } else {
+      // Flip one byte in every 4 KiB: every block of the file is damaged.
+      std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+      for (std::streamoff at = 100; at < static_cast<std::streamoff>(size); at += 4096) {
+        f.seekg(at);
+        const char c = static_cast<char>(f.get() ^ 0x10);
+        f.seekp(at);
+        f.put(c);
+      }
+    }
+    Server server(*model_, Options(dir.path()));
+    auto bad = server->AppendTurn({.session_id = "a", .content = "more"});
+    EXPECT_EQ(bad.status().code(), absl::StatusCode::kDataLoss) << cut;
+    EXPECT_NE(bad.status().message().find("\"a\""), absl::string_view::npos) << bad.status();
+    auto good = server->AppendTurn({.session_id = "b", .content = "more"});
+    EXPECT_TRUE(good.ok()) << good.status();
   }
-  return 0;
-}
-
-int64_t BlocksOf(const std::string& dir, uint64_t uid) {
-  auto cold = ColdStore::Open({.path = dir});
-  EXPECT_TRUE(cold.ok());
-  return *(*cold)->CountBlocks(uid);
 }
 
 TEST_F(DurabilityTest, DeleteRemovesTheSessionFromEveryTier) {
@@ -395,6 +452,8 @@ TEST_F(DurabilityTest, DeleteRemovesTheSessionFromEveryTier) {
   }
   const uint64_t uid = UidOf(dir.path(), "gone");
   ASSERT_GT(BlocksOf(dir.path(), uid), 0);
+  ASSERT_GT(FileBlocksOf(dir.path(), uid), 0);
+  ASSERT_TRUE(std::filesystem::exists(BlockFileOf(dir.path(), uid)));
   {
     Server server(*model_, Options(dir.path()));
     auto before = server->GetSession("", "gone");
@@ -407,6 +466,8 @@ TEST_F(DurabilityTest, DeleteRemovesTheSessionFromEveryTier) {
               absl::StatusCode::kNotFound);
   }
   EXPECT_EQ(BlocksOf(dir.path(), uid), 0);
+  EXPECT_FALSE(std::filesystem::exists(BlockFileOf(dir.path(), uid)));
+  EXPECT_TRUE(std::filesystem::exists(BlockFileOf(dir.path(), UidOf(dir.path(), "kept"))));
   Server server(*model_, Options(dir.path()));
   auto listed = server->ListSessions({});
   ASSERT_TRUE(listed.ok());
@@ -438,11 +499,13 @@ TEST_F(DurabilityTest, ForkSharesBlocksAndOutlivesItsParent) {
   EXPECT_EQ(forked, reference);
   const uint64_t parent_uid = UidOf(dir.path(), "child") - 1;  // uids are allocated in order
   EXPECT_GT(BlocksOf(dir.path(), parent_uid), 0);  // still referenced by the child
+  EXPECT_TRUE(std::filesystem::exists(BlockFileOf(dir.path(), parent_uid)));
   {
     Server server(*model_, Options(dir.path()));
     ASSERT_TRUE(server->DeleteSession("", "child").ok());
   }
   EXPECT_EQ(BlocksOf(dir.path(), parent_uid), 0);
+  EXPECT_FALSE(std::filesystem::exists(BlockFileOf(dir.path(), parent_uid)));
 }
 
 TEST_F(DurabilityTest, DeletingAForkChainFreesEveryBlock) {
@@ -463,7 +526,10 @@ TEST_F(DurabilityTest, DeletingAForkChainFreesEveryBlock) {
     Server server(*model_, Options(dir.path()));
     for (const char* id : {"d", "c", "p"}) ASSERT_TRUE(server->DeleteSession("", id).ok()) << id;
   }
-  for (uint64_t uid : uids) EXPECT_EQ(BlocksOf(dir.path(), uid), 0) << uid;
+  for (uint64_t uid : uids) {
+    EXPECT_EQ(BlocksOf(dir.path(), uid), 0) << uid;
+    EXPECT_FALSE(std::filesystem::exists(BlockFileOf(dir.path(), uid))) << uid;
+  }
 }
 
 TEST_F(DurabilityTest, HotBudgetPagesOutIdleSessionsAndPagesThemBackIn) {

@@ -1,12 +1,16 @@
 // Warm and cold tiers on their own: byte budgets, bit-exact round trips, checksums.
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <random>
 #include <utility>
 
+#include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
+#include "tiers/block_files.h"
 #include "tiers/cold_store.h"
 #include "tiers/crc32c.h"
 #include "tiers/record_codec.h"
@@ -333,6 +337,116 @@ TEST(ColdStoreTest, BlocksRoundTripBitExactAcrossReopen) {
   ASSERT_TRUE((*cold)->PutRawBlock({record.uid, 0, 0}, bytes).ok());
   EXPECT_EQ((*cold)->ReadBlock({record.uid, 0, 0}, 16, 4, 8).status().code(),
             absl::StatusCode::kDataLoss);
+}
+
+TEST(BlockFilesTest, AppendsReadBackAndRefsNameExactlyOneRecord) {
+  testing::TempDir dir;
+  // Two open descriptors at most, for three owners: reads reopen evicted files.
+  auto files = BlockFiles::Open(dir.path() + "/b", {.sync = true, .max_open_files = 2});
+  ASSERT_TRUE(files.ok()) << files.status();
+  std::vector<std::vector<std::string>> records(3);
+  std::vector<std::vector<BlockFileRef>> refs(3);
+  for (uint64_t owner = 0; owner < 3; ++owner) {
+    for (int i = 0; i < 3; ++i) {
+      records[owner].push_back(EncodeBlock(*RandomBlock(i, 16, 10 * owner + i), 4, 8));
+    }
+    ASSERT_TRUE((*files)->Append(owner + 7, records[owner], &refs[owner]).ok());
+    ASSERT_EQ(refs[owner].size(), 3u);
+    EXPECT_EQ(refs[owner][0].offset, 0u);
+    EXPECT_EQ(refs[owner][1].offset, records[owner][0].size());
+  }
+  for (uint64_t owner = 0; owner < 3; ++owner) {
+    for (int i = 0; i < 3; ++i) {
+      auto got = (*files)->Read(owner + 7, refs[owner][i]);
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_EQ(*got, records[owner][i]);
+    }
+  }
+  EXPECT_EQ(*(*files)->ListOwners(), (std::vector<uint64_t>{7, 8, 9}));
+  // A reference to other bytes, past the end, or into a missing file is DATA_LOSS.
+  BlockFileRef shifted = refs[0][1];
+  shifted.offset -= 8;
+  EXPECT_EQ((*files)->Read(7, shifted).status().code(), absl::StatusCode::kDataLoss);
+  BlockFileRef past = refs[0][2];
+  past.offset += past.length;
+  EXPECT_EQ((*files)->Read(7, past).status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ((*files)->Read(99, refs[0][0]).status().code(), absl::StatusCode::kDataLoss);
+  // The next append follows the last.
+  std::vector<BlockFileRef> again;
+  ASSERT_TRUE((*files)->Append(7, {records[1][0]}, &again).ok());
+  EXPECT_EQ(again[0].offset, refs[0][2].offset + refs[0][2].length);
+  EXPECT_EQ(*(*files)->Read(7, again[0]), records[1][0]);
+  EXPECT_EQ(*(*files)->Read(7, refs[0][2]), records[0][2]);
+  // Removal is durable and idempotent.
+  ASSERT_TRUE((*files)->Remove(8).ok());
+  ASSERT_TRUE((*files)->Remove(8).ok());
+  EXPECT_EQ((*files)->Read(8, refs[1][0]).status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(*(*files)->ListOwners(), (std::vector<uint64_t>{7, 9}));
+}
+
+TEST(BlockFilesTest, AppendAfterACrashLeftoverKeepsEarlierRecords) {
+  testing::TempDir dir;
+  std::vector<BlockFileRef> first, second;
+  const std::string a = EncodeBlock(*RandomBlock(0, 16, 1), 4, 8);
+  const std::string b = EncodeBlock(*RandomBlock(1, 16, 2), 4, 8);
+  {
+    auto files = BlockFiles::Open(dir.path(), {});
+    ASSERT_TRUE(files.ok());
+    ASSERT_TRUE((*files)->Append(1, {a}, &first).ok());
+  }
+  {
+    // Bytes of a commit that never happened (the process died before its RocksDB write).
+    std::ofstream f(absl::StrFormat("%s/%016x.kvb", dir.path(), 1), std::ios::app);
+    f << "half a block";
+  }
+  auto files = BlockFiles::Open(dir.path(), {});
+  ASSERT_TRUE(files.ok());
+  ASSERT_TRUE((*files)->Append(1, {b}, &second).ok());
+  EXPECT_EQ(second[0].offset, a.size() + 12);
+  EXPECT_EQ(*(*files)->Read(1, first[0]), a);
+  EXPECT_EQ(*(*files)->Read(1, second[0]), b);
+}
+
+TEST(ColdStoreTest, FullBlocksGoToTheOwnersFilePartialOnesStayInRocksDb) {
+  testing::TempDir dir;
+  SessionRecord record;
+  record.session_id = "a";
+  auto full = RandomBlock(0, 16, 5);
+  auto partial = RandomBlock(1, 9, 6);
+  {
+    auto cold = ColdStore::Open({.path = dir.path()});
+    ASSERT_TRUE(cold.ok()) << cold.status();
+    ASSERT_TRUE((*cold)->CreateSession(&record).ok());
+    TurnCommit commit;
+    std::vector<float> logits = {0.5f};
+    std::vector<std::pair<int64_t, uint64_t>> owners = record.owners;
+    commit.last_logits = &logits;
+    commit.owners = &owners;
+    commit.blocks.push_back({{record.uid, 0, 0}, full, std::vector<float>(64, 1.0f)});
+    commit.blocks.push_back({{record.uid, 0, 1}, partial, std::vector<float>(64, 2.0f)});
+    ASSERT_TRUE((*cold)->CommitTurn(record, commit, "", 4, 8).ok());
+    EXPECT_EQ(*(*cold)->CountBlocks(record.uid), 2);
+    EXPECT_EQ(*(*cold)->CountFileBlocks(record.uid), 1);
+  }
+  const std::string file = absl::StrFormat("%s/kvblocks/%016x.kvb", dir.path(), record.uid);
+  EXPECT_EQ(std::filesystem::file_size(file), EncodeBlock(*full, 4, 8).size());
+  // A file no session references (a crash between a delete's commit and its unlink) is removed
+  // at open; the session's own file stays.
+  const std::string orphan = absl::StrFormat("%s/kvblocks/%016x.kvb", dir.path(), 4242);
+  std::ofstream(orphan) << "left over";
+  auto cold = ColdStore::Open({.path = dir.path()});
+  ASSERT_TRUE(cold.ok()) << cold.status();
+  EXPECT_FALSE(std::filesystem::exists(orphan));
+  for (const auto& [index, want] : {std::pair{0, full}, std::pair{1, partial}}) {
+    auto got = (*cold)->ReadBlock({record.uid, 0, index}, 16, 4, 8);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ((*got)->filled, want->filled);
+    EXPECT_EQ(0, std::memcmp((*got)->keys.data(), want->keys.data(), want->keys.size() * 4));
+  }
+  std::vector<uint64_t> freed;
+  ASSERT_TRUE((*cold)->DeleteSession(record, &freed).ok());
+  EXPECT_EQ(freed, std::vector<uint64_t>{record.uid});
+  EXPECT_FALSE(std::filesystem::exists(file));
 }
 
 }  // namespace

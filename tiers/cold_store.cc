@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
+#include "engine/thread_pool.h"
 #include "rocksdb/db.h"
 #include "rocksdb/env.h"
 #include "rocksdb/options.h"
@@ -84,14 +85,6 @@ absl::StatusOr<std::unique_ptr<ColdStore>> ColdStore::Open(const ColdStoreOption
   std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
   for (int i = 0; i < kNumCfs; ++i) {
     rocksdb::ColumnFamilyOptions cf;
-    if (i == kBlocks && options.blob_files) {
-      // KV blocks are large (tens of KiB to MiB) and written once: keep them out of the LSM
-      // tree so compactions move only keys.
-      cf.enable_blob_files = true;
-      cf.min_blob_size = 1024;
-      cf.enable_blob_garbage_collection = true;
-      cf.write_buffer_size = 64 << 20;
-    }
     if (i == kBlocks || i == kDigests) {
       rocksdb::BlockBasedTableOptions table;
       table.block_size = 64 << 10;
@@ -104,6 +97,12 @@ absl::StatusOr<std::unique_ptr<ColdStore>> ColdStore::Open(const ColdStoreOption
   if (!s.ok()) {
     return absl::UnavailableError(
         absl::StrCat("cannot open the session store at ", path, ": ", s.ToString()));
+  }
+  if (!options.path.empty()) {
+    store->block_dir_ = options.path + "/kvblocks";
+    KVMEM_ASSIGN_OR_RETURN(store->block_files_,
+                           BlockFiles::Open(store->block_dir_, {.sync = options.sync}));
+    KVMEM_RETURN_IF_ERROR(store->RemoveUnreferencedBlockFiles());
   }
   return store;
 }
@@ -171,9 +170,33 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
                     commit.first_position};
     batch.Put(handles_[kTurns], TurnKey(record.uid, commit.turn_index), EncodeTurn(turn));
   }
-  for (const BlockWrite& w : commit.blocks) {
+  // Full blocks of this session go to its block file, synced before the batch that refers to
+  // them; partial ones (rewritten as they fill) and every digest go into the batch.
+  const size_t n = commit.blocks.size();
+  std::vector<std::string> encoded(n);
+  std::vector<char> to_file(n, 0);
+  SharedThreadPool().ParallelFor(static_cast<int64_t>(n), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const KvBlock& b = *commit.blocks[i].block;
+      encoded[i] = EncodeBlock(b, num_kv_heads, head_dim);
+      to_file[i] = block_files_ != nullptr && options_.block_files &&
+                   commit.blocks[i].key.owner == record.uid &&
+                   static_cast<size_t>(b.filled) * num_kv_heads * head_dim == b.keys.size();
+    }
+  });
+  std::vector<std::string> file_records;
+  for (size_t i = 0; i < n; ++i) {
+    if (to_file[i]) file_records.push_back(std::move(encoded[i]));
+  }
+  std::vector<BlockFileRef> refs;
+  if (!file_records.empty()) {
+    KVMEM_RETURN_IF_ERROR(block_files_->Append(record.uid, file_records, &refs));
+  }
+  for (size_t i = 0, f = 0; i < n; ++i) {
+    const BlockWrite& w = commit.blocks[i];
     const std::string key = BlockKeyBytes(w.key);
-    batch.Put(handles_[kBlocks], key, EncodeBlock(*w.block, num_kv_heads, head_dim));
+    batch.Put(handles_[kBlocks], key,
+              to_file[i] ? EncodeBlockFileRef(refs[f++]) : std::move(encoded[i]));
     batch.Put(handles_[kDigests], key, EncodeFloats(w.digest));
   }
   const int layers = static_cast<int>(commit.hot_positions.size()) / num_kv_heads;
@@ -193,6 +216,8 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
   }
   rocksdb::WriteOptions wo;
   wo.sync = options_.sync;
+  // When this fails the appended blocks stay in the file unreferenced: a write RocksDB reports
+  // as failed may still be replayed from its log, so cutting them back could lose a turn.
   return FromRocks(db_->Write(wo, &batch), "committing a turn");
 }
 
@@ -245,7 +270,13 @@ absl::StatusOr<std::shared_ptr<const KvBlock>> ColdStore::ReadBlock(const BlockK
                                             ") is missing from the cold store"));
   }
   KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading a block"));
-  auto block = DecodeBlock(value.ToStringView(), block_size, num_kv_heads, head_dim);
+  absl::StatusOr<KvBlock> block;
+  if (IsBlockFileRef(value.ToStringView())) {
+    absl::StatusOr<std::string> bytes = ReadFileBlock(key.owner, value.ToStringView());
+    block = bytes.ok() ? DecodeBlock(*bytes, block_size, num_kv_heads, head_dim) : bytes.status();
+  } else {
+    block = DecodeBlock(value.ToStringView(), block_size, num_kv_heads, head_dim);
+  }
   if (block.ok() && block->index != key.index) {
     block = absl::DataLossError("stored block index does not match its key");
   }
@@ -254,6 +285,14 @@ absl::StatusOr<std::shared_ptr<const KvBlock>> ColdStore::ReadBlock(const BlockK
                                             "): ", block.status().message()));
   }
   return std::make_shared<const KvBlock>(std::move(*block));
+}
+
+absl::StatusOr<std::string> ColdStore::ReadFileBlock(uint64_t owner, std::string_view ref_value) {
+  KVMEM_ASSIGN_OR_RETURN(BlockFileRef ref, DecodeBlockFileRef(ref_value));
+  if (block_files_ == nullptr) {
+    return absl::DataLossError("the block refers to a block file but the store keeps none");
+  }
+  return block_files_->Read(owner, ref);
 }
 
 absl::StatusOr<std::vector<float>> ColdStore::ReadDigest(const BlockKey& key) {
@@ -349,10 +388,32 @@ absl::Status ColdStore::DeleteSession(const SessionRecord& record,
   batch.DeleteRange(handles_[kTurns], begin, end);
   batch.DeleteRange(handles_[kHot], begin, end);
   batch.DeleteRange(handles_[kRequests], begin, end);
-  KVMEM_RETURN_IF_ERROR(AddRefs(DistinctOwners(record), -1, &batch, freed_owners));
+  std::vector<uint64_t> freed;
+  KVMEM_RETURN_IF_ERROR(AddRefs(DistinctOwners(record), -1, &batch, &freed));
   rocksdb::WriteOptions wo;
   wo.sync = options_.sync;
-  return FromRocks(db_->Write(wo, &batch), "deleting a session");
+  KVMEM_RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch), "deleting a session"));
+  for (uint64_t owner : freed) {
+    // The delete is committed, so the call succeeds: a file this fails to remove is removed
+    // at the next open.
+    if (block_files_ != nullptr) block_files_->Remove(owner).IgnoreError();
+    if (freed_owners != nullptr) freed_owners->push_back(owner);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ColdStore::RemoveUnreferencedBlockFiles() {
+  KVMEM_ASSIGN_OR_RETURN(std::vector<uint64_t> owners, block_files_->ListOwners());
+  for (uint64_t owner : owners) {
+    std::string value;
+    rocksdb::Status s = db_->Get({}, handles_[kRefs], UidKey(owner), &value);
+    if (s.IsNotFound()) {
+      KVMEM_RETURN_IF_ERROR(block_files_->Remove(owner));
+    } else {
+      KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading a block reference count"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::optional<int64_t>> ColdStore::FindRequest(uint64_t uid,
@@ -376,6 +437,17 @@ absl::StatusOr<int64_t> ColdStore::CountBlocks(uint64_t owner) {
   const std::string prefix = UidKey(owner);
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator({}, handles_[kBlocks]));
   for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) ++n;
+  KVMEM_RETURN_IF_ERROR(FromRocks(it->status(), "counting blocks"));
+  return n;
+}
+
+absl::StatusOr<int64_t> ColdStore::CountFileBlocks(uint64_t owner) {
+  int64_t n = 0;
+  const std::string prefix = UidKey(owner);
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator({}, handles_[kBlocks]));
+  for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
+    n += IsBlockFileRef(it->value().ToStringView());
+  }
   KVMEM_RETURN_IF_ERROR(FromRocks(it->status(), "counting blocks"));
   return n;
 }

@@ -13,6 +13,7 @@ namespace kvmem {
 namespace {
 
 constexpr uint32_t kBlockMagic = 0x4b564231;    // "KVB1"
+constexpr uint32_t kBlockRefMagic = 0x4b565231;  // "KVR1"
 constexpr uint32_t kSessionMagic = 0x4b565331;  // "KVS1"
 constexpr uint8_t kDTypeF32 = 1;
 constexpr uint8_t kDTypeBF16 = 2;
@@ -201,11 +202,7 @@ std::string ByteWriter::Finish() {
 
 absl::StatusOr<ByteReader> ByteReader::Open(std::string_view value, std::string_view what) {
   if (value.size() < 4) return Corrupt(what);
-  uint32_t stored = 0;
-  for (int i = 0; i < 4; ++i) {
-    stored |= static_cast<uint32_t>(static_cast<uint8_t>(value[value.size() - 4 + i])) << (8 * i);
-  }
-  if (Crc32c(value.data(), value.size() - 4) != stored) {
+  if (Crc32c(value.data(), value.size() - 4) != TrailingCrc(value)) {
     return absl::DataLossError(
         absl::StrCat("stored ", std::string(what), " fails its checksum (corrupt on disk)"));
   }
@@ -306,6 +303,8 @@ std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim) {
   std::vector<std::vector<uint16_t>> codes;
   const uint8_t dtype = Narrowest({&block.keys, &block.values}, &codes);
   ByteWriter w;
+  // Header, two counted value arrays, checksum: one allocation for the whole record.
+  w.Reserve(29 + 2 * (8 + block.keys.size() * (dtype == kDTypeF32 ? 4 : 2)) + 4);
   w.U32(kBlockMagic);
   w.U8(dtype);
   w.I64(block.index);
@@ -339,6 +338,42 @@ absl::StatusOr<KvBlock> DecodeBlock(std::string_view value, int block_size, int 
   }
   b.filled = static_cast<int>(filled);
   return b;
+}
+
+std::string EncodeBlockFileRef(const BlockFileRef& ref) {
+  ByteWriter w;
+  w.U32(kBlockRefMagic);
+  w.U64(ref.offset);
+  w.U32(ref.length);
+  w.U32(ref.crc);
+  return w.Finish();
+}
+
+bool IsBlockFileRef(std::string_view value) {
+  uint32_t magic = 0;
+  if (value.size() < 4) return false;
+  for (int i = 0; i < 4; ++i)
+    magic |= static_cast<uint32_t>(static_cast<uint8_t>(value[i])) << (8 * i);
+  return magic == kBlockRefMagic;
+}
+
+absl::StatusOr<BlockFileRef> DecodeBlockFileRef(std::string_view value) {
+  KVMEM_ASSIGN_OR_RETURN(ByteReader r, ByteReader::Open(value, "KV block reference"));
+  uint32_t magic;
+  BlockFileRef ref;
+  if (!r.U32(&magic) || magic != kBlockRefMagic || !r.U64(&ref.offset) || !r.U32(&ref.length) ||
+      !r.U32(&ref.crc) || !r.done() || ref.length < 4) {
+    return Corrupt("KV block reference");
+  }
+  return ref;
+}
+
+uint32_t TrailingCrc(std::string_view record) {
+  uint32_t crc = 0;
+  for (int i = 0; i < 4; ++i) {
+    crc |= static_cast<uint32_t>(static_cast<uint8_t>(record[record.size() - 4 + i])) << (8 * i);
+  }
+  return crc;
 }
 
 std::string EncodeFloats(const std::vector<float>& v) {

@@ -32,6 +32,7 @@ class ByteWriter {
   void U16s(const std::vector<uint16_t>& v);
   void I64s(const std::vector<int64_t>& v);
   void I32s(const std::vector<int32_t>& v);
+  void Reserve(size_t bytes) { out_.reserve(bytes); }
   // Appends the checksum and returns the value.
   std::string Finish();
 
@@ -69,6 +70,20 @@ class ByteReader {
 std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim);
 absl::StatusOr<KvBlock> DecodeBlock(std::string_view value, int block_size, int num_kv_heads,
                                     int head_dim);
+
+// Where a full block lives in its owner's block file (tiers/block_files.h). The blocks column
+// family then holds this reference in place of the block; the two are told apart by their
+// leading magic, so stores written before block files still read.
+struct BlockFileRef {
+  uint64_t offset = 0;  // of the record in the file
+  uint32_t length = 0;  // of the record, checksum included
+  uint32_t crc = 0;     // the record's own trailing CRC-32C: the reference names one record
+};
+std::string EncodeBlockFileRef(const BlockFileRef& ref);
+bool IsBlockFileRef(std::string_view value);
+absl::StatusOr<BlockFileRef> DecodeBlockFileRef(std::string_view value);
+// The trailing CRC-32C of a record made by ByteWriter::Finish (its size must be at least 4).
+uint32_t TrailingCrc(std::string_view record);
 
 std::string EncodeFloats(const std::vector<float>& v);
 absl::StatusOr<std::vector<float>> DecodeFloats(std::string_view value, std::string_view what);

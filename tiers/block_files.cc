@@ -1,0 +1,226 @@
+#include "tiers/block_files.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace kvmem {
+namespace {
+
+constexpr char kSuffix[] = ".kvb";
+
+absl::Status Errno(const char* what, const std::string& path) {
+  return absl::InternalError(absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
+}
+
+// fsyncs a directory so that a file created or removed in it stays so after a crash.
+absl::Status SyncDir(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return Errno("cannot open", dir);
+  const int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) return Errno("cannot sync", dir);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+struct BlockFiles::File {
+  ~File() {
+    if (fd >= 0) ::close(fd);
+  }
+  std::string path;
+  int fd = -1;
+};
+
+absl::StatusOr<std::unique_ptr<BlockFiles>> BlockFiles::Open(const std::string& dir,
+                                                             const Options& options) {
+  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
+    return Errno("cannot create the block file directory", dir);
+  }
+  struct stat st;
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return absl::InternalError(absl::StrCat("block file directory ", dir, " is not a directory"));
+  }
+  return std::unique_ptr<BlockFiles>(new BlockFiles(dir, options));
+}
+
+BlockFiles::~BlockFiles() = default;
+
+std::string BlockFiles::PathOf(uint64_t owner) const {
+  return absl::StrFormat("%s/%016x%s", dir_, owner, kSuffix);
+}
+
+absl::StatusOr<std::shared_ptr<BlockFiles::File>> BlockFiles::Get(uint64_t owner, bool create) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = open_.find(owner);
+    if (it != open_.end()) {
+      lru_.splice(lru_.begin(), lru_, it->second.lru);
+      return it->second.file;
+    }
+  }
+  // Open outside the lock: other owners' reads go on meanwhile.
+  auto file = std::make_shared<File>();
+  file->path = PathOf(owner);
+  file->fd = ::open(file->path.c_str(), O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0), 0644);
+  bool created = file->fd >= 0 && create;
+  if (file->fd < 0 && create && errno == EEXIST) {
+    file->fd = ::open(file->path.c_str(), O_RDWR | O_CLOEXEC);
+  }
+  if (file->fd < 0) {
+    if (errno == ENOENT) {
+      return absl::NotFoundError(absl::StrCat("block file ", file->path, " does not exist"));
+    }
+    return Errno("cannot open block file", file->path);
+  }
+  if (created && options_.sync) {
+    if (absl::Status s = SyncDir(dir_); !s.ok()) return s;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  auto [it, inserted] = open_.try_emplace(owner);
+  if (!inserted) {  // another thread opened it first: use theirs
+    lru_.splice(lru_.begin(), lru_, it->second.lru);
+    return it->second.file;
+  }
+  lru_.push_front(owner);
+  it->second = {file, lru_.begin()};
+  while (static_cast<int>(open_.size()) > std::max(1, options_.max_open_files)) {
+    // Holders of an evicted file keep its descriptor until they let go.
+    open_.erase(lru_.back());
+    lru_.pop_back();
+  }
+  return file;
+}
+
+absl::Status BlockFiles::Append(uint64_t owner, const std::vector<std::string>& records,
+                                std::vector<BlockFileRef>* refs) {
+  refs->clear();
+  if (records.empty()) return absl::OkStatus();
+  auto file = Get(owner, /*create=*/true);
+  if (!file.ok()) return file.status();
+  const int fd = (*file)->fd;
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return Errno("cannot stat block file", (*file)->path);
+  // Append after whatever the file holds, including bytes of a commit a crash cut short.
+  const uint64_t start = static_cast<uint64_t>(st.st_size);
+  uint64_t offset = start;
+  for (const std::string& r : records) {
+    refs->push_back({offset, static_cast<uint32_t>(r.size()), TrailingCrc(r)});
+    offset += r.size();
+  }
+  std::vector<iovec> iov;
+  iov.reserve(records.size());
+  for (const std::string& r : records) {
+    iov.push_back({const_cast<char*>(r.data()), r.size()});
+  }
+  absl::Status status;
+  uint64_t at = start;
+  size_t first = 0;
+  while (first < iov.size() && status.ok()) {
+    const int n = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    const ssize_t wrote = ::pwritev(fd, &iov[first], n, static_cast<off_t>(at));
+    if (wrote < 0) {
+      if (errno == EINTR) continue;
+      status = Errno("cannot write block file", (*file)->path);
+      break;
+    }
+    at += static_cast<uint64_t>(wrote);
+    // Skip what was written: whole vectors, then part of one after a short write.
+    size_t left = static_cast<size_t>(wrote);
+    while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
+    if (left > 0) {
+      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + left;
+      iov[first].iov_len -= left;
+    }
+  }
+  if (status.ok() && options_.sync && ::fdatasync(fd) != 0) {
+    status = Errno("cannot sync block file", (*file)->path);
+  }
+  if (!status.ok()) {
+    refs->clear();
+    if (::ftruncate(fd, static_cast<off_t>(start)) != 0) {
+      return absl::InternalError(
+          absl::StrCat(status.message(), "; then could not cut it back: ", std::strerror(errno)));
+    }
+  }
+  return status;
+}
+
+absl::StatusOr<std::string> BlockFiles::Read(uint64_t owner, const BlockFileRef& ref) {
+  auto file = Get(owner, /*create=*/false);
+  if (absl::IsNotFound(file.status())) return absl::DataLossError(file.status().message());
+  if (!file.ok()) return file.status();
+  std::string out(ref.length, '\0');
+  size_t got = 0;
+  while (got < out.size()) {
+    const ssize_t n = ::pread((*file)->fd, out.data() + got, out.size() - got,
+                              static_cast<off_t>(ref.offset + got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Errno("cannot read block file", (*file)->path);
+    if (n == 0) {
+      return absl::DataLossError(absl::StrCat("block file ", (*file)->path, " ends before byte ",
+                                              ref.offset + ref.length, " that a block needs"));
+    }
+    got += static_cast<size_t>(n);
+  }
+  if (ref.length < 4 || TrailingCrc(out) != ref.crc) {
+    return absl::DataLossError(absl::StrCat("block file ", (*file)->path,
+                                            " holds other bytes than its reference at offset ",
+                                            ref.offset));
+  }
+  return out;
+}
+
+absl::Status BlockFiles::Remove(uint64_t owner) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = open_.find(owner);
+    if (it != open_.end()) {
+      lru_.erase(it->second.lru);
+      open_.erase(it);
+    }
+  }
+  const std::string path = PathOf(owner);
+  if (::unlink(path.c_str()) != 0) {
+    if (errno == ENOENT) return absl::OkStatus();
+    return Errno("cannot remove block file", path);
+  }
+  return options_.sync ? SyncDir(dir_) : absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<uint64_t>> BlockFiles::ListOwners() const {
+  DIR* d = ::opendir(dir_.c_str());
+  if (d == nullptr) return Errno("cannot list", dir_);
+  std::vector<uint64_t> owners;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    const size_t n = sizeof(kSuffix) - 1;
+    if (name.size() != 16 + n || name.compare(16, n, kSuffix) != 0) continue;
+    uint64_t owner = 0;
+    bool hex = true;
+    for (int i = 0; i < 16 && hex; ++i) {
+      const char c = name[i];
+      const int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+      hex = digit >= 0;
+      owner = (owner << 4) | static_cast<uint64_t>(digit & 0xf);
+    }
+    if (hex) owners.push_back(owner);
+  }
+  ::closedir(d);
+  std::sort(owners.begin(), owners.end());
+  return owners;
+}
+
+}  // namespace kvmem
