@@ -30,7 +30,6 @@
 #include "absl/strings/str_split.h"
 #include "bench/model_shapes.h"
 #include "engine/cuda_backend.h"
-#include "engine/host_memory.h"
 #include "engine/kv_blocks.h"
 #include "engine/kv_store.h"
 #include "engine/model_config.h"
@@ -415,7 +414,4 @@ int Run(int argc, char** argv) {
 }  // namespace
 }  // namespace kvmem
 
-int main(int argc, char** argv) {
-  kvmem::RetainFreedHeapMemory();
-  return kvmem::Run(argc, argv);
-}
+int main(int argc, char** argv) { return kvmem::Run(argc, argv); }

@@ -21,7 +21,6 @@
 #include "absl/strings/str_cat.h"
 #include "bench/model_shapes.h"
 #include "engine/backend.h"
-#include "engine/host_memory.h"
 #include "engine/model.h"
 #include "service/session_manager.h"
 
@@ -222,7 +221,4 @@ int Run(int argc, char** argv) {
 }  // namespace
 }  // namespace kvmem
 
-int main(int argc, char** argv) {
-  kvmem::RetainFreedHeapMemory();
-  return kvmem::Run(argc, argv);
-}
+int main(int argc, char** argv) { return kvmem::Run(argc, argv); }

@@ -18,7 +18,6 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "engine/cpu_backend.h"
-#include "engine/host_memory.h"
 #include "engine/model.h"
 #include "examples/sim_report.h"
 #include "examples/sim_scenario.h"
@@ -181,7 +180,6 @@ std::string CommandLine(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  kvmem::RetainFreedHeapMemory();
   using namespace kvmem;
   using namespace kvmem::sim;
   Flags flags;

@@ -24,7 +24,6 @@
 #include "absl/strings/str_cat.h"
 #include "engine/cpu_backend.h"
 #include "engine/cuda_backend.h"
-#include "engine/host_memory.h"
 #include "engine/model.h"
 #include "service/agent_memory_service.h"
 #include "service/auth_tokens.h"
@@ -155,7 +154,6 @@ void OnStopSignal(int signal_number) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  kvmem::RetainFreedHeapMemory();
   if (pipe(stop_pipe) != 0) {
     std::perror("kvmemd: pipe");
     return 1;

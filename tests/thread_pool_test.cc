@@ -1,18 +1,13 @@
 // ThreadPool: ParallelFor covers its range exactly once, and the process-wide pool also works
-// in a forked child (which has none of its parent's threads); and RetainFreedHeapMemory keeps
-// freed buffers in the process (engine/host_memory.h).
+// in a forked child (which has none of its parent's threads).
 #include "engine/thread_pool.h"
 
-#include <malloc.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
-#include "engine/host_memory.h"
 #include "gtest/gtest.h"
 
 namespace kvmem {
@@ -51,29 +46,6 @@ TEST(ThreadPoolTest, SharedPoolWorksInAForkedChild) {
   ASSERT_TRUE(WIFEXITED(status)) << "the child did not exit (signal "
                                  << (WIFSIGNALED(status) ? WTERMSIG(status) : 0) << ")";
   EXPECT_EQ(WEXITSTATUS(status), 0);
-}
-
-// Runs in a child process, whose allocator settings start at glibc's defaults: returns whether
-// a freed 8 MiB buffer stayed in the process's heap (free bytes there grew by its size).
-bool FreedBufferStaysInTheHeap(bool retain) {
-  const pid_t child = fork();
-  if (child == 0) {
-    if (retain) RetainFreedHeapMemory();
-    const size_t before = mallinfo2().fordblks;
-    auto* p = static_cast<char*>(std::malloc(8 << 20));
-    std::memset(p, 1, 8 << 20);
-    asm volatile("" : : "r"(p) : "memory");  // the compiler may not elide the buffer
-    std::free(p);
-    _exit(mallinfo2().fordblks >= before + (8 << 20) ? 0 : 1);
-  }
-  int status = 0;
-  waitpid(child, &status, 0);
-  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
-}
-
-TEST(HostMemoryTest, RetainFreedHeapMemoryKeepsLargeFreedBuffersInTheProcess) {
-  EXPECT_FALSE(FreedBufferStaysInTheHeap(false));  // glibc's default maps and unmaps it
-  EXPECT_TRUE(FreedBufferStaysInTheHeap(true));
 }
 
 }  // namespace

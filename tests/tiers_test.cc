@@ -1,5 +1,11 @@
 // Warm and cold tiers on their own: byte budgets, bit-exact round trips, checksums.
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <cmath>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -447,6 +453,74 @@ TEST(ColdStoreTest, FullBlocksGoToTheOwnersFilePartialOnesStayInRocksDb) {
   ASSERT_TRUE((*cold)->DeleteSession(record, &freed).ok());
   EXPECT_EQ(freed, std::vector<uint64_t>{record.uid});
   EXPECT_FALSE(std::filesystem::exists(file));
+}
+
+// A commit of full blocks [first, first + count) of session `record` to `cold`.
+absl::Status CommitFullBlocks(ColdStore& cold, const SessionRecord& record, int64_t first,
+                              int64_t count) {
+  TurnCommit commit;
+  std::vector<float> logits = {0.5f};
+  std::vector<std::pair<int64_t, uint64_t>> owners = record.owners;
+  commit.last_logits = &logits;
+  commit.owners = &owners;
+  for (int64_t i = first; i < first + count; ++i) {
+    commit.blocks.push_back(
+        {{record.uid, 0, i}, RandomBlock(i, 16, 40 + i), std::vector<float>(64, 1.0f)});
+  }
+  return cold.CommitTurn(record, commit, "", 4, 8);
+}
+
+TEST(ColdStoreTest, ResourceErrorsKeepTheirCodeAndLoseNothingCommitted) {
+  testing::TempDir dir;
+  SessionRecord record;
+  record.session_id = "a";
+  {
+    auto cold = ColdStore::Open({.path = dir.path()});
+    ASSERT_TRUE(cold.ok()) << cold.status();
+    ASSERT_TRUE((*cold)->CreateSession(&record).ok());
+    // Larger than every file RocksDB writes in the child, whose size limit it sets.
+    ASSERT_TRUE(CommitFullBlocks(**cold, record, 0, 512).ok());
+  }
+  // In a child, whose limits the test process does not share; the exit code says which check
+  // failed.
+  const pid_t child = fork();
+  if (child == 0) {
+    auto cold = ColdStore::Open({.path = dir.path()});
+    if (!cold.ok()) _exit(10);
+    // 1. The block file grows past what the process may write: the commit fails and the file is
+    // cut back; the committed block still reads.
+    const std::string file = absl::StrFormat("%s/kvblocks/%016x.kvb", dir.path(), record.uid);
+    const auto size = std::filesystem::file_size(file);
+    signal(SIGXFSZ, SIG_IGN);
+    rlimit fsize = {size + 1000, size + 1000};
+    if (setrlimit(RLIMIT_FSIZE, &fsize) != 0) _exit(11);
+    if (CommitFullBlocks(**cold, record, 512, 1).ok()) _exit(12);
+    if (std::filesystem::file_size(file) != size) _exit(13);
+    if (!(*cold)->ReadBlock({record.uid, 0, 0}, 16, 4, 8).ok()) _exit(14);
+    // 2. No descriptor left to open the block file with: RESOURCE_EXHAUSTED, not DATA_LOSS.
+    cold->reset();
+    cold = ColdStore::Open({.path = dir.path()});
+    if (!cold.ok()) _exit(15);
+    rlimit nofile = {256, 256};
+    if (setrlimit(RLIMIT_NOFILE, &nofile) != 0) _exit(16);
+    while (open("/dev/null", O_RDONLY) >= 0) {
+    }
+    auto got = (*cold)->ReadBlock({record.uid, 0, 0}, 16, 4, 8);
+    if (got.status().code() != absl::StatusCode::kResourceExhausted) {
+      std::fprintf(stderr, "%s\n", got.status().ToString().c_str());
+      _exit(17);
+    }
+    _exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status)) << "signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "see the exit codes in the test";
+  // Nothing committed was lost, and the failed commit left nothing behind.
+  auto cold = ColdStore::Open({.path = dir.path()});
+  ASSERT_TRUE(cold.ok());
+  EXPECT_TRUE((*cold)->ReadBlock({record.uid, 0, 0}, 16, 4, 8).ok());
+  EXPECT_EQ(*(*cold)->CountBlocks(record.uid), 512);
 }
 
 }  // namespace

@@ -14,14 +14,21 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "engine/status_macros.h"
 
 namespace kvmem {
 namespace {
 
 constexpr char kSuffix[] = ".kvb";
 
+// RESOURCE_EXHAUSTED for what may pass (no space, descriptors or memory), else INTERNAL.
 absl::Status Errno(const char* what, const std::string& path) {
-  return absl::InternalError(absl::StrCat(what, " ", path, ": ", std::strerror(errno)));
+  const int e = errno;
+  const bool exhausted =
+      e == ENOSPC || e == EDQUOT || e == EMFILE || e == ENFILE || e == ENOMEM || e == EAGAIN;
+  return absl::Status(
+      exhausted ? absl::StatusCode::kResourceExhausted : absl::StatusCode::kInternal,
+      absl::StrCat(what, " ", path, ": ", std::strerror(e)));
 }
 
 // fsyncs a directory so that a file created or removed in it stays so after a crash.
@@ -46,7 +53,12 @@ struct BlockFiles::File {
 
 absl::StatusOr<std::unique_ptr<BlockFiles>> BlockFiles::Open(const std::string& dir,
                                                              const Options& options) {
-  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
+  if (::mkdir(dir.c_str(), 0755) == 0) {
+    // A new directory's own entry must last too, or files in it could vanish after a crash.
+    const size_t slash = dir.find_last_of('/');
+    const std::string parent = slash == std::string::npos ? "." : dir.substr(0, slash + 1);
+    if (options.sync) KVMEM_RETURN_IF_ERROR(SyncDir(parent));
+  } else if (errno != EEXIST) {
     return Errno("cannot create the block file directory", dir);
   }
   struct stat st;
@@ -74,19 +86,17 @@ absl::StatusOr<std::shared_ptr<BlockFiles::File>> BlockFiles::Get(uint64_t owner
   // Open outside the lock: other owners' reads go on meanwhile.
   auto file = std::make_shared<File>();
   file->path = PathOf(owner);
-  file->fd = ::open(file->path.c_str(), O_RDWR | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0), 0644);
-  bool created = file->fd >= 0 && create;
-  if (file->fd < 0 && create && errno == EEXIST) {
-    file->fd = ::open(file->path.c_str(), O_RDWR | O_CLOEXEC);
-  }
+  file->fd = ::open(file->path.c_str(), O_RDWR | O_CLOEXEC | (create ? O_CREAT : 0), 0644);
   if (file->fd < 0) {
     if (errno == ENOENT) {
       return absl::NotFoundError(absl::StrCat("block file ", file->path, " does not exist"));
     }
     return Errno("cannot open block file", file->path);
   }
-  if (created && options_.sync) {
-    if (absl::Status s = SyncDir(dir_); !s.ok()) return s;
+  if (create && options_.sync) {
+    // Whether this call or an earlier one (whose sync may have failed) created the file, its
+    // directory entry is durable before anything is appended.
+    KVMEM_RETURN_IF_ERROR(SyncDir(dir_));
   }
   std::lock_guard<std::mutex> lock(mu_);
   auto [it, inserted] = open_.try_emplace(owner);
@@ -131,9 +141,11 @@ absl::Status BlockFiles::Append(uint64_t owner, const std::vector<std::string>& 
   while (first < iov.size() && status.ok()) {
     const int n = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
     const ssize_t wrote = ::pwritev(fd, &iov[first], n, static_cast<off_t>(at));
-    if (wrote < 0) {
-      if (errno == EINTR) continue;
-      status = Errno("cannot write block file", (*file)->path);
+    if (wrote < 0 && errno == EINTR) continue;
+    if (wrote <= 0) {
+      status = wrote < 0 ? Errno("cannot write block file", (*file)->path)
+                         : absl::InternalError(absl::StrCat("block file ", (*file)->path,
+                                                            " accepts no more bytes"));
       break;
     }
     at += static_cast<uint64_t>(wrote);
@@ -184,6 +196,11 @@ absl::StatusOr<std::string> BlockFiles::Read(uint64_t owner, const BlockFileRef&
 }
 
 absl::Status BlockFiles::Remove(uint64_t owner) {
+  // Unlink before dropping the cached descriptor, so that no open between the two can cache a
+  // descriptor of the removed file; holders of the old one keep it until they let go.
+  const std::string path = PathOf(owner);
+  const bool removed = ::unlink(path.c_str()) == 0;
+  if (!removed && errno != ENOENT) return Errno("cannot remove block file", path);
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = open_.find(owner);
@@ -192,12 +209,7 @@ absl::Status BlockFiles::Remove(uint64_t owner) {
       open_.erase(it);
     }
   }
-  const std::string path = PathOf(owner);
-  if (::unlink(path.c_str()) != 0) {
-    if (errno == ENOENT) return absl::OkStatus();
-    return Errno("cannot remove block file", path);
-  }
-  return options_.sync ? SyncDir(dir_) : absl::OkStatus();
+  return removed && options_.sync ? SyncDir(dir_) : absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<uint64_t>> BlockFiles::ListOwners() const {

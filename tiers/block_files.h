@@ -44,8 +44,9 @@ class BlockFiles {
   BlockFiles& operator=(const BlockFiles&) = delete;
 
   // Appends `records` (each ending with its CRC-32C, as ByteWriter::Finish makes them) to
-  // owner's file and, with `sync`, makes them durable. On success (*refs)[i] locates
-  // records[i]. On failure nothing is appended (the file is cut back) and the status says why.
+  // owner's file and, with `sync`, makes them and the file's directory entry durable. On
+  // success (*refs)[i] locates records[i]. On failure nothing is appended (the file is cut
+  // back): RESOURCE_EXHAUSTED when the disk, descriptors or memory ran out, else INTERNAL.
   // Appends for one owner must not run concurrently: one session writes its own blocks.
   absl::Status Append(uint64_t owner, const std::vector<std::string>& records,
                       std::vector<BlockFileRef>* refs);

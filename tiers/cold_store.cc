@@ -281,8 +281,13 @@ absl::StatusOr<std::shared_ptr<const KvBlock>> ColdStore::ReadBlock(const BlockK
     block = absl::DataLossError("stored block index does not match its key");
   }
   if (!block.ok()) {
-    return absl::DataLossError(absl::StrCat("KV block (layer ", key.layer, ", index ", key.index,
-                                            "): ", block.status().message()));
+    // Damaged or missing bytes are DATA_LOSS; anything else (out of descriptors, an I/O error)
+    // may pass, so it keeps its own code.
+    return absl::Status(absl::IsDataLoss(block.status()) || absl::IsNotFound(block.status())
+                            ? absl::StatusCode::kDataLoss
+                            : block.status().code(),
+                        absl::StrCat("KV block (layer ", key.layer, ", index ", key.index,
+                                     "): ", block.status().message()));
   }
   return std::make_shared<const KvBlock>(std::move(*block));
 }
@@ -407,11 +412,9 @@ absl::Status ColdStore::RemoveUnreferencedBlockFiles() {
   for (uint64_t owner : owners) {
     std::string value;
     rocksdb::Status s = db_->Get({}, handles_[kRefs], UidKey(owner), &value);
-    if (s.IsNotFound()) {
-      KVMEM_RETURN_IF_ERROR(block_files_->Remove(owner));
-    } else {
-      KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading a block reference count"));
-    }
+    // A file that cannot go now (or whose count cannot be read) is tried again at next open:
+    // it holds nothing anyone reads, so it must not keep the store from opening.
+    if (s.IsNotFound()) block_files_->Remove(owner).IgnoreError();
   }
   return absl::OkStatus();
 }

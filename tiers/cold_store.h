@@ -41,7 +41,9 @@ namespace kvmem {
 struct ColdStoreOptions {
   // Default: "" (an in-memory RocksDB environment: nothing survives the process).
   std::string path;
-  // Default: true. fsync every commit before it is acknowledged.
+  // Default: true. fsync every commit before it is acknowledged. Without it a crash of the
+  // process loses nothing acknowledged, but a crash of the machine may lose recent turns and,
+  // with block files, leave sessions whose newest blocks read as DATA_LOSS.
   bool sync = true;
   // Default: true. Write full KV blocks to per-owner append-only files under
   // <path>/kvblocks (RocksDB keeps a reference) instead of into RocksDB itself, so their bytes
