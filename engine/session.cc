@@ -312,17 +312,20 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
   const int w = static_cast<int>(std::min<int64_t>(options_.memory.window, n));
   const int kvh = c.num_kv_heads;
   // 1. Candidates: (KV head, block) pairs holding a committed position the head lacks.
+  // One pass over each head's positions counts its hot entries per block.
   std::vector<char> open(static_cast<size_t>(kvh) * blocks, 0);
+  std::vector<int32_t> hot_in_block(blocks);
   bool any_open = false;
   for (int g = 0; g < kvh; ++g) {
-    const HeadKv& head = std::as_const(hot_).head(layer, g);
+    std::fill(hot_in_block.begin(), hot_in_block.end(), 0);
+    for (int64_t p : std::as_const(hot_).head(layer, g).positions) {
+      if (p >= committed_) break;  // positions are sorted
+      if (p / B < blocks) ++hot_in_block[p / B];
+    }
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t lo = b * B, hi = std::min<int64_t>((b + 1) * B, committed_);
-      const int64_t hot_in_block =
-          std::lower_bound(head.positions.begin(), head.positions.end(), hi) -
-          std::lower_bound(head.positions.begin(), head.positions.end(), lo);
-      open[static_cast<size_t>(g) * blocks + b] = hot_in_block < hi - lo;
-      any_open |= hot_in_block < hi - lo;
+      const int64_t committed_in_block = std::min<int64_t>((b + 1) * B, committed_) - b * B;
+      open[static_cast<size_t>(g) * blocks + b] = hot_in_block[b] < committed_in_block;
+      any_open |= hot_in_block[b] < committed_in_block;
     }
   }
   if (!any_open) return absl::OkStatus();
