@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cmath>
 #include <csignal>
 #include <cstring>
@@ -11,6 +12,7 @@
 #include <fstream>
 #include <memory>
 #include <random>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_format.h"
@@ -388,6 +390,53 @@ TEST(BlockFilesTest, AppendsReadBackAndRefsNameExactlyOneRecord) {
   ASSERT_TRUE((*files)->Remove(8).ok());
   EXPECT_EQ((*files)->Read(8, refs[1][0]).status().code(), absl::StatusCode::kDataLoss);
   EXPECT_EQ(*(*files)->ListOwners(), (std::vector<uint64_t>{7, 9}));
+}
+
+TEST(BlockFilesTest, ConcurrentAppendsReadsAndRemovesKeepEveryCommittedRecord) {
+  testing::TempDir dir;
+  // Fewer descriptors than owners, so that the cache evicts and reopens all the time.
+  auto files = BlockFiles::Open(dir.path(), {.sync = false, .max_open_files = 2});
+  ASSERT_TRUE(files.ok());
+  std::vector<std::string> records;
+  for (int i = 0; i < 8; ++i) records.push_back(EncodeBlock(*RandomBlock(i, 16, 70 + i), 4, 8));
+  // Owners 1-3 each get their records up front; owner 1 keeps appending while others read.
+  std::vector<std::vector<BlockFileRef>> refs(4);
+  for (uint64_t owner = 1; owner <= 3; ++owner) {
+    ASSERT_TRUE((*files)->Append(owner, records, &refs[owner]).ok());
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<int> bad{0};
+  std::thread appender([&] {
+    std::vector<BlockFileRef> more;
+    for (int i = 0; i < 200; ++i) {
+      if (!(*files)->Append(1, {records[i % 8]}, &more).ok()) ++bad;
+    }
+  });
+  std::thread remover([&] {
+    // Owner 9 comes and goes; reads of it may fail, but never touch other owners.
+    std::vector<BlockFileRef> r;
+    for (int i = 0; i < 100; ++i) {
+      if (!(*files)->Append(9, {records[0]}, &r).ok() || !(*files)->Remove(9).ok()) ++bad;
+    }
+  });
+  std::vector<std::thread> readers;
+  for (int t = 0; t < 2; ++t) {
+    readers.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      while (!stop) {
+        const uint64_t owner = 1 + rng() % 3;
+        const int i = static_cast<int>(rng() % 8);
+        auto got = (*files)->Read(owner, refs[owner][i]);
+        if (!got.ok() || *got != records[i]) ++bad;
+        (*files)->Read(9, refs[1][0]).IgnoreError();
+      }
+    });
+  }
+  appender.join();
+  remover.join();
+  stop = true;
+  for (std::thread& r : readers) r.join();
+  EXPECT_EQ(bad.load(), 0);
 }
 
 TEST(BlockFilesTest, AppendAfterACrashLeftoverKeepsEarlierRecords) {

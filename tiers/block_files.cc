@@ -75,6 +75,7 @@ std::string BlockFiles::PathOf(uint64_t owner) const {
 }
 
 absl::StatusOr<std::shared_ptr<BlockFiles::File>> BlockFiles::Get(uint64_t owner, bool create) {
+  uint64_t removals = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = open_.find(owner);
@@ -82,6 +83,7 @@ absl::StatusOr<std::shared_ptr<BlockFiles::File>> BlockFiles::Get(uint64_t owner
       lru_.splice(lru_.begin(), lru_, it->second.lru);
       return it->second.file;
     }
+    removals = removals_;
   }
   // Open outside the lock: other owners' reads go on meanwhile.
   auto file = std::make_shared<File>();
@@ -99,6 +101,8 @@ absl::StatusOr<std::shared_ptr<BlockFiles::File>> BlockFiles::Get(uint64_t owner
     KVMEM_RETURN_IF_ERROR(SyncDir(dir_));
   }
   std::lock_guard<std::mutex> lock(mu_);
+  // A file removed while this opened it must not be cached: later appends would go to it.
+  if (removals_ != removals) return file;
   auto [it, inserted] = open_.try_emplace(owner);
   if (!inserted) {  // another thread opened it first: use theirs
     lru_.splice(lru_.begin(), lru_, it->second.lru);
@@ -196,13 +200,14 @@ absl::StatusOr<std::string> BlockFiles::Read(uint64_t owner, const BlockFileRef&
 }
 
 absl::Status BlockFiles::Remove(uint64_t owner) {
-  // Unlink before dropping the cached descriptor, so that no open between the two can cache a
-  // descriptor of the removed file; holders of the old one keep it until they let go.
+  // Unlink, then drop the cached descriptor and count the removal, so that no concurrent open
+  // caches a descriptor of the removed file; holders of the old one keep it until they let go.
   const std::string path = PathOf(owner);
   const bool removed = ::unlink(path.c_str()) == 0;
   if (!removed && errno != ENOENT) return Errno("cannot remove block file", path);
   {
     std::lock_guard<std::mutex> lock(mu_);
+    ++removals_;
     auto it = open_.find(owner);
     if (it != open_.end()) {
       lru_.erase(it->second.lru);

@@ -74,6 +74,7 @@ class BlockFiles {
     std::list<uint64_t>::iterator lru;
   };
   std::unordered_map<uint64_t, Entry> open_;
+  uint64_t removals_ = 0;  // Remove calls so far
 };
 
 }  // namespace kvmem
