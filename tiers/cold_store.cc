@@ -173,12 +173,13 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
   // Full blocks of this session go to its block file, synced before the batch that refers to
   // them; partial ones (rewritten as they fill) and every digest go into the batch.
   const size_t n = commit.blocks.size();
-  std::vector<std::string> encoded(n);
+  std::vector<std::string> encoded(n), digests(n);
   std::vector<char> to_file(n, 0);
   SharedThreadPool().ParallelFor(static_cast<int64_t>(n), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const KvBlock& b = *commit.blocks[i].block;
       encoded[i] = EncodeBlock(b, num_kv_heads, head_dim);
+      digests[i] = EncodeFloats(commit.blocks[i].digest);
       to_file[i] = block_files_ != nullptr && options_.block_files &&
                    commit.blocks[i].key.owner == record.uid &&
                    static_cast<size_t>(b.filled) * num_kv_heads * head_dim == b.keys.size();
@@ -197,17 +198,23 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
     const std::string key = BlockKeyBytes(w.key);
     batch.Put(handles_[kBlocks], key,
               to_file[i] ? EncodeBlockFileRef(refs[f++]) : std::move(encoded[i]));
-    batch.Put(handles_[kDigests], key, EncodeFloats(w.digest));
+    batch.Put(handles_[kDigests], key, digests[i]);
   }
   const int layers = static_cast<int>(commit.hot_positions.size()) / num_kv_heads;
+  std::vector<std::string> hot(commit.hot_positions.size());
+  SharedThreadPool().ParallelFor(static_cast<int64_t>(hot.size()), [&](int64_t begin, int64_t end) {
+    static const std::vector<double> kNoScores;
+    for (int64_t i = begin; i < end; ++i) {
+      hot[i] = EncodeHotIndex(commit.hot_positions[i],
+                              static_cast<size_t>(i) < commit.policy_scores.size()
+                                  ? commit.policy_scores[i]
+                                  : kNoScores);
+    }
+  });
   for (int l = 0; l < layers; ++l) {
     for (int g = 0; g < num_kv_heads; ++g) {
-      const size_t i = static_cast<size_t>(l) * num_kv_heads + g;
-      static const std::vector<double> kNoScores;
       batch.Put(handles_[kHot], HotKey(record.uid, l, g),
-                EncodeHotIndex(commit.hot_positions[i], i < commit.policy_scores.size()
-                                                            ? commit.policy_scores[i]
-                                                            : kNoScores));
+                hot[static_cast<size_t>(l) * num_kv_heads + g]);
     }
   }
   if (!request_id.empty()) {
