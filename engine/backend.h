@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "engine/kv_blocks.h"
 #include "engine/kv_cache.h"
 #include "engine/snapkv.h"
 
@@ -55,6 +56,9 @@ class Backend {
   // positions and fresh rows on the host. Forward on such a cache appends positions to every
   // head and the new rows to the fresh rows. Backends that answer false need kHost caches.
   virtual bool KeepsHotRows() const { return false; }
+  // The type a session's blocks take: the backend's KV type. Its fresh rows must hold values of
+  // that type exactly (a bf16 device's rows are bf16 values), so storing them loses nothing.
+  virtual BlockDType KvDType() const { return BlockDType::kF32; }
 
   // Bytes the backend keeps per hot entry (key, value and its position where stored): what a
   // session's hot set costs where attention reads it (device memory for the CUDA backend).

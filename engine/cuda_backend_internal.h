@@ -257,6 +257,17 @@ class CudaBackend : public Backend {
   const char* name() const override { return "cuda"; }
   // The device copy is the hot set's full copy; sessions keep positions and fresh rows.
   bool KeepsHotRows() const override { return true; }
+  // A session's blocks take T: the fresh rows the device hands back are T values, stored as
+  // they are.
+  BlockDType KvDType() const override {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      return BlockDType::kBF16;
+    } else if constexpr (std::is_same_v<T, __half>) {
+      return BlockDType::kF16;
+    } else {
+      return BlockDType::kF32;
+    }
+  }
   // Device rows of key and value in T, and the position.
   int64_t HotEntryBytes(int head_dim) const override {
     return 2 * static_cast<int64_t>(head_dim) * static_cast<int64_t>(sizeof(T)) +

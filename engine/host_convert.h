@@ -10,16 +10,9 @@
 #include <cstdint>
 #include <cstring>
 
-namespace kvmem {
+#include "engine/kv_blocks.h"
 
-// bf16 bits of v, rounded to nearest even, every NaN as 0x7fff: bit for bit what
-// __float2bfloat16_rn gives on the host, written so the compiler can vectorize a loop of it.
-inline uint16_t Bf16BitsRne(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, sizeof(b));
-  const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-  return (b & 0x7fffffffu) > 0x7f800000u ? uint16_t{0x7fff} : static_cast<uint16_t>(rounded);
-}
+namespace kvmem {
 
 // dst[i] = src[i] rounded to T, for i in [0, n).
 inline void RowsFromFloat(const float* src, int64_t n, float* dst) {
@@ -27,7 +20,7 @@ inline void RowsFromFloat(const float* src, int64_t n, float* dst) {
 }
 inline void RowsFromFloat(const float* src, int64_t n, __nv_bfloat16* dst) {
   for (int64_t i = 0; i < n; ++i) {
-    const uint16_t bits = Bf16BitsRne(src[i]);
+    const uint16_t bits = Bf16Rne(src[i]);
     std::memcpy(&dst[i], &bits, sizeof(bits));
   }
 }

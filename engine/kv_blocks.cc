@@ -1,17 +1,159 @@
 #include "engine/kv_blocks.h"
 
-#include <cstddef>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "engine/status_macros.h"
 
 namespace kvmem {
+namespace {
 
-KvBlock MakeEmptyBlock(int64_t index, int block_size, int num_kv_heads, int head_dim) {
+uint32_t BitsOf(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return bits;
+}
+
+float FloatOf(uint32_t bits) {
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+void Read(const KvBlock& b, const std::vector<float>& f32, const std::vector<uint16_t>& h,
+          size_t off, size_t n, float* out) {
+  switch (b.dtype) {
+    case BlockDType::kF32:
+      std::memcpy(out, &f32[off], n * sizeof(float));
+      return;
+    case BlockDType::kBF16:
+      for (size_t i = 0; i < n; ++i) out[i] = FloatOfBf16(h[off + i]);
+      return;
+    case BlockDType::kF16:
+      for (size_t i = 0; i < n; ++i) out[i] = FloatOfF16(h[off + i]);
+      return;
+  }
+}
+
+void Write(BlockDType dtype, std::vector<float>& f32, std::vector<uint16_t>& h, size_t off,
+           const float* in, size_t n) {
+  switch (dtype) {
+    case BlockDType::kF32:
+      std::memcpy(&f32[off], in, n * sizeof(float));
+      return;
+    case BlockDType::kBF16:
+      for (size_t i = 0; i < n; ++i) h[off + i] = Bf16Rne(in[i]);
+      return;
+    case BlockDType::kF16:
+      for (size_t i = 0; i < n; ++i) {
+        if (ExactF16Bits(in[i], &h[off + i])) continue;
+        KVMEM_CHECK(std::isnan(in[i]));  // a device's f16 rows hold f16 values or NaN
+        h[off + i] = 0x7e00;
+      }
+      return;
+  }
+}
+
+}  // namespace
+
+void KvBlock::ReadKeys(size_t off, size_t n, float* out) const {
+  Read(*this, keys, keys16, off, n, out);
+}
+void KvBlock::ReadValues(size_t off, size_t n, float* out) const {
+  Read(*this, values, values16, off, n, out);
+}
+void KvBlock::WriteKeys(size_t off, const float* in, size_t n) {
+  Write(dtype, keys, keys16, off, in, n);
+}
+void KvBlock::WriteValues(size_t off, const float* in, size_t n) {
+  Write(dtype, values, values16, off, in, n);
+}
+void KvBlock::ZeroFrom(size_t off) {
+  if (dtype == BlockDType::kF32) {
+    std::fill(keys.begin() + off, keys.end(), 0.f);
+    std::fill(values.begin() + off, values.end(), 0.f);
+  } else {
+    std::fill(keys16.begin() + off, keys16.end(), 0);
+    std::fill(values16.begin() + off, values16.end(), 0);
+  }
+}
+
+KvBlock WidenedBlock(const KvBlock& b) {
+  if (b.dtype == BlockDType::kF32) return b;
+  KvBlock w;
+  w.index = b.index;
+  w.filled = b.filled;
+  w.keys.resize(b.size());
+  w.values.resize(b.size());
+  b.ReadKeys(0, b.size(), w.keys.data());
+  b.ReadValues(0, b.size(), w.values.data());
+  return w;
+}
+
+KvBlock MakeEmptyBlock(int64_t index, int block_size, int num_kv_heads, int head_dim,
+                       BlockDType dtype) {
   KvBlock b;
   b.index = index;
   b.filled = 0;
+  b.dtype = dtype;
   const size_t n = static_cast<size_t>(block_size) * num_kv_heads * head_dim;
-  b.keys.assign(n, 0.f);
-  b.values.assign(n, 0.f);
+  if (dtype == BlockDType::kF32) {
+    b.keys.assign(n, 0.f);
+    b.values.assign(n, 0.f);
+  } else {
+    b.keys16.assign(n, 0);
+    b.values16.assign(n, 0);
+  }
   return b;
+}
+
+float FloatOfBf16(uint16_t bits) { return FloatOf(static_cast<uint32_t>(bits) << 16); }
+
+float FloatOfF16(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const int exp = (h >> 10) & 0x1f;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0) {
+    // Zero or subnormal: mant * 2^-24, exact in f32.
+    const float magnitude = static_cast<float>(mant) * 0x1p-24f;
+    return sign != 0 ? -magnitude : magnitude;
+  }
+  if (exp == 0x1f) return FloatOf(sign | 0x7f800000u | (mant << 13));
+  return FloatOf(sign | (static_cast<uint32_t>(exp - 15 + 127) << 23) | (mant << 13));
+}
+
+// Zeros, infinities, normal and subnormal halves; never NaN or f32 subnormals.
+bool ExactF16Bits(float v, uint16_t* out) {
+  const uint32_t bits = BitsOf(v);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const int exp = static_cast<int>((bits >> 23) & 0xffu);
+  const uint32_t mant = bits & 0x7fffffu;
+  if (exp == 0) {
+    if (mant != 0) return false;
+    *out = sign;
+    return true;
+  }
+  if (exp == 0xff) {
+    if (mant != 0) return false;
+    *out = sign | 0x7c00u;
+    return true;
+  }
+  const int e = exp - 127;
+  if (e >= -14 && e <= 15) {
+    if ((mant & 0x1fffu) != 0) return false;
+    *out = static_cast<uint16_t>(sign | ((e + 15) << 10) | (mant >> 13));
+    return true;
+  }
+  if (e >= -24 && e < -14) {
+    // A subnormal half m * 2^-24 with the significand (1.mant) * 2^e: m = sig >> -(e + 1).
+    const uint32_t sig = mant | 0x800000u;
+    const int shift = -(e + 1);
+    if ((sig & ((1u << shift) - 1)) != 0) return false;
+    *out = static_cast<uint16_t>(sign | (sig >> shift));
+    return true;
+  }
+  return false;
 }
 
 }  // namespace kvmem

@@ -3,20 +3,66 @@
 #ifndef KVMEM_ENGINE_KV_BLOCKS_H_
 #define KVMEM_ENGINE_KV_BLOCKS_H_
 
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace kvmem {
 
+// How a block holds its values: f32, or the bit patterns of bf16 or f16. A session's blocks take
+// its backend's KV type (Backend::BlockDType), so a bf16 device's rows take half the host
+// memory of f32 and move between the tiers without conversion.
+enum class BlockDType : uint8_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
 struct KvBlock {
-  int64_t index = 0;          // holds positions [index * B, (index + 1) * B)
-  int filled = 0;             // positions written; < B only for a session's last block
-  std::vector<float> keys;    // (B, num_kv_heads, head_dim), RoPE applied
-  std::vector<float> values;  // (B, num_kv_heads, head_dim)
+  int64_t index = 0;  // holds positions [index * B, (index + 1) * B)
+  int filled = 0;     // positions written; < B only for a session's last block
+  BlockDType dtype = BlockDType::kF32;
+  // (B, num_kv_heads, head_dim), keys with RoPE applied: `keys`/`values` for f32 blocks,
+  // `keys16`/`values16` (empty otherwise) for 16-bit ones. Read and write through the functions
+  // below unless the type is known.
+  std::vector<float> keys;
+  std::vector<float> values;
+  std::vector<uint16_t> keys16;
+  std::vector<uint16_t> values16;
+
+  // Values in K (the same in V): B * num_kv_heads * head_dim.
+  size_t size() const { return dtype == BlockDType::kF32 ? keys.size() : keys16.size(); }
+  // Host bytes of K and V.
+  int64_t bytes() const {
+    return static_cast<int64_t>(size()) * 2 * (dtype == BlockDType::kF32 ? 4 : 2);
+  }
+  // out[i] = K (V) value off + i as f32, for i in [0, n).
+  void ReadKeys(size_t off, size_t n, float* out) const;
+  void ReadValues(size_t off, size_t n, float* out) const;
+  // Stores in[i] at K (V) value off + i. 16-bit blocks hold values of their type: bf16 rounds
+  // to nearest even (exact for a bf16 device's rows); f16 requires exact values (checked).
+  void WriteKeys(size_t off, const float* in, size_t n);
+  void WriteValues(size_t off, const float* in, size_t n);
+  // Zeroes values [off, size()) of K and V.
+  void ZeroFrom(size_t off);
 };
 
+// `b` with its values as f32 (exact for every type).
+KvBlock WidenedBlock(const KvBlock& b);
+
 // A zeroed block with nothing filled.
-KvBlock MakeEmptyBlock(int64_t index, int block_size, int num_kv_heads, int head_dim);
+KvBlock MakeEmptyBlock(int64_t index, int block_size, int num_kv_heads, int head_dim,
+                       BlockDType dtype = BlockDType::kF32);
+
+// f32 value of bf16 / f16 bits, and the exact f16 bits of v (false when v is not an f16).
+float FloatOfBf16(uint16_t bits);
+float FloatOfF16(uint16_t bits);
+bool ExactF16Bits(float v, uint16_t* bits);
+// bf16 bits of v, rounded to nearest even, every NaN as 0x7fff: bit for bit what CUDA's
+// __float2bfloat16_rn gives on the host, written so the compiler can vectorize a loop of it.
+inline uint16_t Bf16Rne(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  return (b & 0x7fffffffu) > 0x7f800000u ? uint16_t{0x7fff} : static_cast<uint16_t>(rounded);
+}
 
 }  // namespace kvmem
 

@@ -14,8 +14,10 @@ std::vector<float> ComputeDigest(const KvBlock& block, int num_kv_heads, int hea
     float* hi = &digest[(g * 2 + 1) * head_dim];
     std::fill(lo, lo + head_dim, std::numeric_limits<float>::infinity());
     std::fill(hi, hi + head_dim, -std::numeric_limits<float>::infinity());
+    std::vector<float> row(head_dim);
     for (int s = 0; s < block.filled; ++s) {
-      const float* k = &block.keys[(static_cast<int64_t>(s) * num_kv_heads + g) * head_dim];
+      const float* k = row.data();
+      block.ReadKeys((static_cast<size_t>(s) * num_kv_heads + g) * head_dim, head_dim, row.data());
       for (int d = 0; d < head_dim; ++d) {
         lo[d] = std::min(lo[d], k[d]);
         hi[d] = std::max(hi[d], k[d]);

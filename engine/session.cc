@@ -175,16 +175,18 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Restore(const Model& model, Ba
         return absl::DataLossError(absl::StrCat("stored block ", blocks - 1, " of layer ", l,
                                                 " holds fewer positions than committed"));
       }
-      auto copy = std::make_shared<KvBlock>(*tail);
+      // The tail goes on filling with this backend's rows: it must hold them exactly, so a
+      // block of another type than the backend's becomes f32 (which holds every type).
+      auto copy =
+          std::make_shared<KvBlock>(tail->dtype == backend.KvDType() ? *tail : WidenedBlock(*tail));
       copy->filled = static_cast<int>(s->position_ % B);
-      const size_t used = static_cast<size_t>(copy->filled) * c.kv_dim();
-      std::fill(copy->keys.begin() + used, copy->keys.end(), 0.f);
-      std::fill(copy->values.begin() + used, copy->values.end(), 0.f);
+      copy->ZeroFrom(static_cast<size_t>(copy->filled) * c.kv_dim());
       s->tails_[l] = std::move(copy);
     }
     // The hot set, read back from the blocks bit for bit. A backend that keeps the rows reads
     // them through ReadRows on its first pass, so here the host takes positions only.
     std::shared_ptr<const KvBlock> block;
+    std::vector<float> row_k(c.head_dim), row_v(c.head_dim);
     for (int g = 0; g < c.num_kv_heads; ++g) {
       HeadKv& head = s->hot_.head(l, g);
       for (int64_t p : snapshot.hot_positions[l * c.num_kv_heads + g]) {
@@ -201,8 +203,10 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Restore(const Model& model, Ba
         if (p % B >= block->filled) {
           return absl::DataLossError(absl::StrCat("stored block ", p / B, " lacks position ", p));
         }
-        const int64_t off = ((p % B) * c.num_kv_heads + g) * c.head_dim;
-        head.Append(p, &block->keys[off], &block->values[off], c.head_dim);
+        const size_t off = (static_cast<size_t>(p % B) * c.num_kv_heads + g) * c.head_dim;
+        block->ReadKeys(off, c.head_dim, row_k.data());
+        block->ReadValues(off, c.head_dim, row_v.data());
+        head.Append(p, row_k.data(), row_v.data(), c.head_dim);
       }
     }
   }
@@ -379,7 +383,12 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
     // only touched mutably when it changes (a device backend re-syncs changed heads).
     const HeadKv& head = std::as_const(hot_).head(layer, g);
     HeadKv merged;
-    std::vector<std::pair<int64_t, const float*>> extra_k, extra_v;  // (position, data)
+    struct Extra {
+      int64_t position;
+      const KvBlock* block;  // held by `loaded`
+      size_t off;            // of the head's row in the block
+    };
+    std::vector<Extra> extra;
     for (size_t t = 0; t < take; ++t) {
       const int64_t b = scored[t].second;
       auto it = loaded.find(b);
@@ -396,18 +405,16 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
       }
       for (int64_t p = b * B; p < std::min<int64_t>((b + 1) * B, committed_); ++p) {
         if (std::binary_search(head.positions.begin(), head.positions.end(), p)) continue;
-        const int64_t off = ((p % B) * c.num_kv_heads + g) * hd;
-        extra_k.push_back({p, &block.keys[off]});
-        extra_v.push_back({p, &block.values[off]});
+        extra.push_back({p, &block, (static_cast<size_t>(p % B) * c.num_kv_heads + g) * hd});
       }
       // A backend that keeps the rows uploads them through ReadRows during this pass.
       if (!hot_.host_rows()) blocks_in_flight_.emplace(std::make_pair(layer, b), it->second);
       ++stats->recalled_blocks;
     }
-    if (extra_k.empty()) continue;
+    if (extra.empty()) continue;
     if (!hot_.host_rows()) {
       std::vector<int64_t> added;
-      for (const auto& [p, data] : extra_k) added.push_back(p);
+      for (const Extra& x : extra) added.push_back(x.position);
       std::sort(added.begin(), added.end());
       std::vector<int64_t> positions;
       std::merge(head.positions.begin(), head.positions.end(), added.begin(), added.end(),
@@ -415,17 +422,16 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
       hot_.head(layer, g).positions = std::move(positions);
       continue;
     }
-    std::vector<size_t> order(extra_k.size());
-    std::iota(order.begin(), order.end(), 0);
-    std::sort(order.begin(), order.end(),
-              [&](size_t a, size_t b) { return extra_k[a].first < extra_k[b].first; });
+    std::sort(extra.begin(), extra.end(),
+              [](const Extra& a, const Extra& b) { return a.position < b.position; });
+    std::vector<float> row_k(hd), row_v(hd);
     size_t e = 0;
     for (int64_t i = 0; i <= head.size(); ++i) {
       const int64_t next_hot = i < head.size() ? head.positions[i] : INT64_MAX;
-      while (e < order.size() && extra_k[order[e]].first < next_hot) {
-        merged.Append(extra_k[order[e]].first, extra_k[order[e]].second,
-                      extra_v[order[e]].second, hd);
-        ++e;
+      for (; e < extra.size() && extra[e].position < next_hot; ++e) {
+        extra[e].block->ReadKeys(extra[e].off, hd, row_k.data());
+        extra[e].block->ReadValues(extra[e].off, hd, row_v.data());
+        merged.Append(extra[e].position, row_k.data(), row_v.data(), hd);
       }
       if (i < head.size()) {
         merged.Append(head.positions[i], &head.keys[i * hd], &head.values[i * hd], hd);
@@ -645,7 +651,8 @@ std::vector<BlockWrite> Session::FillBlocks() {
     for (int64_t p = committed_; p < position_; ++p) {
       std::shared_ptr<KvBlock>& tail = tails_[l];
       if (tail == nullptr) {
-        tail = std::make_shared<KvBlock>(MakeEmptyBlock(p / B, B, c.num_kv_heads, c.head_dim));
+        tail = std::make_shared<KvBlock>(
+            MakeEmptyBlock(p / B, B, c.num_kv_heads, c.head_dim, backend_.KvDType()));
       }
       if (touched.empty() || touched.back() != tail) touched.push_back(tail);
       const int64_t slot = p % B;
@@ -655,17 +662,16 @@ std::vector<BlockWrite> Session::FillBlocks() {
         const KvCache::FreshRows& f = hot_.fresh(l);
         KVMEM_CHECK(p >= f.first && p < f.first + hot_.fresh_size(l));
         const size_t off = static_cast<size_t>(p - f.first) * row;
-        std::copy_n(&f.keys[off], row, &tail->keys[slot * row]);
-        std::copy_n(&f.values[off], row, &tail->values[slot * row]);
+        tail->WriteKeys(slot * row, &f.keys[off], row);
+        tail->WriteValues(slot * row, &f.values[off], row);
       }
       for (int g = 0; g < c.num_kv_heads && hot_.host_rows(); ++g) {
         // The uncommitted positions are the last `count` entries of every head.
         const HeadKv& h = std::as_const(hot_).head(l, g);
         const int64_t i = h.size() - count + (p - committed_);
         KVMEM_CHECK(h.positions[i] == p);
-        std::copy_n(&h.keys[i * c.head_dim], c.head_dim, &tail->keys[slot * row + g * c.head_dim]);
-        std::copy_n(&h.values[i * c.head_dim], c.head_dim,
-                    &tail->values[slot * row + g * c.head_dim]);
+        tail->WriteKeys(slot * row + g * c.head_dim, &h.keys[i * c.head_dim], c.head_dim);
+        tail->WriteValues(slot * row + g * c.head_dim, &h.values[i * c.head_dim], c.head_dim);
       }
       ++tail->filled;
       if (tail->filled == B) tail = nullptr;  // full blocks are immutable from here on
@@ -745,9 +751,9 @@ absl::Status Session::ReadRows(int layer, int kv_head, absl::Span<const int64_t>
       return absl::DataLossError(
           absl::StrCat("stored block ", p / B, " of layer ", layer, " lacks position ", p));
     }
-    const int64_t off = ((p % B) * c.num_kv_heads + kv_head) * hd;
-    std::copy_n(&block->keys[off], hd, keys + i * hd);
-    std::copy_n(&block->values[off], hd, values + i * hd);
+    const size_t off = (static_cast<size_t>(p % B) * c.num_kv_heads + kv_head) * hd;
+    block->ReadKeys(off, hd, keys + i * hd);
+    block->ReadValues(off, hd, values + i * hd);
   }
   return absl::OkStatus();
 }
@@ -759,11 +765,11 @@ absl::Status Session::ReadPosition(int layer, int64_t position, int kv_head, flo
     return absl::OutOfRangeError(absl::StrCat("position ", position, " is not committed"));
   }
   const int B = options_.block_size;
-  const int64_t off = ((position % B) * c.num_kv_heads + kv_head) * c.head_dim;
+  const size_t off = (static_cast<size_t>(position % B) * c.num_kv_heads + kv_head) * c.head_dim;
   const std::shared_ptr<KvBlock>& tail = tails_[layer];
   if (tail != nullptr && tail->index == position / B) {
-    std::copy_n(&tail->keys[off], c.head_dim, k);
-    std::copy_n(&tail->values[off], c.head_dim, v);
+    tail->ReadKeys(off, c.head_dim, k);
+    tail->ReadValues(off, c.head_dim, v);
     return absl::OkStatus();
   }
   KVMEM_ASSIGN_OR_RETURN(auto block, storage_.source->ReadBlock(KeyOf(layer, position / B), nullptr));
@@ -771,8 +777,8 @@ absl::Status Session::ReadPosition(int layer, int64_t position, int kv_head, flo
     return absl::DataLossError(absl::StrCat("stored block ", position / B, " lacks position ",
                                             position));
   }
-  std::copy_n(&block->keys[off], c.head_dim, k);
-  std::copy_n(&block->values[off], c.head_dim, v);
+  block->ReadKeys(off, c.head_dim, k);
+  block->ReadValues(off, c.head_dim, v);
   return absl::OkStatus();
 }
 

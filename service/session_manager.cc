@@ -62,8 +62,9 @@ SessionOptions ApplyOverrides(SessionOptions o, const SessionOverrides& v) {
 // same; committed requests are also found in the store after a restart.
 constexpr size_t kRememberedRequests = 256;
 
-int64_t BlockBytes(const SessionOptions& o, const ModelConfig& c) {
-  return 2 * static_cast<int64_t>(o.block_size) * c.kv_dim() * static_cast<int64_t>(sizeof(float));
+// Host bytes of one block of K and V, in the type the backend's sessions write.
+int64_t BlockBytes(const SessionOptions& o, const ModelConfig& c, BlockDType dtype) {
+  return 2 * static_cast<int64_t>(o.block_size) * c.kv_dim() * (dtype == BlockDType::kF32 ? 4 : 2);
 }
 
 uint64_t OwnerOf(const std::vector<std::pair<int64_t, uint64_t>>& owners, int64_t index) {
@@ -81,8 +82,11 @@ class TieredBlockSource : public BlockSource {
   TieredBlockSource(ColdStore* cold, WarmStore* warm, const SessionOptions& options,
                     const ModelConfig& config,
                     const std::function<void(const BlockKey&)>& after_cold_read)
-      : cold_(cold), warm_(warm), block_size_(options.block_size), config_(config),
-        block_bytes_(BlockBytes(options, config)), after_cold_read_(after_cold_read) {}
+      : cold_(cold),
+        warm_(warm),
+        block_size_(options.block_size),
+        config_(config),
+        after_cold_read_(after_cold_read) {}
 
   absl::StatusOr<std::shared_ptr<const KvBlock>> ReadBlock(const BlockKey& key,
                                                            bool* from_cold) override {
@@ -93,7 +97,7 @@ class TieredBlockSource : public BlockSource {
     KVMEM_ASSIGN_OR_RETURN(auto block,
                            cold_->ReadBlock(key, block_size_, config_.num_kv_heads, config_.head_dim));
     if (after_cold_read_) after_cold_read_(key);
-    warm_->Offer(key, block, block_size_, block_bytes_);
+    warm_->Offer(key, block, block_size_, block->bytes());
     if (from_cold != nullptr) *from_cold = true;
     return block;
   }
@@ -106,7 +110,6 @@ class TieredBlockSource : public BlockSource {
   WarmStore* warm_;
   int block_size_;
   const ModelConfig& config_;
-  int64_t block_bytes_;
   std::function<void(const BlockKey&)> after_cold_read_;  // test hook; may be empty
 };
 
@@ -186,8 +189,7 @@ absl::Status EntryCommitSink::Commit(const TurnCommit& commit) {
   }
   // After the cold write and in commit order (a session's calls run one at a time): the warm
   // tier's freshness invariant rests on it (tiers/warm_store.h).
-  const int64_t bytes = BlockBytes(entry_->record.options, config_);
-  for (const BlockWrite& w : commit.blocks) warm_->Put(w.key, w.block, bytes);
+  for (const BlockWrite& w : commit.blocks) warm_->Put(w.key, w.block, w.block->bytes());
   return absl::OkStatus();
 }
 
@@ -619,7 +621,7 @@ class DurableSessionManager : public SessionManager {
     }
     const int B = record.options.block_size;
     const int64_t blocks = (record.position + B - 1) / B;
-    const int64_t block_bytes = BlockBytes(record.options, c);
+    const int64_t block_bytes = BlockBytes(record.options, c, backend_.KvDType());
     info.cold_blocks = blocks * c.num_layers;
     info.cold_bytes = info.cold_blocks * block_bytes;
     if (!record.owners.empty()) {

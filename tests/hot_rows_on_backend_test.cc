@@ -408,5 +408,50 @@ TEST(KvCacheTest, WithHostRowsReadsEveryEntry) {
   EXPECT_EQ(kv.WithHostRows().status().code(), absl::StatusCode::kNotFound);
 }
 
+TEST_F(HotRowsOnBackendTest, Bf16BlocksKeepABf16DevicesRowsExactlyInHalfTheBytes) {
+  // Two bf16 devices, one whose sessions keep f32 blocks and one bf16 blocks: the blocks hold
+  // the same values, so everything that follows from them (read-backs after recall, forks)
+  // is the same.
+  MirrorBackend f32_blocks(*model_, cpu_), bf16_blocks(*model_, cpu_);
+  f32_blocks.set_bf16_rows(BlockDType::kF32);
+  bf16_blocks.set_bf16_rows(BlockDType::kBF16);
+  auto store_a = std::make_shared<MemoryBlockStore>();
+  auto store_b = std::make_shared<MemoryBlockStore>();
+  auto a = NewSession(f32_blocks, Options(), store_a);
+  auto b = NewSession(bf16_blocks, Options(), store_b);
+  Trace ta, tb;
+  Converse(a.get(), 0, 3, &ta);
+  Converse(b.get(), 0, 3, &tb);
+  EXPECT_EQ(ta, tb);
+  int64_t recalled = 0;
+  for (int64_t r : tb.recalled) recalled += r;
+  EXPECT_GT(recalled, 0) << "the scenario must read rows back from blocks";
+  const ModelConfig& c = model_->config();
+  for (int64_t index : {int64_t{0}, a->position() / 8 - 1}) {
+    auto block_a = store_a->ReadBlock({1, 3, index}, nullptr);
+    auto block_b = store_b->ReadBlock({1, 3, index}, nullptr);
+    ASSERT_TRUE(block_a.ok() && block_b.ok());
+    EXPECT_EQ((*block_b)->dtype, BlockDType::kBF16);
+    EXPECT_EQ((*block_b)->bytes() * 2, (*block_a)->bytes());
+    EXPECT_EQ(WidenedBlock(**block_b).keys, (*block_a)->keys);
+    EXPECT_EQ(WidenedBlock(**block_b).values, (*block_a)->values);
+  }
+  std::vector<float> ka(c.head_dim), va(c.head_dim), kb(c.head_dim), vb(c.head_dim);
+  for (int64_t p = 0; p < a->position(); p += 5) {
+    ASSERT_TRUE(a->ReadPosition(1, p, 0, ka.data(), va.data()).ok());
+    ASSERT_TRUE(b->ReadPosition(1, p, 0, kb.data(), vb.data()).ok());
+    EXPECT_EQ(ka, kb) << "position " << p;
+    EXPECT_EQ(va, vb) << "position " << p;
+  }
+  // Forks rebuild their device copies from the blocks.
+  auto fa = a->Fork();
+  auto fb = b->Fork();
+  ASSERT_TRUE(fa.ok() && fb.ok());
+  Trace fork_a, fork_b;
+  Converse(fa->get(), 3, 4, &fork_a);
+  Converse(fb->get(), 3, 4, &fork_b);
+  EXPECT_EQ(fork_a, fork_b);
+}
+
 }  // namespace
 }  // namespace kvmem

@@ -16,6 +16,7 @@
 
 #include "engine/backend.h"
 #include "engine/cpu_backend.h"
+#include "engine/kv_blocks.h"
 #include "engine/model.h"
 #include "engine/snapkv.h"
 #include "engine/status_macros.h"
@@ -33,6 +34,13 @@ class MirrorBackend : public Backend {
   int64_t rows_read() const { return rows_read_; }
   // Makes SelectSnapKv fail, as a device out of memory would.
   void set_select_fails(bool fails) { select_fails_ = fails; }
+  // Plays a bf16 device: each pass's new rows are rounded to bf16 (to nearest even) in the copy
+  // before they are handed over, and sessions' blocks take `blocks` (Backend::KvDType).
+  void set_bf16_rows(BlockDType blocks) {
+    bf16_rows_ = true;
+    block_dtype_ = blocks;
+  }
+  BlockDType KvDType() const override { return block_dtype_; }
 
   absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
                        const ForwardOptions& options, ForwardResult* result) override {
@@ -64,6 +72,13 @@ class MirrorBackend : public Backend {
     const int kvh = kv->num_kv_heads(), hd = kv->head_dim();
     for (int l = 0; l < kv->num_layers(); ++l) {
       std::vector<float> k(static_cast<size_t>(n) * kvh * hd), v(k.size());
+      for (int g = 0; g < kvh && bf16_rows_; ++g) {
+        HeadKv& h = m.rows.head(l, g);
+        for (size_t i = (h.size() - n) * hd; i < h.keys.size(); ++i) {
+          h.keys[i] = FloatOfBf16(Bf16Rne(h.keys[i]));
+          h.values[i] = FloatOfBf16(Bf16Rne(h.values[i]));
+        }
+      }
       for (int g = 0; g < kvh; ++g) {
         const HeadKv& h = std::as_const(m.rows).head(l, g);
         for (int64_t t = 0; t < n; ++t) {
@@ -166,6 +181,8 @@ class MirrorBackend : public Backend {
   CpuBackend* cpu_;
   int64_t rows_read_ = 0;
   bool select_fails_ = false;
+  bool bf16_rows_ = false;
+  BlockDType block_dtype_ = BlockDType::kF32;
 };
 
 }  // namespace kvmem

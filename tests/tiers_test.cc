@@ -187,8 +187,19 @@ TEST(RecordCodecTest, DeviceRowsTakeHalfTheBytesAndComeBackBitExact) {
     EXPECT_LT(bytes.size(), f32_bytes.size() / 2 + 64);
     auto back = DecodeBlock(bytes, 16, 4, 8);
     ASSERT_TRUE(back.ok()) << back.status();
-    EXPECT_EQ(0, std::memcmp(back->keys.data(), b->keys.data(), b->keys.size() * 4));
-    EXPECT_EQ(0, std::memcmp(back->values.data(), b->values.data(), b->values.size() * 4));
+    // The block comes back in the 16-bit type, holding the very same values.
+    EXPECT_EQ(back->dtype, name == std::string("bf16") ? BlockDType::kBF16 : BlockDType::kF16);
+    EXPECT_EQ(back->bytes(), b->bytes() / 2);
+    const KvBlock wide = WidenedBlock(*back);
+    EXPECT_EQ(0, std::memcmp(wide.keys.data(), b->keys.data(), b->keys.size() * 4));
+    EXPECT_EQ(0, std::memcmp(wide.values.data(), b->values.data(), b->values.size() * 4));
+    // A block typed 16-bit from the start (a GPU session's) is stored the same way.
+    KvBlock typed = MakeEmptyBlock(5, 16, 4, 8, back->dtype);
+    typed.filled = 16;
+    typed.WriteKeys(0, b->keys.data(), b->size());
+    typed.WriteValues(0, b->values.data(), b->size());
+    EXPECT_EQ(EncodeBlock(typed, 4, 8), bytes);
+    EXPECT_EQ(back->keys16, typed.keys16);
   }
   // One value that neither half type holds keeps the whole block in f32.
   auto mixed = std::make_shared<KvBlock>(*bf16);
@@ -199,6 +210,39 @@ TEST(RecordCodecTest, DeviceRowsTakeHalfTheBytesAndComeBackBitExact) {
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->values, mixed->values);
   EXPECT_EQ(0, std::memcmp(back->keys.data(), mixed->keys.data(), mixed->keys.size() * 4));
+}
+
+TEST(KvBlockTest, TypedBlocksHoldTheirTypesValuesAndRoundBf16ToNearestEven) {
+  KvBlock bf16 = MakeEmptyBlock(0, 2, 1, 4, BlockDType::kBF16);
+  EXPECT_EQ(bf16.bytes(), 2 * 8 * 2);
+  EXPECT_TRUE(bf16.keys.empty());
+  // 1 + 2^-8 is halfway between two bf16s and rounds to the even one (1); 1 + 3 * 2^-8 rounds
+  // up; values of the type are kept exactly.
+  const float in[4] = {1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, -2.5f, 0.f};
+  bf16.WriteKeys(2, in, 4);
+  float out[4];
+  bf16.ReadKeys(2, 4, out);
+  EXPECT_EQ(out[0], 1.0f);
+  EXPECT_EQ(out[1], 1.0f + 0x1p-6f);
+  EXPECT_EQ(out[2], -2.5f);
+  EXPECT_EQ(out[3], 0.f);
+  bf16.ZeroFrom(3);
+  bf16.ReadKeys(0, 4, out);
+  EXPECT_EQ(out[2], 1.0f);
+  EXPECT_EQ(out[3], 0.f);
+  // f16 keeps f16 values exactly (a NaN stays a NaN); f32 keeps everything.
+  KvBlock f16 = MakeEmptyBlock(0, 1, 1, 4, BlockDType::kF16);
+  const float halves[4] = {0x1p-24f, -65504.f, INFINITY, NAN};
+  f16.WriteValues(0, halves, 4);
+  f16.ReadValues(0, 4, out);
+  EXPECT_EQ(out[0], 0x1p-24f);
+  EXPECT_EQ(out[1], -65504.f);
+  EXPECT_EQ(out[2], INFINITY);
+  EXPECT_TRUE(std::isnan(out[3]));
+  const KvBlock wide = WidenedBlock(f16);
+  EXPECT_EQ(wide.dtype, BlockDType::kF32);
+  EXPECT_EQ(wide.values[1], -65504.f);
+  EXPECT_EQ(wide.bytes(), 2 * f16.bytes());
 }
 
 TEST(RecordCodecTest, HotIndexStoresGapsAndReadsTheFirstLayoutToo) {

@@ -182,7 +182,7 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
       digests[i] = EncodeFloats(commit.blocks[i].digest);
       to_file[i] = block_files_ != nullptr && options_.block_files &&
                    commit.blocks[i].key.owner == record.uid &&
-                   static_cast<size_t>(b.filled) * num_kv_heads * head_dim == b.keys.size();
+                   static_cast<size_t>(b.filled) * num_kv_heads * head_dim == b.size();
     }
   });
   std::vector<std::string> file_records;

@@ -31,53 +31,6 @@ float FloatOf(uint32_t bits) {
   return v;
 }
 
-// v as IEEE half when that is exact: zeros, infinities, normal and subnormal halves; never
-// NaN or f32 subnormals.
-bool ExactF16(float v, uint16_t* out) {
-  const uint32_t bits = BitsOf(v);
-  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
-  const int exp = static_cast<int>((bits >> 23) & 0xffu);
-  const uint32_t mant = bits & 0x7fffffu;
-  if (exp == 0) {
-    if (mant != 0) return false;
-    *out = sign;
-    return true;
-  }
-  if (exp == 0xff) {
-    if (mant != 0) return false;
-    *out = sign | 0x7c00u;
-    return true;
-  }
-  const int e = exp - 127;
-  if (e >= -14 && e <= 15) {
-    if ((mant & 0x1fffu) != 0) return false;
-    *out = static_cast<uint16_t>(sign | ((e + 15) << 10) | (mant >> 13));
-    return true;
-  }
-  if (e >= -24 && e < -14) {
-    // A subnormal half m * 2^-24 with the significand (1.mant) * 2^e: m = sig >> -(e + 1).
-    const uint32_t sig = mant | 0x800000u;
-    const int shift = -(e + 1);
-    if ((sig & ((1u << shift) - 1)) != 0) return false;
-    *out = static_cast<uint16_t>(sign | (sig >> shift));
-    return true;
-  }
-  return false;
-}
-
-float FromF16(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const int exp = (h >> 10) & 0x1f;
-  const uint32_t mant = h & 0x3ffu;
-  if (exp == 0) {
-    // Zero or subnormal: mant * 2^-24, exact in f32.
-    const float magnitude = static_cast<float>(mant) * 0x1p-24f;
-    return sign != 0 ? -magnitude : magnitude;
-  }
-  if (exp == 0x1f) return FloatOf(sign | 0x7f800000u | (mant << 13));
-  return FloatOf(sign | (static_cast<uint32_t>(exp - 15 + 127) << 23) | (mant << 13));
-}
-
 // The narrowest of bf16, f16 and f32 that holds every value of `parts` exactly; for the 16-bit
 // types, (*codes)[i] holds part i's values.
 uint8_t Narrowest(std::initializer_list<const std::vector<float>*> parts,
@@ -112,7 +65,7 @@ uint8_t Narrowest(std::initializer_list<const std::vector<float>*> parts,
     std::vector<uint16_t>& out = (*codes)[p++];
     out.resize(part->size());
     for (size_t i = 0; i < part->size(); ++i) {
-      if (!ExactF16((*part)[i], &out[i])) {
+      if (!ExactF16Bits((*part)[i], &out[i])) {
         codes->clear();
         return kDTypeF32;
       }
@@ -124,7 +77,7 @@ uint8_t Narrowest(std::initializer_list<const std::vector<float>*> parts,
 void Widen(uint8_t dtype, const std::vector<uint16_t>& in, std::vector<float>* out) {
   out->resize(in.size());
   for (size_t i = 0; i < in.size(); ++i) {
-    (*out)[i] = dtype == kDTypeBF16 ? FloatOf(static_cast<uint32_t>(in[i]) << 16) : FromF16(in[i]);
+    (*out)[i] = dtype == kDTypeBF16 ? FloatOfBf16(in[i]) : FloatOfF16(in[i]);
   }
 }
 
@@ -300,20 +253,30 @@ bool ByteReader::I32s(std::vector<int32_t>* v) {
 }
 
 std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim) {
+  // A 16-bit block is written as it is; an f32 one in the narrowest type that holds it exactly.
   std::vector<std::vector<uint16_t>> codes;
-  const uint8_t dtype = Narrowest({&block.keys, &block.values}, &codes);
+  const uint8_t dtype = block.dtype == BlockDType::kBF16 ? kDTypeBF16
+                        : block.dtype == BlockDType::kF16
+                            ? kDTypeF16
+                            : Narrowest({&block.keys, &block.values}, &codes);
+  const size_t n = block.size();
   ByteWriter w;
   // Header, two counted value arrays, checksum: one allocation for the whole record.
-  w.Reserve(29 + 2 * (8 + block.keys.size() * (dtype == kDTypeF32 ? 4 : 2)) + 4);
+  w.Reserve(29 + 2 * (8 + n * (dtype == kDTypeF32 ? 4 : 2)) + 4);
   w.U32(kBlockMagic);
   w.U8(dtype);
   w.I64(block.index);
   w.U32(static_cast<uint32_t>(block.filled));
-  w.U32(static_cast<uint32_t>(block.keys.size() / (static_cast<size_t>(num_kv_heads) * head_dim)));
+  w.U32(static_cast<uint32_t>(n / (static_cast<size_t>(num_kv_heads) * head_dim)));
   w.U32(static_cast<uint32_t>(num_kv_heads));
   w.U32(static_cast<uint32_t>(head_dim));
-  WriteValues(w, dtype, block.keys, codes.empty() ? nullptr : &codes[0]);
-  WriteValues(w, dtype, block.values, codes.empty() ? nullptr : &codes[1]);
+  if (block.dtype != BlockDType::kF32) {
+    w.U16s(block.keys16);
+    w.U16s(block.values16);
+  } else {
+    WriteValues(w, dtype, block.keys, codes.empty() ? nullptr : &codes[0]);
+    WriteValues(w, dtype, block.values, codes.empty() ? nullptr : &codes[1]);
+  }
   return w.Finish();
 }
 
@@ -328,12 +291,17 @@ absl::StatusOr<KvBlock> DecodeBlock(std::string_view value, int block_size, int 
       !r.U32(&filled) || !r.U32(&bs) || !r.U32(&heads) || !r.U32(&hd)) {
     return Corrupt("KV block");
   }
-  if (!ReadValues(r, dtype, &b.keys) || !ReadValues(r, dtype, &b.values) || !r.done()) {
-    return Corrupt("KV block");
-  }
+  // 16-bit values stay 16-bit: the block keeps the stored type, bit for bit.
+  b.dtype = dtype == kDTypeBF16  ? BlockDType::kBF16
+            : dtype == kDTypeF16 ? BlockDType::kF16
+                                 : BlockDType::kF32;
+  const bool read = b.dtype == BlockDType::kF32 ? r.Floats(&b.keys) && r.Floats(&b.values)
+                                                : r.U16s(&b.keys16) && r.U16s(&b.values16);
+  if (!read || !r.done()) return Corrupt("KV block");
+  const size_t n = b.size(), m = b.dtype == BlockDType::kF32 ? b.values.size() : b.values16.size();
   if (static_cast<int>(bs) != block_size || static_cast<int>(heads) != num_kv_heads ||
       static_cast<int>(hd) != head_dim || filled > bs ||
-      b.keys.size() != static_cast<size_t>(bs) * heads * hd || b.values.size() != b.keys.size()) {
+      n != static_cast<size_t>(bs) * heads * hd || m != n) {
     return absl::DataLossError("stored KV block does not match the session's block layout");
   }
   b.filled = static_cast<int>(filled);
