@@ -93,9 +93,9 @@ constexpr int kBlock = 16;
 // (layer) -> (block index) -> block of kBlock positions, all KV heads.
 using LayerBlocks = std::vector<std::vector<std::shared_ptr<const KvBlock>>>;
 
-// Blocks of positions 0..length-1 with random values in [-1, 1) (values scaled by 0.1),
-// filled by all hardware threads.
-LayerBlocks RandomBlocks(const ModelConfig& c, int64_t length) {
+// Blocks of positions 0..length-1 with random values in [-1, 1) (values scaled by 0.1), in the
+// type sessions on the backend keep them (Backend::KvDType), filled by all hardware threads.
+LayerBlocks RandomBlocks(const ModelConfig& c, int64_t length, BlockDType dtype) {
   const int64_t per_layer = (length + kBlock - 1) / kBlock;
   LayerBlocks blocks(c.num_layers, std::vector<std::shared_ptr<const KvBlock>>(per_layer));
   const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
@@ -105,7 +105,7 @@ LayerBlocks RandomBlocks(const ModelConfig& c, int64_t length) {
       for (int64_t i = t; i < c.num_layers * per_layer; i += threads) {
         const int64_t b = i % per_layer;
         auto block =
-            std::make_shared<KvBlock>(MakeEmptyBlock(b, kBlock, c.num_kv_heads, c.head_dim));
+            std::make_shared<KvBlock>(MakeEmptyBlock(b, kBlock, c.num_kv_heads, c.head_dim, dtype));
         block->filled = static_cast<int>(std::min<int64_t>(kBlock, length - b * kBlock));
         uint64_t x = 0x9e3779b97f4a7c15ull * (i + 1);
         auto next = [&x] {
@@ -114,8 +114,11 @@ LayerBlocks RandomBlocks(const ModelConfig& c, int64_t length) {
           x ^= x << 17;
           return static_cast<float>(x >> 40) * (2.f / 16777216.f) - 1.f;
         };
-        for (float& v : block->keys) v = next();
-        for (float& v : block->values) v = next() * 0.1f;
+        std::vector<float> k(block->size()), v(block->size());
+        for (float& x : k) x = next();
+        for (float& x : v) x = next() * 0.1f;
+        block->WriteKeys(0, k.data(), k.size());
+        block->WriteValues(0, v.data(), v.size());
         blocks[i / per_layer][b] = std::move(block);
       }
     });
@@ -138,8 +141,8 @@ class BlockRows : public KvRowSource {
       }
       const KvBlock& block = *(*blocks_)[layer][positions[i] / kBlock];
       const size_t off = ((positions[i] % kBlock) * c_.num_kv_heads + kv_head) * hd;
-      std::memcpy(keys + i * hd, &block.keys[off], hd * sizeof(float));
-      std::memcpy(values + i * hd, &block.values[off], hd * sizeof(float));
+      block.ReadKeys(off, hd, keys + i * hd);
+      block.ReadValues(off, hd, values + i * hd);
     }
     return absl::OkStatus();
   }
@@ -285,7 +288,7 @@ int Run(int argc, char** argv) {
     std::printf("| hot tokens/head | ms/token | floor ms | roofline share |\n");
     std::printf("| ---: | ---: | ---: | ---: |\n");
     for (int64_t length : lengths) {
-      const LayerBlocks blocks = RandomBlocks(c, length);
+      const LayerBlocks blocks = RandomBlocks(c, length, b.KvDType());
       BlockRows rows(c, &blocks);
       KvCache kv = HotSet(c, length, &rows);
       ForwardResult r;
@@ -316,7 +319,7 @@ int Run(int argc, char** argv) {
         "| turn ms | SnapKV share |\n");
     std::printf("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
     const int64_t base = 16384;
-    const LayerBlocks warm = RandomBlocks(c, base);
+    const LayerBlocks warm = RandomBlocks(c, base, b.KvDType());
     BlockRows warm_rows(c, &warm);
     const SnapKvOptions snap{.window = 32, .kernel = 7, .pooling = Pooling::kMax, .budget = 4096};
     std::vector<int32_t> one = {1};

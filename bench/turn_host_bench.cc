@@ -35,6 +35,8 @@ class StandInBackend : public Backend {
   explicit StandInBackend(const ModelConfig& c) : c_(c) {}
   const char* name() const override { return "stand-in"; }
   bool KeepsHotRows() const override { return true; }
+  // Its rows are bf16 values, as a bf16 device's are, and sessions keep bf16 blocks.
+  BlockDType KvDType() const override { return BlockDType::kBF16; }
   int64_t HotEntryBytes(int head_dim) const override { return 4 * head_dim + 8; }
 
   absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
