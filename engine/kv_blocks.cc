@@ -30,6 +30,7 @@ void Read(const KvBlock& b, const std::vector<float>& f32, const std::vector<uin
     case BlockDType::kBF16: {
       // A shift per value, in a loop the compiler vectorizes.
       const uint16_t* in = &h[off];
+#pragma omp simd
       for (size_t i = 0; i < n; ++i) {
         const uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
         std::memcpy(&out[i], &bits, sizeof(bits));
@@ -50,6 +51,7 @@ void Write(BlockDType dtype, std::vector<float>& f32, std::vector<uint16_t>& h, 
       return;
     case BlockDType::kBF16: {
       uint16_t* bits = &h[off];
+#pragma omp simd
       for (size_t i = 0; i < n; ++i) bits[i] = Bf16Rne(in[i]);
       return;
     }
