@@ -7,6 +7,7 @@
 // turn on 8B (issue 6); the GPU's own time comes on top.
 //   build/bin/turn_host_bench [--shape 8b|1b] [--history 16384] [--turns 8] [--budget 4096]
 //                             [--recall 8] [--data DIR] [--block-files 0|1] [--turn-tokens 256]
+//                             [--block-dtype bf16|f32]
 // The history is built from turns of about 256 tokens; the measured turns have about
 // --turn-tokens tokens (the issue's sizes are 256 and 4096).
 #include <algorithm>
@@ -32,11 +33,12 @@ namespace {
 // deterministically over the candidates so that recall reads blocks and eviction is scattered.
 class StandInBackend : public Backend {
  public:
-  explicit StandInBackend(const ModelConfig& c) : c_(c) {}
+  StandInBackend(const ModelConfig& c, BlockDType blocks) : c_(c), blocks_(blocks) {}
   const char* name() const override { return "stand-in"; }
   bool KeepsHotRows() const override { return true; }
-  // Its rows are bf16 values, as a bf16 device's are, and sessions keep bf16 blocks.
-  BlockDType KvDType() const override { return BlockDType::kBF16; }
+  // Its rows are bf16 values, as a bf16 device's are; sessions keep bf16 blocks (or f32 ones,
+  // to compare: --block-dtype f32).
+  BlockDType KvDType() const override { return blocks_; }
   int64_t HotEntryBytes(int head_dim) const override { return 4 * head_dim + 8; }
 
   absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
@@ -102,6 +104,7 @@ class StandInBackend : public Backend {
 
  private:
   ModelConfig c_;
+  BlockDType blocks_;
 };
 
 double Ms(std::chrono::steady_clock::time_point start) {
@@ -114,6 +117,7 @@ int Run(int argc, char** argv) {
   int64_t history = 16384;
   int turns = 8, budget = 4096, recall = 8, turn_tokens = 256;
   bool block_files = true;
+  BlockDType block_dtype = BlockDType::kBF16;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     bool ok = true;
@@ -131,6 +135,9 @@ int Run(int argc, char** argv) {
       ok = absl::SimpleAtoi(value, &recall);
     } else if (flag == "--data") {
       data = value;
+    } else if (flag == "--block-dtype") {
+      ok = value == "bf16" || value == "f32";
+      block_dtype = value == "f32" ? BlockDType::kF32 : BlockDType::kBF16;
     } else if (flag == "--block-files") {
       block_files = value == "1" || value == "true";
     } else {
@@ -150,7 +157,7 @@ int Run(int argc, char** argv) {
   auto tokenizer = Tokenizer::LoadSentencePiece(*dir + "/tokenizer.model", &error);
   if (tokenizer == nullptr) return std::fprintf(stderr, "tokenizer: %s\n", error.c_str()), 1;
   std::unique_ptr<Model> model = Model::Shaped(c, std::move(tokenizer));
-  StandInBackend backend(c);
+  StandInBackend backend(c, block_dtype);
 
   if (data.empty())
     data = (std::filesystem::temp_directory_path() / "kvmem-turn-host-bench").string();

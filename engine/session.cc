@@ -841,7 +841,8 @@ SessionStats Session::Stats() const {
   s.hot_bytes = s.hot_tokens * backend_.HotEntryBytes(c.head_dim);
   const int B = options_.block_size;
   s.blocks = c.num_layers * ((committed_ + B - 1) / B);
-  s.block_bytes = s.blocks * 2 * static_cast<int64_t>(B) * c.kv_dim() * sizeof(float);
+  s.block_bytes = s.blocks * 2 * static_cast<int64_t>(B) * c.kv_dim() *
+                  (backend_.KvDType() == BlockDType::kF32 ? 4 : 2);
   return s;
 }
 

@@ -426,6 +426,7 @@ TEST_F(HotRowsOnBackendTest, Bf16BlocksKeepABf16DevicesRowsExactlyInHalfTheBytes
   int64_t recalled = 0;
   for (int64_t r : tb.recalled) recalled += r;
   EXPECT_GT(recalled, 0) << "the scenario must read rows back from blocks";
+  EXPECT_EQ(b->Stats().block_bytes * 2, a->Stats().block_bytes);
   const ModelConfig& c = model_->config();
   for (int64_t index : {int64_t{0}, a->position() / 8 - 1}) {
     auto block_a = store_a->ReadBlock({1, 3, index}, nullptr);
