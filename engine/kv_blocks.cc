@@ -25,11 +25,11 @@ void Read(const KvBlock& b, const std::vector<float>& f32, const std::vector<uin
           size_t off, size_t n, float* out) {
   switch (b.dtype) {
     case BlockDType::kF32:
-      std::memcpy(out, &f32[off], n * sizeof(float));
+      std::memcpy(out, f32.data() + off, n * sizeof(float));
       return;
     case BlockDType::kBF16: {
       // A shift per value, in a loop the compiler vectorizes.
-      const uint16_t* in = &h[off];
+      const uint16_t* in = h.data() + off;
 #pragma omp simd
       for (size_t i = 0; i < n; ++i) {
         const uint32_t bits = static_cast<uint32_t>(in[i]) << 16;
@@ -47,10 +47,10 @@ void Write(BlockDType dtype, std::vector<float>& f32, std::vector<uint16_t>& h, 
            const float* in, size_t n) {
   switch (dtype) {
     case BlockDType::kF32:
-      std::memcpy(&f32[off], in, n * sizeof(float));
+      std::memcpy(f32.data() + off, in, n * sizeof(float));
       return;
     case BlockDType::kBF16: {
-      uint16_t* bits = &h[off];
+      uint16_t* bits = h.data() + off;
 #pragma omp simd
       for (size_t i = 0; i < n; ++i) bits[i] = Bf16Rne(in[i]);
       return;

@@ -109,7 +109,7 @@ struct SessionStats {
   int64_t hot_tokens = 0;
   int64_t hot_bytes = 0;  // where attention reads them: Backend::HotEntryBytes per entry
   int64_t blocks = 0;
-  int64_t block_bytes = 0;
+  int64_t block_bytes = 0;  // estimated as `blocks` in the backend's KV type
 };
 
 // Where a session's blocks go and come from, and under which uid it writes them.

@@ -454,5 +454,47 @@ TEST_F(HotRowsOnBackendTest, Bf16BlocksKeepABf16DevicesRowsExactlyInHalfTheBytes
   EXPECT_EQ(fork_a, fork_b);
 }
 
+TEST_F(HotRowsOnBackendTest, Bf16SessionRestoredOnAnF32BackendKeepsItsNewRowsExact) {
+  // A bf16 device's session (bf16 blocks, a partial last block) restored on the CPU backend:
+  // the partial block goes on filling with f32 rows, which must stay f32, not round to bf16.
+  MirrorBackend bf16(*model_, cpu_);
+  bf16.set_bf16_rows(BlockDType::kBF16);
+  auto store = std::make_shared<MemoryBlockStore>();
+  auto b = NewSession(bf16, Options(), store);
+  Trace unused;
+  Converse(b.get(), 0, 2, &unused);
+  ASSERT_NE(b->position() % 8, 0) << "the last block must be partial";
+  auto tail = store->ReadBlock({1, 0, b->position() / 8}, nullptr);
+  ASSERT_TRUE(tail.ok());
+  EXPECT_EQ((*tail)->dtype, BlockDType::kBF16);
+  for (Backend* backend : {static_cast<Backend*>(cpu_), static_cast<Backend*>(&bf16)}) {
+    SCOPED_TRACE(backend->name());
+    auto restored =
+        Session::Restore(*model_, *backend, Options(), {1, store, store}, b->Snapshot());
+    ASSERT_TRUE(restored.ok()) << restored.status();
+    Session& r = **restored;
+    const int64_t first_new = r.position();
+    auto a = r.AppendTurn(Role::kUser, "The end.");
+    ASSERT_TRUE(a.ok()) << a.status();
+    // The turn's rows are in the window, so hot; the CPU backend holds them as it computed them.
+    const ModelConfig& c = model_->config();
+    std::vector<float> k(c.head_dim), v(c.head_dim);
+    for (int64_t p = first_new; p < r.position(); ++p) {
+      ASSERT_TRUE(r.ReadPosition(2, p, 1, k.data(), v.data()).ok());
+      if (backend == cpu_) {
+        const HeadKv& h = r.hot().head(2, 1);
+        const auto at = std::lower_bound(h.positions.begin(), h.positions.end(), p);
+        ASSERT_TRUE(at != h.positions.end() && *at == p) << p;
+        const int64_t e = at - h.positions.begin();
+        EXPECT_EQ(k, std::vector<float>(&h.keys[e * c.head_dim], &h.keys[(e + 1) * c.head_dim]));
+        EXPECT_EQ(v,
+                  std::vector<float>(&h.values[e * c.head_dim], &h.values[(e + 1) * c.head_dim]));
+      } else {
+        for (float x : k) EXPECT_EQ(x, FloatOfBf16(Bf16Rne(x))) << "a bf16 device's rows";
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kvmem

@@ -226,10 +226,14 @@ TEST(KvBlockTest, TypedBlocksHoldTheirTypesValuesAndRoundBf16ToNearestEven) {
   EXPECT_EQ(out[1], 1.0f + 0x1p-6f);
   EXPECT_EQ(out[2], -2.5f);
   EXPECT_EQ(out[3], 0.f);
+  bf16.WriteValues(2, in, 4);
   bf16.ZeroFrom(3);
   bf16.ReadKeys(0, 4, out);
   EXPECT_EQ(out[2], 1.0f);
   EXPECT_EQ(out[3], 0.f);
+  bf16.ReadValues(0, 8, out);
+  EXPECT_EQ(out[2], 1.0f);
+  for (int i = 3; i < 8; ++i) EXPECT_EQ(out[i], 0.f) << i;
   // f16 keeps f16 values exactly (a NaN stays a NaN); f32 keeps everything.
   KvBlock f16 = MakeEmptyBlock(0, 1, 1, 4, BlockDType::kF16);
   const float halves[4] = {0x1p-24f, -65504.f, INFINITY, NAN};
