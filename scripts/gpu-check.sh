@@ -11,7 +11,8 @@
 #   there:                             scripts/gpu-check.sh bench
 #       runs bench/cuda_bench (decode roofline, turn append, page-in) into $OUT/cuda_bench.md,
 #       then bench/turn_host_bench (the session's host work around a turn, at 8B shape) on
-#       that machine's server-class CPU into $OUT/turn_host_bench.md.
+#       that machine's server-class CPU into $OUT/turn_host_bench.md (also with f32 blocks and
+#       with blocks inside RocksDB, to compare).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -66,9 +67,14 @@ case "${1:-}" in
     echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" | tee "$out/cuda_bench.md"
     gpu-pack/bin/cuda_bench "${@:2}" | tee -a "$out/cuda_bench.md"
     echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" | tee "$out/turn_host_bench.md"
-    for turn in 256 4096; do
+    # 256- and 4096-token turns, then 256 with f32 blocks and with blocks inside RocksDB, to
+    # compare with the defaults (bf16 blocks in block files) on a server-class host.
+    for flags in "--turn-tokens 256" "--turn-tokens 4096" "--turn-tokens 256 --block-dtype f32" \
+                 "--turn-tokens 256 --block-files 0"; do
+      echo "flags: $flags" | tee -a "$out/turn_host_bench.md"
+      # shellcheck disable=SC2086  # $flags is a list of flags
       KVMEM_MODEL="$PWD/gpu-pack/models/stories260K" gpu-pack/bin/turn_host_bench --shape 8b \
-        --history 16384 --turns 4 --turn-tokens "$turn" --data /tmp/kvmem-turn-host-bench |
+        --history 16384 --turns 4 --data /tmp/kvmem-turn-host-bench $flags |
         tee -a "$out/turn_host_bench.md"
     done
     ;;
