@@ -146,6 +146,24 @@ class BlockRows : public KvRowSource {
     }
     return absl::OkStatus();
   }
+  absl::Status ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
+                            uint16_t* keys, uint16_t* values) override {
+    const int hd = c_.head_dim;
+    for (size_t i = 0; i < positions.size(); ++i) {
+      if (positions[i] < 0 ||
+          positions[i] / kBlock >= static_cast<int64_t>((*blocks_)[layer].size())) {
+        return absl::OutOfRangeError(absl::StrCat("no block holds position ", positions[i]));
+      }
+      const KvBlock& block = *(*blocks_)[layer][positions[i] / kBlock];
+      if (block.dtype != BlockDType::kBF16) {
+        return absl::FailedPreconditionError("bf16 rows asked of blocks of another type");
+      }
+      const size_t off = ((positions[i] % kBlock) * c_.num_kv_heads + kv_head) * hd;
+      std::memcpy(keys + i * hd, &block.keys16[off], hd * sizeof(uint16_t));
+      std::memcpy(values + i * hd, &block.values16[off], hd * sizeof(uint16_t));
+    }
+    return absl::OkStatus();
+  }
 
  private:
   const ModelConfig& c_;

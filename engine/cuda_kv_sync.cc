@@ -168,6 +168,8 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
         b = e;
       }
       const bool read_back = !kv.host_rows();
+      // A bf16 device reads rows back as bf16 bits (KvCache::ReadRowsBf16): no f32 round trip.
+      constexpr bool kBf16Rows = std::is_same_v<T, __nv_bfloat16>;
       std::mutex error_mu;
       absl::Status error;
       auto pack_runs = [&](int64_t first_run, int64_t last_run) {
@@ -184,10 +186,18 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
             for (int64_t k = begin; k < end; ++k) {
               positions.push_back(src.positions[p.plan.uploads[chunk[k].u]]);
             }
-            read_keys.resize(positions.size() * hd);
-            read_values.resize(read_keys.size());
-            absl::Status s =
-                kv.ReadRows(layer, head, positions, read_keys.data(), read_values.data());
+            absl::Status s;
+            if constexpr (kBf16Rows) {
+              // Straight into the slot: a session's bf16 blocks are copied as they are.
+              s = kv.ReadRowsBf16(
+                  layer, head, positions,
+                  reinterpret_cast<uint16_t*>(slot.host + full.keys) + begin * hd,
+                  reinterpret_cast<uint16_t*>(slot.host + full.values) + begin * hd);
+            } else {
+              read_keys.resize(positions.size() * hd);
+              read_values.resize(read_keys.size());
+              s = kv.ReadRows(layer, head, positions, read_keys.data(), read_values.data());
+            }
             if (!s.ok()) {
               std::lock_guard<std::mutex> lock(error_mu);
               if (error.ok()) error = std::move(s);
@@ -200,10 +210,12 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
             const int64_t u = chunk[k].u;
             const int64_t e = p.plan.uploads[u];
             const int64_t row = first_row + u;
-            const float* key = read_back ? &read_keys[(k - begin) * hd] : &src.keys[e * hd];
-            const float* value = read_back ? &read_values[(k - begin) * hd] : &src.values[e * hd];
-            RowsFromFloat(key, hd, reinterpret_cast<T*>(slot.host + full.keys) + k * hd);
-            RowsFromFloat(value, hd, reinterpret_cast<T*>(slot.host + full.values) + k * hd);
+            if (!(kBf16Rows && read_back)) {  // else already in the slot
+              const float* key = read_back ? &read_keys[(k - begin) * hd] : &src.keys[e * hd];
+              const float* value = read_back ? &read_values[(k - begin) * hd] : &src.values[e * hd];
+              RowsFromFloat(key, hd, reinterpret_cast<T*>(slot.host + full.keys) + k * hd);
+              RowsFromFloat(value, hd, reinterpret_cast<T*>(slot.host + full.values) + k * hd);
+            }
             reinterpret_cast<int64_t*>(slot.host + full.positions)[k] = src.positions[e];
             reinterpret_cast<T**>(slot.host + full.dst_keys)[k] = dh.keys(hd) + row * hd;
             reinterpret_cast<T**>(slot.host + full.dst_values)[k] = dh.values(hd) + row * hd;

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "engine/kv_blocks.h"
 #include "engine/status_macros.h"
 
 namespace kvmem {
@@ -132,6 +133,47 @@ absl::Status KvCache::ReadRows(int layer, int kv_head, absl::Span<const int64_t>
   for (size_t j = 0; j < older.size(); ++j) {
     std::memcpy(keys + older_at[j] * hd, &k[j * hd], hd * sizeof(float));
     std::memcpy(values + older_at[j] * hd, &v[j * hd], hd * sizeof(float));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvCache::ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
+                                   uint16_t* keys, uint16_t* values) const {
+  const size_t hd = static_cast<size_t>(head_dim_);
+  auto round = [hd](const float* in, uint16_t* out) {
+    for (size_t d = 0; d < hd; ++d) out[d] = Bf16Rne(in[d]);
+  };
+  // Rows the host holds as f32 (its own, or fresh) are rounded here; the rest come from the
+  // source, which copies bf16 blocks as they are.
+  std::vector<int64_t> older;
+  std::vector<size_t> older_at;
+  const FreshRows& f = fresh_[layer];
+  const int64_t fresh_end = f.first + fresh_size(layer);
+  std::vector<float> k(hd), v(hd);
+  for (size_t i = 0; i < positions.size(); ++i) {
+    const int64_t p = positions[i];
+    if (row_home_ == RowHome::kHost || (p >= f.first && p < fresh_end)) {
+      KVMEM_RETURN_IF_ERROR(ReadRows(layer, kv_head, positions.subspan(i, 1), k.data(), v.data()));
+      round(k.data(), keys + i * hd);
+      round(v.data(), values + i * hd);
+    } else {
+      older.push_back(p);
+      older_at.push_back(i);
+    }
+  }
+  if (older.empty()) return absl::OkStatus();
+  if (row_source_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "this cache keeps its rows with the backend and has no row source to read them from");
+  }
+  if (older.size() == positions.size()) {
+    return row_source_->ReadRowsBf16(layer, kv_head, positions, keys, values);
+  }
+  std::vector<uint16_t> ok(older.size() * hd), ov(older.size() * hd);
+  KVMEM_RETURN_IF_ERROR(row_source_->ReadRowsBf16(layer, kv_head, older, ok.data(), ov.data()));
+  for (size_t j = 0; j < older.size(); ++j) {
+    std::memcpy(keys + older_at[j] * hd, &ok[j * hd], hd * sizeof(uint16_t));
+    std::memcpy(values + older_at[j] * hd, &ov[j * hd], hd * sizeof(uint16_t));
   }
   return absl::OkStatus();
 }

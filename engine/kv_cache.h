@@ -35,6 +35,10 @@ class KvRowSource {
   // it from several threads at once, for different heads or positions.
   virtual absl::Status ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions,
                                 float* keys, float* values) = 0;
+  // The same rows as bf16 bits (rounded to nearest even), for a bf16 device's upload: a source
+  // whose blocks are bf16 copies them as they are.
+  virtual absl::Status ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
+                                    uint16_t* keys, uint16_t* values) = 0;
 };
 
 // A device backend keeps its own copy of the entries beside the cache (the attachment) and
@@ -109,6 +113,9 @@ class KvCache {
   // kBackend cache needs its row source and has none.
   absl::Status ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions, float* keys,
                         float* values) const;
+  // The same rows as bf16 bits, rounded to nearest even (KvRowSource::ReadRowsBf16).
+  absl::Status ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
+                            uint16_t* keys, uint16_t* values) const;
   // A kHost copy of every head (itself when already kHost).
   absl::StatusOr<KvCache> WithHostRows() const;
 

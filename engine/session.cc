@@ -735,6 +735,34 @@ absl::Status Session::PrefetchHotBlocks() {
 
 absl::Status Session::ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions,
                                float* keys, float* values) {
+  const int hd = model_.config().head_dim;
+  return ForEachRow(layer, kv_head, positions, [&](const KvBlock& block, size_t off, size_t i) {
+    block.ReadKeys(off, hd, keys + i * hd);
+    block.ReadValues(off, hd, values + i * hd);
+  });
+}
+
+absl::Status Session::ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
+                                   uint16_t* keys, uint16_t* values) {
+  const int hd = model_.config().head_dim;
+  std::vector<float> k(hd), v(hd);
+  return ForEachRow(layer, kv_head, positions, [&](const KvBlock& block, size_t off, size_t i) {
+    if (block.dtype == BlockDType::kBF16) {  // a bf16 device's rows: copied as they are
+      std::memcpy(keys + i * hd, &block.keys16[off], hd * sizeof(uint16_t));
+      std::memcpy(values + i * hd, &block.values16[off], hd * sizeof(uint16_t));
+      return;
+    }
+    block.ReadKeys(off, hd, k.data());
+    block.ReadValues(off, hd, v.data());
+    for (int d = 0; d < hd; ++d) {
+      keys[i * hd + d] = Bf16Rne(k[d]);
+      values[i * hd + d] = Bf16Rne(v[d]);
+    }
+  });
+}
+
+absl::Status Session::ForEachRow(int layer, int kv_head, absl::Span<const int64_t> positions,
+                                 const std::function<void(const KvBlock&, size_t, size_t)>& row) {
   const ModelConfig& c = model_.config();
   const int B = options_.block_size, hd = c.head_dim;
   std::shared_ptr<const KvBlock> block;
@@ -751,9 +779,7 @@ absl::Status Session::ReadRows(int layer, int kv_head, absl::Span<const int64_t>
       return absl::DataLossError(
           absl::StrCat("stored block ", p / B, " of layer ", layer, " lacks position ", p));
     }
-    const size_t off = (static_cast<size_t>(p % B) * c.num_kv_heads + kv_head) * hd;
-    block->ReadKeys(off, hd, keys + i * hd);
-    block->ReadValues(off, hd, values + i * hd);
+    row(*block, (static_cast<size_t>(p % B) * c.num_kv_heads + kv_head) * hd, i);
   }
   return absl::OkStatus();
 }

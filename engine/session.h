@@ -192,6 +192,11 @@ class Session : private KvRowSource {
   // Safe to call from several threads at once (nothing else may run on the session then).
   absl::Status ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions, float* keys,
                         float* values) override;
+  absl::Status ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
+                            uint16_t* keys, uint16_t* values) override;
+  // Calls row(block, offset of the head's row in it, i) for every positions[i], in order.
+  absl::Status ForEachRow(int layer, int kv_head, absl::Span<const int64_t> positions,
+                          const std::function<void(const KvBlock&, size_t, size_t)>& row);
   // A block of this session from the live tail, the blocks in flight, or storage (then kept
   // in flight, so a pass reads each block once).
   absl::StatusOr<std::shared_ptr<const KvBlock>> FindBlock(int layer, int64_t index);

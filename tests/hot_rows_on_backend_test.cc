@@ -345,6 +345,16 @@ class MapRows : public KvRowSource {
     }
     return absl::OkStatus();
   }
+  absl::Status ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
+                            uint16_t* keys, uint16_t* values) override {
+    std::vector<float> k(positions.size() * 2), v(k.size());
+    KVMEM_RETURN_IF_ERROR(ReadRows(layer, kv_head, positions, k.data(), v.data()));
+    for (size_t i = 0; i < k.size(); ++i) {
+      keys[i] = Bf16Rne(k[i]);
+      values[i] = Bf16Rne(v[i]);
+    }
+    return absl::OkStatus();
+  }
   int calls = 0;
 };
 
@@ -369,6 +379,13 @@ TEST(KvCacheTest, FreshRowsAppendDropAndServeReads) {
   ASSERT_TRUE(kv.ReadRows(1, 0, older, rk, rv).ok());
   EXPECT_EQ(std::vector<float>(rk, rk + 4), (std::vector<float>{1003, 1003, 3, 3}));
   EXPECT_EQ(std::vector<float>(rv, rv + 4), (std::vector<float>{-3, -3, 7, 7}));
+  // As bf16 bits, fresh and older rows alike (1003 rounds to 1004, the nearest bf16).
+  uint16_t bk[4], bv[4];
+  ASSERT_TRUE(kv.ReadRowsBf16(1, 0, older, bk, bv).ok());
+  EXPECT_EQ(FloatOfBf16(bk[0]), 1004.f);
+  EXPECT_EQ(FloatOfBf16(bk[2]), 3.f);
+  EXPECT_EQ(FloatOfBf16(bv[1]), -3.f);
+  EXPECT_EQ(FloatOfBf16(bv[3]), 7.f);
   const int64_t missing[] = {100};
   EXPECT_EQ(kv.ReadRows(0, 0, missing, rk, rv).code(), absl::StatusCode::kNotFound);
   // A copy keeps the fresh rows, not the source.

@@ -35,7 +35,8 @@ class MirrorBackend : public Backend {
   // Makes SelectSnapKv fail, as a device out of memory would.
   void set_select_fails(bool fails) { select_fails_ = fails; }
   // Plays a bf16 device: each pass's new rows are rounded to bf16 (to nearest even) in the copy
-  // before they are handed over, and sessions' blocks take `blocks` (Backend::KvDType).
+  // before they are handed over, rows are read back as bf16 (KvCache::ReadRowsBf16), and
+  // sessions' blocks take `blocks` (Backend::KvDType).
   void set_bf16_rows(BlockDType blocks) {
     bf16_rows_ = true;
     block_dtype_ = blocks;
@@ -149,7 +150,17 @@ class MirrorBackend : public Backend {
         }
         mk[c].resize(missing.size() * hd);
         mv[c].resize(mk[c].size());
-        status[c] = kv.ReadRows(l, g, missing, mk[c].data(), mv[c].data());
+        if (bf16_rows_) {
+          // As a bf16 device reads them: bf16 bits, widened here for the f32 copy.
+          std::vector<uint16_t> k(mk[c].size()), v(mk[c].size());
+          status[c] = kv.ReadRowsBf16(l, g, missing, k.data(), v.data());
+          for (size_t i = 0; i < k.size(); ++i) {
+            mk[c][i] = FloatOfBf16(k[i]);
+            mv[c][i] = FloatOfBf16(v[i]);
+          }
+        } else {
+          status[c] = kv.ReadRows(l, g, missing, mk[c].data(), mv[c].data());
+        }
         read += static_cast<int64_t>(missing.size());
       }
     });
