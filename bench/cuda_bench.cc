@@ -134,38 +134,42 @@ class BlockRows : public KvRowSource {
   absl::Status ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions, float* keys,
                         float* values) override {
     const int hd = c_.head_dim;
-    for (size_t i = 0; i < positions.size(); ++i) {
-      if (positions[i] < 0 ||
-          positions[i] / kBlock >= static_cast<int64_t>((*blocks_)[layer].size())) {
-        return absl::OutOfRangeError(absl::StrCat("no block holds position ", positions[i]));
-      }
-      const KvBlock& block = *(*blocks_)[layer][positions[i] / kBlock];
-      const size_t off = ((positions[i] % kBlock) * c_.num_kv_heads + kv_head) * hd;
+    return ForEachRow(layer, kv_head, positions, [&](const KvBlock& block, size_t off, size_t i) {
       block.ReadKeys(off, hd, keys + i * hd);
       block.ReadValues(off, hd, values + i * hd);
-    }
-    return absl::OkStatus();
+      return absl::OkStatus();
+    });
   }
   absl::Status ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
                             uint16_t* keys, uint16_t* values) override {
     const int hd = c_.head_dim;
+    return ForEachRow(layer, kv_head, positions, [&](const KvBlock& block, size_t off, size_t i) {
+      if (block.dtype != BlockDType::kBF16) {
+        return absl::FailedPreconditionError("bf16 rows asked of blocks of another type");
+      }
+      std::memcpy(keys + i * hd, &block.keys16[off], hd * sizeof(uint16_t));
+      std::memcpy(values + i * hd, &block.values16[off], hd * sizeof(uint16_t));
+      return absl::OkStatus();
+    });
+  }
+
+ private:
+  // row(block, offset of the head's row in it, i) for every positions[i].
+  template <typename Row>
+  absl::Status ForEachRow(int layer, int kv_head, absl::Span<const int64_t> positions,
+                          const Row& row) {
     for (size_t i = 0; i < positions.size(); ++i) {
       if (positions[i] < 0 ||
           positions[i] / kBlock >= static_cast<int64_t>((*blocks_)[layer].size())) {
         return absl::OutOfRangeError(absl::StrCat("no block holds position ", positions[i]));
       }
       const KvBlock& block = *(*blocks_)[layer][positions[i] / kBlock];
-      if (block.dtype != BlockDType::kBF16) {
-        return absl::FailedPreconditionError("bf16 rows asked of blocks of another type");
-      }
-      const size_t off = ((positions[i] % kBlock) * c_.num_kv_heads + kv_head) * hd;
-      std::memcpy(keys + i * hd, &block.keys16[off], hd * sizeof(uint16_t));
-      std::memcpy(values + i * hd, &block.values16[off], hd * sizeof(uint16_t));
+      const size_t off = ((positions[i] % kBlock) * c_.num_kv_heads + kv_head) * c_.head_dim;
+      if (absl::Status s = row(block, off, i); !s.ok()) return s;
     }
     return absl::OkStatus();
   }
 
- private:
   const ModelConfig& c_;
   const LayerBlocks* blocks_;
 };

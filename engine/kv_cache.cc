@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -90,8 +91,19 @@ void KvCache::DropFreshBefore(int64_t position) {
   }
 }
 
-absl::Status KvCache::ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions,
-                               float* keys, float* values) const {
+namespace {
+
+// One row of f32 as E: copied (f32) or rounded to bf16 bits.
+void RowAs(const float* in, size_t n, float* out) { std::memcpy(out, in, n * sizeof(float)); }
+void RowAs(const float* in, size_t n, uint16_t* out) {
+  for (size_t i = 0; i < n; ++i) out[i] = Bf16Rne(in[i]);
+}
+
+}  // namespace
+
+template <typename E>
+absl::Status KvCache::ReadRowsAs(int layer, int kv_head, absl::Span<const int64_t> positions,
+                                 E* keys, E* values) const {
   KVMEM_CHECK(layer >= 0 && layer < num_layers_ && kv_head >= 0 && kv_head < num_kv_heads_);
   const size_t hd = static_cast<size_t>(head_dim_);
   if (row_home_ == RowHome::kHost) {
@@ -102,8 +114,8 @@ absl::Status KvCache::ReadRows(int layer, int kv_head, absl::Span<const int64_t>
         return absl::NotFoundError(absl::StrCat("position ", positions[i], " is not cached"));
       }
       const size_t e = static_cast<size_t>(it - h.positions.begin());
-      std::memcpy(keys + i * hd, &h.keys[e * hd], hd * sizeof(float));
-      std::memcpy(values + i * hd, &h.values[e * hd], hd * sizeof(float));
+      RowAs(&h.keys[e * hd], hd, keys + i * hd);
+      RowAs(&h.values[e * hd], hd, values + i * hd);
     }
     return absl::OkStatus();
   }
@@ -116,8 +128,8 @@ absl::Status KvCache::ReadRows(int layer, int kv_head, absl::Span<const int64_t>
     const int64_t p = positions[i];
     if (p >= f.first && p < fresh_end) {
       const size_t off = (static_cast<size_t>(p - f.first) * num_kv_heads_ + kv_head) * hd;
-      std::memcpy(keys + i * hd, &f.keys[off], hd * sizeof(float));
-      std::memcpy(values + i * hd, &f.values[off], hd * sizeof(float));
+      RowAs(&f.keys[off], hd, keys + i * hd);
+      RowAs(&f.values[off], hd, values + i * hd);
     } else {
       older.push_back(p);
       older_at.push_back(i);
@@ -128,54 +140,27 @@ absl::Status KvCache::ReadRows(int layer, int kv_head, absl::Span<const int64_t>
     return absl::FailedPreconditionError(
         "this cache keeps its rows with the backend and has no row source to read them from");
   }
-  std::vector<float> k(older.size() * hd), v(older.size() * hd);
-  KVMEM_RETURN_IF_ERROR(row_source_->ReadRows(layer, kv_head, older, k.data(), v.data()));
+  std::vector<E> k(older.size() * hd), v(older.size() * hd);
+  if constexpr (std::is_same_v<E, float>) {
+    KVMEM_RETURN_IF_ERROR(row_source_->ReadRows(layer, kv_head, older, k.data(), v.data()));
+  } else {
+    KVMEM_RETURN_IF_ERROR(row_source_->ReadRowsBf16(layer, kv_head, older, k.data(), v.data()));
+  }
   for (size_t j = 0; j < older.size(); ++j) {
-    std::memcpy(keys + older_at[j] * hd, &k[j * hd], hd * sizeof(float));
-    std::memcpy(values + older_at[j] * hd, &v[j * hd], hd * sizeof(float));
+    std::memcpy(keys + older_at[j] * hd, &k[j * hd], hd * sizeof(E));
+    std::memcpy(values + older_at[j] * hd, &v[j * hd], hd * sizeof(E));
   }
   return absl::OkStatus();
 }
 
+absl::Status KvCache::ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions,
+                               float* keys, float* values) const {
+  return ReadRowsAs(layer, kv_head, positions, keys, values);
+}
+
 absl::Status KvCache::ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
                                    uint16_t* keys, uint16_t* values) const {
-  const size_t hd = static_cast<size_t>(head_dim_);
-  auto round = [hd](const float* in, uint16_t* out) {
-    for (size_t d = 0; d < hd; ++d) out[d] = Bf16Rne(in[d]);
-  };
-  // Rows the host holds as f32 (its own, or fresh) are rounded here; the rest come from the
-  // source, which copies bf16 blocks as they are.
-  std::vector<int64_t> older;
-  std::vector<size_t> older_at;
-  const FreshRows& f = fresh_[layer];
-  const int64_t fresh_end = f.first + fresh_size(layer);
-  std::vector<float> k(hd), v(hd);
-  for (size_t i = 0; i < positions.size(); ++i) {
-    const int64_t p = positions[i];
-    if (row_home_ == RowHome::kHost || (p >= f.first && p < fresh_end)) {
-      KVMEM_RETURN_IF_ERROR(ReadRows(layer, kv_head, positions.subspan(i, 1), k.data(), v.data()));
-      round(k.data(), keys + i * hd);
-      round(v.data(), values + i * hd);
-    } else {
-      older.push_back(p);
-      older_at.push_back(i);
-    }
-  }
-  if (older.empty()) return absl::OkStatus();
-  if (row_source_ == nullptr) {
-    return absl::FailedPreconditionError(
-        "this cache keeps its rows with the backend and has no row source to read them from");
-  }
-  if (older.size() == positions.size()) {
-    return row_source_->ReadRowsBf16(layer, kv_head, positions, keys, values);
-  }
-  std::vector<uint16_t> ok(older.size() * hd), ov(older.size() * hd);
-  KVMEM_RETURN_IF_ERROR(row_source_->ReadRowsBf16(layer, kv_head, older, ok.data(), ov.data()));
-  for (size_t j = 0; j < older.size(); ++j) {
-    std::memcpy(keys + older_at[j] * hd, &ok[j * hd], hd * sizeof(uint16_t));
-    std::memcpy(values + older_at[j] * hd, &ov[j * hd], hd * sizeof(uint16_t));
-  }
-  return absl::OkStatus();
+  return ReadRowsAs(layer, kv_head, positions, keys, values);
 }
 
 absl::StatusOr<KvCache> KvCache::WithHostRows() const {

@@ -127,6 +127,10 @@ class KvCache {
   int64_t Bytes() const;
 
  private:
+  // ReadRows with rows of E: float, or bf16 bits (uint16_t).
+  template <typename E>
+  absl::Status ReadRowsAs(int layer, int kv_head, absl::Span<const int64_t> positions, E* keys,
+                          E* values) const;
   int num_layers_;
   int num_kv_heads_;
   int head_dim_;

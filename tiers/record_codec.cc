@@ -19,18 +19,6 @@ constexpr uint8_t kDTypeF32 = 1;
 constexpr uint8_t kDTypeBF16 = 2;
 constexpr uint8_t kDTypeF16 = 3;
 
-uint32_t BitsOf(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  return bits;
-}
-
-float FloatOf(uint32_t bits) {
-  float v;
-  std::memcpy(&v, &bits, 4);
-  return v;
-}
-
 // The narrowest of bf16, f16 and f32 that holds every value of `parts` exactly; for the 16-bit
 // types, (*codes)[i] holds part i's values.
 uint8_t Narrowest(std::initializer_list<const std::vector<float>*> parts,
