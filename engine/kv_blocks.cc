@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "engine/safetensors.h"
 #include "engine/status_macros.h"
 
 namespace kvmem {
@@ -13,12 +14,6 @@ uint32_t BitsOf(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, 4);
   return bits;
-}
-
-float FloatOf(uint32_t bits) {
-  float v;
-  std::memcpy(&v, &bits, 4);
-  return v;
 }
 
 void Read(const KvBlock& b, const std::vector<float>& f32, const std::vector<uint16_t>& h,
@@ -38,7 +33,7 @@ void Read(const KvBlock& b, const std::vector<float>& f32, const std::vector<uin
       return;
     }
     case BlockDType::kF16:
-      for (size_t i = 0; i < n; ++i) out[i] = FloatOfF16(h[off + i]);
+      for (size_t i = 0; i < n; ++i) out[i] = HalfToFloat(h[off + i]);
       return;
   }
 }
@@ -116,21 +111,6 @@ KvBlock MakeEmptyBlock(int64_t index, int block_size, int num_kv_heads, int head
     b.values16.assign(n, 0);
   }
   return b;
-}
-
-float FloatOfBf16(uint16_t bits) { return FloatOf(static_cast<uint32_t>(bits) << 16); }
-
-float FloatOfF16(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const int exp = (h >> 10) & 0x1f;
-  const uint32_t mant = h & 0x3ffu;
-  if (exp == 0) {
-    // Zero or subnormal: mant * 2^-24, exact in f32.
-    const float magnitude = static_cast<float>(mant) * 0x1p-24f;
-    return sign != 0 ? -magnitude : magnitude;
-  }
-  if (exp == 0x1f) return FloatOf(sign | 0x7f800000u | (mant << 13));
-  return FloatOf(sign | (static_cast<uint32_t>(exp - 15 + 127) << 23) | (mant << 13));
 }
 
 // Zeros, infinities, normal and subnormal halves; never NaN or f32 subnormals.

@@ -51,9 +51,8 @@ KvBlock WidenedBlock(const KvBlock& b);
 KvBlock MakeEmptyBlock(int64_t index, int block_size, int num_kv_heads, int head_dim,
                        BlockDType dtype = BlockDType::kF32);
 
-// f32 value of bf16 / f16 bits, and the exact f16 bits of v (false when v is not an f16).
-float FloatOfBf16(uint16_t bits);
-float FloatOfF16(uint16_t bits);
+// The exact f16 bits of v; false when v is not an f16. (f32 values of 16-bit bits:
+// BFloat16ToFloat and HalfToFloat in engine/safetensors.h.)
 bool ExactF16Bits(float v, uint16_t* bits);
 // bf16 bits of v, rounded to nearest even, every NaN as 0x7fff: bit for bit what CUDA's
 // __float2bfloat16_rn gives on the host, written so the compiler can vectorize a loop of it.

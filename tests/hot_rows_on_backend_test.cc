@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu_backend.h"
+#include "engine/safetensors.h"
 #include "engine/session.h"
 #include "engine/status_macros.h"
 #include "engine/thread_pool.h"
@@ -382,10 +383,10 @@ TEST(KvCacheTest, FreshRowsAppendDropAndServeReads) {
   // As bf16 bits, fresh and older rows alike (1003 rounds to 1004, the nearest bf16).
   uint16_t bk[4], bv[4];
   ASSERT_TRUE(kv.ReadRowsBf16(1, 0, older, bk, bv).ok());
-  EXPECT_EQ(FloatOfBf16(bk[0]), 1004.f);
-  EXPECT_EQ(FloatOfBf16(bk[2]), 3.f);
-  EXPECT_EQ(FloatOfBf16(bv[1]), -3.f);
-  EXPECT_EQ(FloatOfBf16(bv[3]), 7.f);
+  EXPECT_EQ(BFloat16ToFloat(bk[0]), 1004.f);
+  EXPECT_EQ(BFloat16ToFloat(bk[2]), 3.f);
+  EXPECT_EQ(BFloat16ToFloat(bv[1]), -3.f);
+  EXPECT_EQ(BFloat16ToFloat(bv[3]), 7.f);
   const int64_t missing[] = {100};
   EXPECT_EQ(kv.ReadRows(0, 0, missing, rk, rv).code(), absl::StatusCode::kNotFound);
   // A copy keeps the fresh rows, not the source.
@@ -507,7 +508,7 @@ TEST_F(HotRowsOnBackendTest, Bf16SessionRestoredOnAnF32BackendKeepsItsNewRowsExa
         EXPECT_EQ(v,
                   std::vector<float>(&h.values[e * c.head_dim], &h.values[(e + 1) * c.head_dim]));
       } else {
-        for (float x : k) EXPECT_EQ(x, FloatOfBf16(Bf16Rne(x))) << "a bf16 device's rows";
+        for (float x : k) EXPECT_EQ(x, BFloat16ToFloat(Bf16Rne(x))) << "a bf16 device's rows";
       }
     }
   }

@@ -18,6 +18,7 @@
 #include "engine/cpu_backend.h"
 #include "engine/kv_blocks.h"
 #include "engine/model.h"
+#include "engine/safetensors.h"
 #include "engine/snapkv.h"
 #include "engine/status_macros.h"
 #include "engine/thread_pool.h"
@@ -76,8 +77,8 @@ class MirrorBackend : public Backend {
       for (int g = 0; g < kvh && bf16_rows_; ++g) {
         HeadKv& h = m.rows.head(l, g);
         for (size_t i = (h.size() - n) * hd; i < h.keys.size(); ++i) {
-          h.keys[i] = FloatOfBf16(Bf16Rne(h.keys[i]));
-          h.values[i] = FloatOfBf16(Bf16Rne(h.values[i]));
+          h.keys[i] = BFloat16ToFloat(Bf16Rne(h.keys[i]));
+          h.values[i] = BFloat16ToFloat(Bf16Rne(h.values[i]));
         }
       }
       for (int g = 0; g < kvh; ++g) {
@@ -155,8 +156,8 @@ class MirrorBackend : public Backend {
           std::vector<uint16_t> k(mk[c].size()), v(mk[c].size());
           status[c] = kv.ReadRowsBf16(l, g, missing, k.data(), v.data());
           for (size_t i = 0; i < k.size(); ++i) {
-            mk[c][i] = FloatOfBf16(k[i]);
-            mv[c][i] = FloatOfBf16(v[i]);
+            mk[c][i] = BFloat16ToFloat(k[i]);
+            mv[c][i] = BFloat16ToFloat(v[i]);
           }
         } else {
           status[c] = kv.ReadRows(l, g, missing, mk[c].data(), mv[c].data());

@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "engine/safetensors.h"
 #include "engine/status_macros.h"
 #include "tiers/crc32c.h"
 
@@ -65,7 +66,7 @@ uint8_t Narrowest(std::initializer_list<const std::vector<float>*> parts,
 void Widen(uint8_t dtype, const std::vector<uint16_t>& in, std::vector<float>* out) {
   out->resize(in.size());
   for (size_t i = 0; i < in.size(); ++i) {
-    (*out)[i] = dtype == kDTypeBF16 ? FloatOfBf16(in[i]) : FloatOfF16(in[i]);
+    (*out)[i] = dtype == kDTypeBF16 ? BFloat16ToFloat(in[i]) : HalfToFloat(in[i]);
   }
 }
 
