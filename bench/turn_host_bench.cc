@@ -7,7 +7,7 @@
 // turn on 8B (issue 6); the GPU's own time comes on top.
 //   build/bin/turn_host_bench [--shape 8b|1b] [--history 16384] [--turns 8] [--budget 4096]
 //                             [--recall 8] [--data DIR] [--block-files 0|1] [--turn-tokens 256]
-//                             [--block-dtype bf16|f32]
+//                             [--block-dtype bf16|f32] [--warm-bytes 4294967296]
 // The history is built from turns of about 256 tokens; the measured turns have about
 // --turn-tokens tokens (the issue's sizes are 256 and 4096).
 #include <algorithm>
@@ -118,6 +118,7 @@ int Run(int argc, char** argv) {
   int turns = 8, budget = 4096, recall = 8, turn_tokens = 256;
   bool block_files = true;
   BlockDType block_dtype = BlockDType::kBF16;
+  int64_t warm_bytes = int64_t{4} << 30;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     bool ok = true;
@@ -135,6 +136,8 @@ int Run(int argc, char** argv) {
       ok = absl::SimpleAtoi(value, &recall);
     } else if (flag == "--data") {
       data = value;
+    } else if (flag == "--warm-bytes") {
+      ok = absl::SimpleAtoi(value, &warm_bytes) && warm_bytes >= 0;
     } else if (flag == "--block-dtype") {
       ok = value == "bf16" || value == "f32";
       block_dtype = value == "f32" ? BlockDType::kF32 : BlockDType::kBF16;
@@ -165,6 +168,7 @@ int Run(int argc, char** argv) {
   SessionManagerOptions options;
   options.data_dir = data;
   options.cold_block_files = block_files;
+  options.warm_bytes = warm_bytes;
   options.session_defaults.memory = {.policy = "snapkv", .budget = budget, .window = 32};
   options.session_defaults.recall_blocks = recall;
   options.session_defaults.max_turn_tokens = 8192;
