@@ -278,9 +278,13 @@ absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view tex
     result.queries = TrailingQueries(queries, c.num_heads, c.head_dim, observed,
                                      std::min(append_options.return_queries, observed));
   }
+  // The policy reads the observed queries in place unless its window is shorter.
+  const std::vector<std::vector<float>> trailing =
+      policy_observed == observed
+          ? std::vector<std::vector<float>>()
+          : TrailingQueries(queries, c.num_heads, c.head_dim, observed, policy_observed);
   absl::StatusOr<int64_t> evicted =
-      ApplyPolicy(n, TrailingQueries(queries, c.num_heads, c.head_dim, observed, policy_observed),
-                  policy_observed);
+      ApplyPolicy(n, policy_observed == observed ? queries : trailing, policy_observed);
   if (!evicted.ok()) {
     broken_ = true;  // the turn is in the hot set and its blocks but not durable
     return evicted.status();

@@ -212,6 +212,76 @@ TEST(RecordCodecTest, DeviceRowsTakeHalfTheBytesAndComeBackBitExact) {
   EXPECT_EQ(0, std::memcmp(back->keys.data(), mixed->keys.data(), mixed->keys.size() * 4));
 }
 
+// A full 16-bit block of random bits (no NaNs), as a device backend's session writes them.
+std::shared_ptr<const KvBlock> Random16Block(int64_t index, BlockDType dtype, uint32_t seed) {
+  std::mt19937 rng(seed);
+  auto b = std::make_shared<KvBlock>(MakeEmptyBlock(index, 16, 4, 8, dtype));
+  b->filled = 16;
+  for (std::vector<uint16_t>* v : {&b->keys16, &b->values16}) {
+    for (uint16_t& x : *v) x = static_cast<uint16_t>(rng() & 0x3fff);
+  }
+  return b;
+}
+
+// DecodeBlockInto's reader over a record's bytes: fills the pieces in order.
+auto ReaderOf(const std::string& bytes) {
+  return [&bytes](const std::vector<MutablePiece>& pieces) {
+    size_t at = 0;
+    for (const MutablePiece& p : pieces) {
+      if (at + p.size > bytes.size()) return absl::DataLossError("short");
+      std::memcpy(p.data, bytes.data() + at, p.size);
+      at += p.size;
+    }
+    return at == bytes.size() ? absl::OkStatus() : absl::DataLossError("long");
+  };
+}
+
+TEST(RecordCodecTest, SixteenBitBlocksAreWrittenFromAndReadIntoTheBlockItself) {
+  for (BlockDType dtype : {BlockDType::kBF16, BlockDType::kF16}) {
+    SCOPED_TRACE(static_cast<int>(dtype));
+    auto block = Random16Block(6, dtype, 4);
+    const BlockRecord record = EncodeBlockRecord(*block, 4, 8);
+    // The values are not copied: the pieces are views of the block's own memory.
+    EXPECT_EQ(record.keys.data(), reinterpret_cast<const char*>(block->keys16.data()));
+    EXPECT_EQ(record.values.data(), reinterpret_cast<const char*>(block->values16.data()));
+    const std::string bytes = record.Flatten();
+    EXPECT_EQ(bytes, EncodeBlock(*block, 4, 8));
+    EXPECT_EQ(bytes.size(), record.size());
+    EXPECT_EQ(bytes.size(), Block16RecordSize(block->size()));
+    EXPECT_EQ(TrailingCrc(bytes), record.crc);
+
+    KvBlock back = MakeEmptyBlock(0, 16, 4, 8, BlockDType::kBF16);
+    ASSERT_TRUE(DecodeBlockInto(ReaderOf(bytes), 16, 4, 8, &back).ok());
+    EXPECT_EQ(back.dtype, dtype);
+    EXPECT_EQ(back.index, 6);
+    EXPECT_EQ(back.filled, 16);
+    EXPECT_EQ(back.keys16, block->keys16);
+    EXPECT_EQ(back.values16, block->values16);
+    // A flipped bit anywhere (header, keys, the values' count, values, checksum) is DATA_LOSS.
+    for (size_t at : {size_t{2}, size_t{40}, record.head.size() + record.keys.size() + 3,
+                      bytes.size() - 9, bytes.size() - 1}) {
+      std::string bad = bytes;
+      bad[at] ^= 0x04;
+      KvBlock into = MakeEmptyBlock(0, 16, 4, 8, BlockDType::kBF16);
+      EXPECT_EQ(DecodeBlockInto(ReaderOf(bad), 16, 4, 8, &into).code(), absl::StatusCode::kDataLoss)
+          << at;
+    }
+    // Another layout is DATA_LOSS; the reader's own error passes through as it is.
+    KvBlock wide = MakeEmptyBlock(0, 16, 8, 4, BlockDType::kBF16);
+    EXPECT_EQ(DecodeBlockInto(ReaderOf(bytes), 16, 8, 4, &wide).code(),
+              absl::StatusCode::kDataLoss);
+    auto exhausted = [](const std::vector<MutablePiece>&) {
+      return absl::ResourceExhaustedError("no descriptors");
+    };
+    EXPECT_EQ(DecodeBlockInto(exhausted, 16, 4, 8, &back).code(),
+              absl::StatusCode::kResourceExhausted);
+  }
+  // An f32 block is narrowed, so it is encoded whole.
+  const BlockRecord f32 = EncodeBlockRecord(*RandomBlock(1, 16, 5), 4, 8);
+  EXPECT_TRUE(f32.keys.empty() && f32.values.empty() && f32.mid.empty());
+  EXPECT_EQ(f32.Flatten(), EncodeBlock(*RandomBlock(1, 16, 5), 4, 8));
+}
+
 TEST(KvBlockTest, TypedBlocksHoldTheirTypesValuesAndRoundBf16ToNearestEven) {
   KvBlock bf16 = MakeEmptyBlock(0, 2, 1, 4, BlockDType::kBF16);
   EXPECT_EQ(bf16.bytes(), 2 * 8 * 2);
@@ -440,6 +510,59 @@ TEST(BlockFilesTest, AppendsReadBackAndRefsNameExactlyOneRecord) {
   EXPECT_EQ(*(*files)->ListOwners(), (std::vector<uint64_t>{7, 9}));
 }
 
+TEST(BlockFilesTest, RecordsInPiecesAreAppendedWholeAndReadBackInPlace) {
+  testing::TempDir dir;
+  auto files = BlockFiles::Open(dir.path(), {});
+  ASSERT_TRUE(files.ok());
+  std::vector<std::shared_ptr<const KvBlock>> blocks;
+  std::vector<BlockRecord> records;
+  records.reserve(3);  // the pieces are views of the records' strings: they must not move
+  std::vector<BlockFiles::RecordPieces> pieces;
+  for (int i = 0; i < 3; ++i) {
+    blocks.push_back(Random16Block(i, BlockDType::kBF16, 20 + i));
+    records.push_back(EncodeBlockRecord(*blocks.back(), 4, 8));
+    const BlockRecord& r = records.back();
+    pieces.push_back({r.head, r.keys, r.mid, r.values, r.tail});
+  }
+  std::vector<BlockFileRef> refs;
+  ASSERT_TRUE((*files)->Append(3, pieces, &refs).ok());
+  ASSERT_EQ(refs.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(refs[i].offset, i * records[0].size());
+    EXPECT_EQ(refs[i].crc, records[i].crc);
+    EXPECT_EQ(*(*files)->Read(3, refs[i]), records[i].Flatten());
+    KvBlock back = MakeEmptyBlock(0, 16, 4, 8, BlockDType::kBF16);
+    const absl::Status s = DecodeBlockInto(
+        [&](const std::vector<MutablePiece>& p) { return (*files)->ReadInto(3, refs[i], p); }, 16,
+        4, 8, &back);
+    ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(back.index, i);
+    EXPECT_EQ(back.keys16, blocks[i]->keys16);
+    EXPECT_EQ(back.values16, blocks[i]->values16);
+  }
+  // Pieces that do not add up to the record are refused; a reference to other bytes, past the
+  // end or into a missing file is DATA_LOSS.
+  std::string buf(refs[0].length, '\0');
+  EXPECT_EQ((*files)->ReadInto(3, refs[0], {{buf.data(), buf.size() - 1}}).code(),
+            absl::StatusCode::kInternal);
+  BlockFileRef shifted = refs[1];
+  shifted.offset -= 2;
+  EXPECT_EQ((*files)->ReadInto(3, shifted, {{buf.data(), buf.size()}}).code(),
+            absl::StatusCode::kDataLoss);
+  BlockFileRef past = refs[2];
+  past.offset += 16;
+  EXPECT_EQ((*files)->ReadInto(3, past, {{buf.data(), buf.size()}}).code(),
+            absl::StatusCode::kDataLoss);
+  EXPECT_EQ((*files)->ReadInto(4, refs[0], {{buf.data(), buf.size()}}).code(),
+            absl::StatusCode::kDataLoss);
+  // A record whose last piece cannot hold its CRC is refused before anything is written.
+  std::vector<BlockFileRef> none;
+  EXPECT_EQ((*files)->Append(3, std::vector<BlockFiles::RecordPieces>{{"abc"}}, &none).code(),
+            absl::StatusCode::kInternal);
+  EXPECT_EQ((*files)->Append(3, pieces, &none).ok(), true);
+  EXPECT_EQ(none[0].offset, 3 * records[0].size());
+}
+
 TEST(BlockFilesTest, ConcurrentAppendsReadsAndRemovesKeepEveryCommittedRecord) {
   testing::TempDir dir;
   // Fewer descriptors than owners, so that the cache evicts and reopens all the time.
@@ -550,6 +673,58 @@ TEST(ColdStoreTest, FullBlocksGoToTheOwnersFilePartialOnesStayInRocksDb) {
   ASSERT_TRUE((*cold)->DeleteSession(record, &freed).ok());
   EXPECT_EQ(freed, std::vector<uint64_t>{record.uid});
   EXPECT_FALSE(std::filesystem::exists(file));
+}
+
+TEST(ColdStoreTest, SixteenBitBlocksComeBackFromTheirFileBitForBit) {
+  testing::TempDir dir;
+  SessionRecord record;
+  record.session_id = "a";
+  std::vector<std::shared_ptr<const KvBlock>> blocks = {Random16Block(0, BlockDType::kBF16, 1),
+                                                        Random16Block(1, BlockDType::kF16, 2)};
+  {
+    auto cold = ColdStore::Open({.path = dir.path()});
+    ASSERT_TRUE(cold.ok()) << cold.status();
+    ASSERT_TRUE((*cold)->CreateSession(&record).ok());
+    TurnCommit commit;
+    std::vector<float> logits = {0.5f};
+    std::vector<std::pair<int64_t, uint64_t>> owners = record.owners;
+    commit.last_logits = &logits;
+    commit.owners = &owners;
+    for (int64_t i = 0; i < 2; ++i) {
+      commit.blocks.push_back({{record.uid, 0, i}, blocks[i], std::vector<float>(64, 1.0f)});
+    }
+    ASSERT_TRUE((*cold)->CommitTurn(record, commit, "", 4, 8).ok());
+    EXPECT_EQ(*(*cold)->CountFileBlocks(record.uid), 2);
+  }
+  const std::string file = absl::StrFormat("%s/kvblocks/%016x.kvb", dir.path(), record.uid);
+  EXPECT_EQ(std::filesystem::file_size(file), 2 * Block16RecordSize(blocks[0]->size()));
+  {
+    auto cold = ColdStore::Open({.path = dir.path()});
+    ASSERT_TRUE(cold.ok()) << cold.status();
+    for (int64_t i = 0; i < 2; ++i) {
+      auto got = (*cold)->ReadBlock({record.uid, 0, i}, 16, 4, 8);
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_EQ((*got)->dtype, blocks[i]->dtype);
+      EXPECT_EQ((*got)->index, i);
+      EXPECT_EQ((*got)->keys16, blocks[i]->keys16);
+      EXPECT_EQ((*got)->values16, blocks[i]->values16);
+    }
+  }
+  // One flipped bit in the second block's values fails that block alone, as DATA_LOSS.
+  {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    const std::streamoff at = static_cast<std::streamoff>(Block16RecordSize(blocks[0]->size()) +
+                                                          Block16RecordSize(blocks[0]->size()) / 2);
+    f.seekg(at);
+    const char c = static_cast<char>(f.get() ^ 0x01);
+    f.seekp(at);
+    f.put(c);
+  }
+  auto cold = ColdStore::Open({.path = dir.path()});
+  ASSERT_TRUE(cold.ok()) << cold.status();
+  EXPECT_TRUE((*cold)->ReadBlock({record.uid, 0, 0}, 16, 4, 8).ok());
+  EXPECT_EQ((*cold)->ReadBlock({record.uid, 0, 1}, 16, 4, 8).status().code(),
+            absl::StatusCode::kDataLoss);
 }
 
 // A commit of full blocks [first, first + count) of session `record` to `cold`.

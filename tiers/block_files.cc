@@ -41,6 +41,16 @@ absl::Status SyncDir(const std::string& dir) {
   return absl::OkStatus();
 }
 
+// Moves past `bytes` done by a vectored read or write from iov[*first] on: whole vectors, then
+// part of one after a short transfer.
+void Skip(size_t bytes, std::vector<iovec>& iov, size_t* first) {
+  while (*first < iov.size() && bytes >= iov[*first].iov_len) bytes -= iov[(*first)++].iov_len;
+  if (bytes > 0) {
+    iov[*first].iov_base = static_cast<char*>(iov[*first].iov_base) + bytes;
+    iov[*first].iov_len -= bytes;
+  }
+}
+
 }  // namespace
 
 struct BlockFiles::File {
@@ -120,8 +130,21 @@ absl::StatusOr<std::shared_ptr<BlockFiles::File>> BlockFiles::Get(uint64_t owner
 
 absl::Status BlockFiles::Append(uint64_t owner, const std::vector<std::string>& records,
                                 std::vector<BlockFileRef>* refs) {
+  std::vector<RecordPieces> pieces;
+  pieces.reserve(records.size());
+  for (const std::string& r : records) pieces.push_back({r});
+  return Append(owner, pieces, refs);
+}
+
+absl::Status BlockFiles::Append(uint64_t owner, const std::vector<RecordPieces>& records,
+                                std::vector<BlockFileRef>* refs) {
   refs->clear();
   if (records.empty()) return absl::OkStatus();
+  for (const RecordPieces& r : records) {
+    if (r.empty() || r.back().size() < 4) {
+      return absl::InternalError("a block file record must end with its 4-byte CRC");
+    }
+  }
   auto file = Get(owner, /*create=*/true);
   if (!file.ok()) return file.status();
   const int fd = (*file)->fd;
@@ -130,14 +153,16 @@ absl::Status BlockFiles::Append(uint64_t owner, const std::vector<std::string>& 
   // Append after whatever the file holds, including bytes of a commit a crash cut short.
   const uint64_t start = static_cast<uint64_t>(st.st_size);
   uint64_t offset = start;
-  for (const std::string& r : records) {
-    refs->push_back({offset, static_cast<uint32_t>(r.size()), TrailingCrc(r)});
-    offset += r.size();
-  }
   std::vector<iovec> iov;
-  iov.reserve(records.size());
-  for (const std::string& r : records) {
-    iov.push_back({const_cast<char*>(r.data()), r.size()});
+  for (const RecordPieces& r : records) {
+    uint64_t length = 0;
+    for (std::string_view piece : r) {
+      if (piece.empty()) continue;
+      iov.push_back({const_cast<char*>(piece.data()), piece.size()});
+      length += piece.size();
+    }
+    refs->push_back({offset, static_cast<uint32_t>(length), TrailingCrc(r.back())});
+    offset += length;
   }
   absl::Status status;
   uint64_t at = start;
@@ -153,13 +178,7 @@ absl::Status BlockFiles::Append(uint64_t owner, const std::vector<std::string>& 
       break;
     }
     at += static_cast<uint64_t>(wrote);
-    // Skip what was written: whole vectors, then part of one after a short write.
-    size_t left = static_cast<size_t>(wrote);
-    while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
-    if (left > 0) {
-      iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + left;
-      iov[first].iov_len -= left;
-    }
+    Skip(static_cast<size_t>(wrote), iov, &first);
   }
   if (status.ok() && options_.sync && ::fdatasync(fd) != 0) {
     status = Errno("cannot sync block file", (*file)->path);
@@ -197,6 +216,43 @@ absl::StatusOr<std::string> BlockFiles::Read(uint64_t owner, const BlockFileRef&
                                             ref.offset));
   }
   return out;
+}
+
+absl::Status BlockFiles::ReadInto(uint64_t owner, const BlockFileRef& ref,
+                                  const std::vector<MutablePiece>& pieces) {
+  size_t total = 0;
+  for (const MutablePiece& p : pieces) total += p.size;
+  if (pieces.empty() || pieces.back().size < 4 || total != ref.length) {
+    return absl::InternalError("block file read pieces do not match the record's length");
+  }
+  auto file = Get(owner, /*create=*/false);
+  if (absl::IsNotFound(file.status())) return absl::DataLossError(file.status().message());
+  if (!file.ok()) return file.status();
+  std::vector<iovec> iov;
+  iov.reserve(pieces.size());
+  for (const MutablePiece& p : pieces) {
+    if (p.size > 0) iov.push_back({p.data, p.size});
+  }
+  size_t got = 0, first = 0;
+  while (got < total) {
+    const int n = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    const ssize_t r = ::preadv((*file)->fd, &iov[first], n, static_cast<off_t>(ref.offset + got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return Errno("cannot read block file", (*file)->path);
+    if (r == 0) {
+      return absl::DataLossError(absl::StrCat("block file ", (*file)->path, " ends before byte ",
+                                              ref.offset + ref.length, " that a block needs"));
+    }
+    got += static_cast<size_t>(r);
+    Skip(static_cast<size_t>(r), iov, &first);
+  }
+  const MutablePiece& last = pieces.back();
+  if (TrailingCrc({last.data, last.size}) != ref.crc) {
+    return absl::DataLossError(absl::StrCat("block file ", (*file)->path,
+                                            " holds other bytes than its reference at offset ",
+                                            ref.offset));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status BlockFiles::Remove(uint64_t owner) {

@@ -19,6 +19,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -50,9 +51,19 @@ class BlockFiles {
   // Appends for one owner must not run concurrently: one session writes its own blocks.
   absl::Status Append(uint64_t owner, const std::vector<std::string>& records,
                       std::vector<BlockFileRef>* refs);
+  // The same with each record given as pieces written back to back (BlockRecord's, which point
+  // into the blocks themselves); a record's last piece holds at least its 4-byte CRC.
+  using RecordPieces = std::vector<std::string_view>;
+  absl::Status Append(uint64_t owner, const std::vector<RecordPieces>& records,
+                      std::vector<BlockFileRef>* refs);
   // One record. DATA_LOSS when the file is missing, shorter than `ref`, or holds other bytes
   // there (the record's checksum differs from the reference's).
   absl::StatusOr<std::string> Read(uint64_t owner, const BlockFileRef& ref);
+  // The same straight into `pieces` (in order; their sizes add up to ref.length and the last
+  // holds at least the 4-byte CRC), which checks that the record ends with the reference's CRC.
+  // Checking the record's bytes against it is the caller's part.
+  absl::Status ReadInto(uint64_t owner, const BlockFileRef& ref,
+                        const std::vector<MutablePiece>& pieces);
   // Deletes owner's file; OK when there is none.
   absl::Status Remove(uint64_t owner);
   // Owners that have a file.

@@ -173,21 +173,26 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
   // Full blocks of this session go to its block file, synced before the batch that refers to
   // them; partial ones (rewritten as they fill) and every digest go into the batch.
   const size_t n = commit.blocks.size();
-  std::vector<std::string> encoded(n), digests(n);
+  // A 16-bit block's record points into the block (no copy of its values); commit.blocks
+  // keeps the blocks alive until the write is done.
+  std::vector<BlockRecord> encoded(n);
+  std::vector<std::string> digests(n);
   std::vector<char> to_file(n, 0);
   SharedThreadPool().ParallelFor(static_cast<int64_t>(n), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const KvBlock& b = *commit.blocks[i].block;
-      encoded[i] = EncodeBlock(b, num_kv_heads, head_dim);
+      encoded[i] = EncodeBlockRecord(b, num_kv_heads, head_dim);
       digests[i] = EncodeFloats(commit.blocks[i].digest);
       to_file[i] = block_files_ != nullptr && options_.block_files &&
                    commit.blocks[i].key.owner == record.uid &&
                    static_cast<size_t>(b.filled) * num_kv_heads * head_dim == b.size();
     }
   });
-  std::vector<std::string> file_records;
+  std::vector<BlockFiles::RecordPieces> file_records;
   for (size_t i = 0; i < n; ++i) {
-    if (to_file[i]) file_records.push_back(std::move(encoded[i]));
+    if (!to_file[i]) continue;
+    const BlockRecord& r = encoded[i];
+    file_records.push_back({r.head, r.keys, r.mid, r.values, r.tail});
   }
   std::vector<BlockFileRef> refs;
   if (!file_records.empty()) {
@@ -197,7 +202,7 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
     const BlockWrite& w = commit.blocks[i];
     const std::string key = BlockKeyBytes(w.key);
     batch.Put(handles_[kBlocks], key,
-              to_file[i] ? EncodeBlockFileRef(refs[f++]) : std::move(encoded[i]));
+              to_file[i] ? EncodeBlockFileRef(refs[f++]) : encoded[i].Flatten());
     batch.Put(handles_[kDigests], key, digests[i]);
   }
   const int layers = static_cast<int>(commit.hot_positions.size()) / num_kv_heads;
@@ -279,8 +284,7 @@ absl::StatusOr<std::shared_ptr<const KvBlock>> ColdStore::ReadBlock(const BlockK
   KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading a block"));
   absl::StatusOr<KvBlock> block;
   if (IsBlockFileRef(value.ToStringView())) {
-    absl::StatusOr<std::string> bytes = ReadFileBlock(key.owner, value.ToStringView());
-    block = bytes.ok() ? DecodeBlock(*bytes, block_size, num_kv_heads, head_dim) : bytes.status();
+    block = ReadFileBlock(key.owner, value.ToStringView(), block_size, num_kv_heads, head_dim);
   } else {
     block = DecodeBlock(value.ToStringView(), block_size, num_kv_heads, head_dim);
   }
@@ -299,12 +303,28 @@ absl::StatusOr<std::shared_ptr<const KvBlock>> ColdStore::ReadBlock(const BlockK
   return std::make_shared<const KvBlock>(std::move(*block));
 }
 
-absl::StatusOr<std::string> ColdStore::ReadFileBlock(uint64_t owner, std::string_view ref_value) {
+absl::StatusOr<KvBlock> ColdStore::ReadFileBlock(uint64_t owner, std::string_view ref_value,
+                                                 int block_size, int num_kv_heads, int head_dim) {
   KVMEM_ASSIGN_OR_RETURN(BlockFileRef ref, DecodeBlockFileRef(ref_value));
   if (block_files_ == nullptr) {
     return absl::DataLossError("the block refers to a block file but the store keeps none");
   }
-  return block_files_->Read(owner, ref);
+  const size_t n = static_cast<size_t>(block_size) * num_kv_heads * head_dim;
+  if (ref.length == Block16RecordSize(n)) {
+    // A 16-bit block (what a device backend's sessions write): read straight into the block.
+    KvBlock block;
+    block.dtype = BlockDType::kBF16;
+    block.keys16.resize(n);
+    block.values16.resize(n);
+    KVMEM_RETURN_IF_ERROR(DecodeBlockInto(
+        [&](const std::vector<MutablePiece>& pieces) {
+          return block_files_->ReadInto(owner, ref, pieces);
+        },
+        block_size, num_kv_heads, head_dim, &block));
+    return block;
+  }
+  KVMEM_ASSIGN_OR_RETURN(std::string bytes, block_files_->Read(owner, ref));
+  return DecodeBlock(bytes, block_size, num_kv_heads, head_dim);
 }
 
 absl::StatusOr<std::vector<float>> ColdStore::ReadDigest(const BlockKey& key) {

@@ -99,8 +99,10 @@ class ColdStore {
   // Removes the block files of owners no session references (a crash came between a delete's
   // commit and its unlink).
   absl::Status RemoveUnreferencedBlockFiles();
-  // The block a blocks-family reference names, read from its owner's file.
-  absl::StatusOr<std::string> ReadFileBlock(uint64_t owner, std::string_view ref_value);
+  // The block a blocks-family reference names, read from its owner's file (a 16-bit block
+  // straight into its values) and decoded.
+  absl::StatusOr<KvBlock> ReadFileBlock(uint64_t owner, std::string_view ref_value, int block_size,
+                                        int num_kv_heads, int head_dim);
   absl::Status AddRefs(const std::vector<uint64_t>& owners, int delta, void* batch,
                        std::vector<uint64_t>* freed);
 

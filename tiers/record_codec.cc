@@ -136,6 +136,11 @@ void ByteWriter::I32s(const std::vector<int32_t>& v) {
   U64(v.size());
   for (int32_t x : v) U32(static_cast<uint32_t>(x));
 }
+ByteReader ByteReader::Unchecked(std::string_view bytes) {
+  ByteReader r;
+  r.data_ = bytes;
+  return r;
+}
 std::string ByteWriter::Finish() {
   const uint32_t crc = Crc32c(out_.data(), out_.size());
   U32(crc);
@@ -241,7 +246,14 @@ bool ByteReader::I32s(std::vector<int32_t>* v) {
   return true;
 }
 
-std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim) {
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "records store values little-endian, as they are in memory");
+
+// A block's header and the keys' count: magic, dtype, index, filled, block size, heads,
+// head_dim, count.
+constexpr size_t kBlockHeadBytes = 4 + 1 + 8 + 4 * 4 + 8;
+
+BlockRecord EncodeBlockRecord(const KvBlock& block, int num_kv_heads, int head_dim) {
   // A 16-bit block is written as it is; an f32 one in the narrowest type that holds it exactly.
   std::vector<std::vector<uint16_t>> codes;
   const uint8_t dtype = block.dtype == BlockDType::kBF16 ? kDTypeBF16
@@ -250,8 +262,7 @@ std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim) {
                             : Narrowest({&block.keys, &block.values}, &codes);
   const size_t n = block.size();
   ByteWriter w;
-  // Header, two counted value arrays, checksum: one allocation for the whole record.
-  w.Reserve(29 + 2 * (8 + n * (dtype == kDTypeF32 ? 4 : 2)) + 4);
+  w.Reserve(block.dtype == BlockDType::kF32 ? kBlockHeadBytes + n * 8 + 8 : kBlockHeadBytes);
   w.U32(kBlockMagic);
   w.U8(dtype);
   w.I64(block.index);
@@ -259,14 +270,86 @@ std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim) {
   w.U32(static_cast<uint32_t>(n / (static_cast<size_t>(num_kv_heads) * head_dim)));
   w.U32(static_cast<uint32_t>(num_kv_heads));
   w.U32(static_cast<uint32_t>(head_dim));
+  BlockRecord r;
   if (block.dtype != BlockDType::kF32) {
-    w.U16s(block.keys16);
-    w.U16s(block.values16);
+    w.U64(n);
+    r.head = w.Take();
+    r.keys = {reinterpret_cast<const char*>(block.keys16.data()), n * sizeof(uint16_t)};
+    ByteWriter m;
+    m.U64(n);
+    r.mid = m.Take();
+    r.values = {reinterpret_cast<const char*>(block.values16.data()), n * sizeof(uint16_t)};
   } else {
     WriteValues(w, dtype, block.keys, codes.empty() ? nullptr : &codes[0]);
     WriteValues(w, dtype, block.values, codes.empty() ? nullptr : &codes[1]);
+    r.head = w.Take();
   }
-  return w.Finish();
+  uint32_t crc = Crc32c(r.head.data(), r.head.size());
+  crc = Crc32c(r.keys.data(), r.keys.size(), crc);
+  crc = Crc32c(r.mid.data(), r.mid.size(), crc);
+  r.crc = Crc32c(r.values.data(), r.values.size(), crc);
+  ByteWriter t;
+  t.U32(r.crc);
+  r.tail = t.Take();
+  return r;
+}
+
+std::string BlockRecord::Flatten() const {
+  std::string out;
+  out.reserve(size());
+  for (std::string_view piece :
+       {std::string_view(head), keys, std::string_view(mid), values, std::string_view(tail)}) {
+    out.append(piece.data(), piece.size());
+  }
+  return out;
+}
+
+std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim) {
+  return EncodeBlockRecord(block, num_kv_heads, head_dim).Flatten();
+}
+
+size_t Block16RecordSize(size_t values) { return kBlockHeadBytes + 4 * values + 8 + 4; }
+
+absl::Status DecodeBlockInto(
+    const std::function<absl::Status(const std::vector<MutablePiece>&)>& read, int block_size,
+    int num_kv_heads, int head_dim, KvBlock* block) {
+  const size_t n = static_cast<size_t>(block_size) * num_kv_heads * head_dim;
+  if (block->keys16.size() != n || block->values16.size() != n) {
+    return absl::InternalError("DecodeBlockInto needs a block of the layout's size");
+  }
+  char head[kBlockHeadBytes], mid[8], tail[4];
+  KVMEM_RETURN_IF_ERROR(read({{head, sizeof(head)},
+                              {reinterpret_cast<char*>(block->keys16.data()), n * 2},
+                              {mid, sizeof(mid)},
+                              {reinterpret_cast<char*>(block->values16.data()), n * 2},
+                              {tail, sizeof(tail)}}));
+  uint32_t crc = Crc32c(head, sizeof(head));
+  crc = Crc32c(block->keys16.data(), n * 2, crc);
+  crc = Crc32c(mid, sizeof(mid), crc);
+  crc = Crc32c(block->values16.data(), n * 2, crc);
+  if (crc != TrailingCrc({tail, sizeof(tail)})) {
+    return absl::DataLossError("stored KV block fails its checksum (corrupt on disk)");
+  }
+  ByteReader hr = ByteReader::Unchecked({head, sizeof(head)});
+  ByteReader mr = ByteReader::Unchecked({mid, sizeof(mid)});
+  uint32_t magic, filled, bs, heads, hd;
+  uint64_t keys_count, values_count;
+  uint8_t dtype;
+  int64_t index;
+  if (!hr.U32(&magic) || magic != kBlockMagic || !hr.U8(&dtype) ||
+      (dtype != kDTypeBF16 && dtype != kDTypeF16) || !hr.I64(&index) || !hr.U32(&filled) ||
+      !hr.U32(&bs) || !hr.U32(&heads) || !hr.U32(&hd) || !hr.U64(&keys_count) ||
+      !mr.U64(&values_count)) {
+    return Corrupt("KV block");
+  }
+  if (static_cast<int>(bs) != block_size || static_cast<int>(heads) != num_kv_heads ||
+      static_cast<int>(hd) != head_dim || filled > bs || keys_count != n || values_count != n) {
+    return absl::DataLossError("stored KV block does not match the session's block layout");
+  }
+  block->index = index;
+  block->filled = static_cast<int>(filled);
+  block->dtype = dtype == kDTypeBF16 ? BlockDType::kBF16 : BlockDType::kF16;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<KvBlock> DecodeBlock(std::string_view value, int block_size, int num_kv_heads,

@@ -7,6 +7,7 @@
 #define KVMEM_TIERS_RECORD_CODEC_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <string_view>
@@ -35,6 +36,8 @@ class ByteWriter {
   void Reserve(size_t bytes) { out_.reserve(bytes); }
   // Appends the checksum and returns the value.
   std::string Finish();
+  // The bytes so far, without a checksum (a piece of a larger record).
+  std::string Take() { return std::move(out_); }
 
  private:
   std::string out_;
@@ -44,6 +47,8 @@ class ByteReader {
  public:
   // DATA_LOSS when the trailing checksum does not match `what`'s bytes.
   static absl::StatusOr<ByteReader> Open(std::string_view value, std::string_view what);
+  // Reads `bytes` as they are: a piece of a record whose checksum was checked as a whole.
+  static ByteReader Unchecked(std::string_view bytes);
   bool U8(uint8_t* v);
   bool U32(uint32_t* v);
   bool U64(uint64_t* v);
@@ -70,6 +75,38 @@ class ByteReader {
 std::string EncodeBlock(const KvBlock& block, int num_kv_heads, int head_dim);
 absl::StatusOr<KvBlock> DecodeBlock(std::string_view value, int block_size, int num_kv_heads,
                                     int head_dim);
+
+// EncodeBlock's bytes as pieces, so that a 16-bit block's values are written straight from the
+// block with no copy: the record is head, keys, mid, values, tail back to back. `keys` and
+// `values` point into the block, which must outlive the record; an f32 block (narrowed first)
+// is encoded whole into `head`, with the other pieces but `tail` empty.
+struct BlockRecord {
+  std::string head;  // header and the keys' count
+  std::string_view keys;
+  std::string mid;  // the values' count
+  std::string_view values;
+  std::string tail;  // the CRC-32C of everything before it
+  uint32_t crc = 0;
+
+  size_t size() const { return head.size() + keys.size() + mid.size() + values.size() + 4; }
+  std::string Flatten() const;
+};
+BlockRecord EncodeBlockRecord(const KvBlock& block, int num_kv_heads, int head_dim);
+// The byte length of a 16-bit block's record of `values` values in K (as many in V); records
+// of this length are the ones DecodeBlockInto reads.
+size_t Block16RecordSize(size_t values);
+// Reads a 16-bit block's record into `block`, whose keys16 and values16 must already have the
+// layout's size: `read(pieces)` fills the record's pieces in order (a small header, the keys,
+// the values' count, the values, the CRC) straight from storage, so the values land in the
+// block without a copy. DATA_LOSS as DecodeBlock for damaged or mismatched bytes; errors of
+// `read` pass through.
+struct MutablePiece {
+  char* data;
+  size_t size;
+};
+absl::Status DecodeBlockInto(
+    const std::function<absl::Status(const std::vector<MutablePiece>&)>& read, int block_size,
+    int num_kv_heads, int head_dim, KvBlock* block);
 
 // Where a full block lives in its owner's block file (tiers/block_files.h). The blocks column
 // family then holds this reference in place of the block; the two are told apart by their
