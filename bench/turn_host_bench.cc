@@ -53,7 +53,9 @@ class StandInBackend : public Backend {
     if (kv->attachment() == nullptr) kv->set_attachment(std::make_shared<int>(0));
     const int observed = static_cast<int>(std::min<int64_t>(options.observe_last, n));
     result->observed_queries.assign(observed > 0 ? c_.num_layers : 0, {});
-    std::vector<float> rows(n * kvd, 0.f);
+    // New rows come back in the device's type: bf16 bits (or f32, for --block-dtype f32).
+    const size_t row_bytes = blocks_ == BlockDType::kF32 ? sizeof(float) : sizeof(uint16_t);
+    std::vector<char> rows(n * kvd * row_bytes, 0);
     std::vector<float> q;
     for (int l = 0; l < c_.num_layers; ++l) {
       if (options.before_attention) {
@@ -63,7 +65,7 @@ class StandInBackend : public Backend {
         q.assign(rows * qd, 0.01f);
         if (absl::Status s = options.before_attention(l, q.data(), rows, kv); !s.ok()) return s;
       }
-      kv->AppendFresh(l, start_pos, n, rows.data(), rows.data());
+      kv->AppendFresh(l, start_pos, n, blocks_, rows.data(), rows.data());
       for (int g = 0; g < c_.num_kv_heads; ++g) {
         std::vector<int64_t>& p = kv->head(l, g).positions;
         for (int64_t t = 0; t < n; ++t) p.push_back(start_pos + t);

@@ -374,18 +374,12 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
   // The host cache gets the entries exactly as the device holds them (rounded to T), so a
   // later upload of them reproduces the device's rows bit for bit: into every head (kHost),
   // or as the layer's fresh rows with positions only in the heads (kBackend).
+  // Fresh rows stay in T (KvDType): a bf16 device's rows are handed over as bf16 bits.
   std::vector<float> krow(hd), vrow(hd);
-  std::vector<float> fresh_k, fresh_v;
   for (int l = 0; l < L; ++l) {
     if (!kv->host_rows()) {
-      const size_t begin = static_cast<size_t>(l) * n * kvd, count = static_cast<size_t>(n) * kvd;
-      fresh_k.resize(count);
-      fresh_v.resize(count);
-      for (size_t i = 0; i < count; ++i) {
-        fresh_k[i] = HostToFloat(host_k[begin + i]);
-        fresh_v[i] = HostToFloat(host_v[begin + i]);
-      }
-      kv->AppendFresh(l, start_pos, n, fresh_k.data(), fresh_v.data());
+      const size_t begin = static_cast<size_t>(l) * n * kvd;
+      kv->AppendFresh(l, start_pos, n, KvDType(), &host_k[begin], &host_v[begin]);
     }
     for (int g = 0; g < kvh; ++g) {
       DeviceHead<T>& dh = dkv->heads[l * kvh + g];

@@ -84,6 +84,88 @@ void KvBlock::ZeroFrom(size_t off) {
   }
 }
 
+namespace {
+
+void ReadBf16(const KvBlock& b, const std::vector<float>& f32, const std::vector<uint16_t>& h,
+              size_t off, size_t n, uint16_t* out) {
+  if (b.dtype == BlockDType::kBF16) {
+    std::memcpy(out, h.data() + off, n * sizeof(uint16_t));
+    return;
+  }
+  float wide[256];
+  for (size_t done = 0; done < n; done += 256) {
+    const size_t m = std::min<size_t>(256, n - done);
+    Read(b, f32, h, off + done, m, wide);
+    for (size_t i = 0; i < m; ++i) out[done + i] = Bf16Rne(wide[i]);
+  }
+}
+
+template <typename V>
+void Append(std::vector<V>& v, const void* in, size_t n) {
+  const V* p = static_cast<const V*>(in);
+  v.insert(v.end(), p, p + n);
+}
+
+}  // namespace
+
+void KvBlock::ReadKeysBf16(size_t off, size_t n, uint16_t* out) const {
+  ReadBf16(*this, keys, keys16, off, n, out);
+}
+void KvBlock::ReadValuesBf16(size_t off, size_t n, uint16_t* out) const {
+  ReadBf16(*this, values, values16, off, n, out);
+}
+
+void KvBlock::CopyFrom(size_t off, const KvBlock& src, size_t src_off, size_t n) {
+  if (src.dtype == dtype) {
+    if (dtype == BlockDType::kF32) {
+      std::memcpy(keys.data() + off, src.keys.data() + src_off, n * sizeof(float));
+      std::memcpy(values.data() + off, src.values.data() + src_off, n * sizeof(float));
+    } else {
+      std::memcpy(keys16.data() + off, src.keys16.data() + src_off, n * sizeof(uint16_t));
+      std::memcpy(values16.data() + off, src.values16.data() + src_off, n * sizeof(uint16_t));
+    }
+    return;
+  }
+  float wide[256];
+  for (size_t done = 0; done < n; done += 256) {
+    const size_t m = std::min<size_t>(256, n - done);
+    src.ReadKeys(src_off + done, m, wide);
+    WriteKeys(off + done, wide, m);
+    src.ReadValues(src_off + done, m, wide);
+    WriteValues(off + done, wide, m);
+  }
+}
+
+void KvBlock::AppendRaw(const void* k, const void* v, size_t n) {
+  if (dtype == BlockDType::kF32) {
+    Append(keys, k, n);
+    Append(values, v, n);
+  } else {
+    Append(keys16, k, n);
+    Append(values16, v, n);
+  }
+}
+
+void KvBlock::Truncate(size_t n) {
+  if (dtype == BlockDType::kF32) {
+    keys.resize(n);
+    values.resize(n);
+  } else {
+    keys16.resize(n);
+    values16.resize(n);
+  }
+}
+
+void KvBlock::EraseFront(size_t n) {
+  if (dtype == BlockDType::kF32) {
+    keys.erase(keys.begin(), keys.begin() + n);
+    values.erase(values.begin(), values.begin() + n);
+  } else {
+    keys16.erase(keys16.begin(), keys16.begin() + n);
+    values16.erase(values16.begin(), values16.begin() + n);
+  }
+}
+
 KvBlock WidenedBlock(const KvBlock& b) {
   if (b.dtype == BlockDType::kF32) return b;
   KvBlock w;

@@ -42,6 +42,20 @@ struct KvBlock {
   void WriteValues(size_t off, const float* in, size_t n);
   // Zeroes values [off, size()) of K and V.
   void ZeroFrom(size_t off);
+  // out[i] = K (V) value off + i as bf16 bits: copied from a bf16 block, else rounded to
+  // nearest even (Bf16Rne).
+  void ReadKeysBf16(size_t off, size_t n, uint16_t* out) const;
+  void ReadValuesBf16(size_t off, size_t n, uint16_t* out) const;
+  // K and V values [off, off + n) from src's [src_off, src_off + n): copied when both blocks
+  // have one type, else converted as ReadKeys and WriteKeys do.
+  void CopyFrom(size_t off, const KvBlock& src, size_t src_off, size_t n);
+
+  // As growable rows (KvCache's fresh rows): n more values at the end of K and of V, given in
+  // the block's own type (f32, or the bits of its 16-bit type); then keeping the first n, or
+  // dropping them.
+  void AppendRaw(const void* keys, const void* values, size_t n);
+  void Truncate(size_t n);
+  void EraseFront(size_t n);
 };
 
 // `b` with its values as f32 (exact for every type).

@@ -55,27 +55,33 @@ KvCache& KvCache::operator=(const KvCache& other) {
 }
 
 int64_t KvCache::fresh_size(int layer) const {
-  return static_cast<int64_t>(fresh_[layer].keys.size()) / (num_kv_heads_ * head_dim_);
+  return static_cast<int64_t>(fresh_[layer].rows.size()) / (num_kv_heads_ * head_dim_);
 }
 
 void KvCache::AppendFresh(int layer, int64_t first, int64_t n, const float* keys,
                           const float* values) {
+  AppendFresh(layer, first, n, BlockDType::kF32, keys, values);
+}
+
+void KvCache::AppendFresh(int layer, int64_t first, int64_t n, BlockDType dtype, const void* keys,
+                          const void* values) {
   KVMEM_CHECK(row_home_ == RowHome::kBackend);
   FreshRows& f = fresh_[layer];
   const int64_t held = fresh_size(layer);
-  if (held == 0) f.first = first;
-  KVMEM_CHECK(f.first + held == first);
-  const size_t count = static_cast<size_t>(n) * num_kv_heads_ * head_dim_;
-  f.keys.insert(f.keys.end(), keys, keys + count);
-  f.values.insert(f.values.end(), values, values + count);
+  if (held == 0) {
+    f.first = first;
+    f.rows.Truncate(0);
+    f.rows.dtype = dtype;
+  }
+  KVMEM_CHECK(f.first + held == first && f.rows.dtype == dtype);
+  f.rows.AppendRaw(keys, values, static_cast<size_t>(n) * num_kv_heads_ * head_dim_);
 }
 
 void KvCache::DropFreshFrom(int64_t position) {
   for (int l = 0; l < static_cast<int>(fresh_.size()); ++l) {
     FreshRows& f = fresh_[l];
     const int64_t keep = std::clamp<int64_t>(position - f.first, 0, fresh_size(l));
-    f.keys.resize(static_cast<size_t>(keep) * num_kv_heads_ * head_dim_);
-    f.values.resize(f.keys.size());
+    f.rows.Truncate(static_cast<size_t>(keep) * num_kv_heads_ * head_dim_);
   }
 }
 
@@ -84,9 +90,7 @@ void KvCache::DropFreshBefore(int64_t position) {
     FreshRows& f = fresh_[l];
     const int64_t held = fresh_size(l);
     const int64_t drop = std::clamp<int64_t>(position - f.first, 0, held);
-    const size_t count = static_cast<size_t>(drop) * num_kv_heads_ * head_dim_;
-    f.keys.erase(f.keys.begin(), f.keys.begin() + count);
-    f.values.erase(f.values.begin(), f.values.begin() + count);
+    f.rows.EraseFront(static_cast<size_t>(drop) * num_kv_heads_ * head_dim_);
     f.first = held == drop ? 0 : f.first + drop;
   }
 }
@@ -97,6 +101,15 @@ namespace {
 void RowAs(const float* in, size_t n, float* out) { std::memcpy(out, in, n * sizeof(float)); }
 void RowAs(const float* in, size_t n, uint16_t* out) {
   for (size_t i = 0; i < n; ++i) out[i] = Bf16Rne(in[i]);
+}
+// Row values [off, off + n) of typed rows as E.
+void RowAs(const KvBlock& rows, size_t off, size_t n, float* keys, float* values) {
+  rows.ReadKeys(off, n, keys);
+  rows.ReadValues(off, n, values);
+}
+void RowAs(const KvBlock& rows, size_t off, size_t n, uint16_t* keys, uint16_t* values) {
+  rows.ReadKeysBf16(off, n, keys);
+  rows.ReadValuesBf16(off, n, values);
 }
 
 }  // namespace
@@ -128,8 +141,7 @@ absl::Status KvCache::ReadRowsAs(int layer, int kv_head, absl::Span<const int64_
     const int64_t p = positions[i];
     if (p >= f.first && p < fresh_end) {
       const size_t off = (static_cast<size_t>(p - f.first) * num_kv_heads_ + kv_head) * hd;
-      RowAs(&f.keys[off], hd, keys + i * hd);
-      RowAs(&f.values[off], hd, values + i * hd);
+      RowAs(f.rows, off, hd, keys + i * hd, values + i * hd);
     } else {
       older.push_back(p);
       older_at.push_back(i);
@@ -180,15 +192,12 @@ absl::StatusOr<KvCache> KvCache::WithHostRows() const {
 }
 
 int64_t KvCache::Bytes() const {
-  int64_t floats = 0;
   if (row_home_ == RowHome::kHost) {
-    floats = TotalEntries() * 2 * head_dim_;
-  } else {
-    for (const FreshRows& f : fresh_) {
-      floats += static_cast<int64_t>(f.keys.size() + f.values.size());
-    }
+    return TotalEntries() * 2 * head_dim_ * static_cast<int64_t>(sizeof(float));
   }
-  return floats * static_cast<int64_t>(sizeof(float));
+  int64_t bytes = 0;
+  for (const FreshRows& f : fresh_) bytes += f.rows.bytes();
+  return bytes;
 }
 
 int64_t KvCache::MaxPosition() const {

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "engine/kv_blocks.h"
 
 namespace kvmem {
 
@@ -57,11 +58,11 @@ class KvCache {
  public:
   enum class RowHome { kHost, kBackend };
 
-  // Rows of consecutive positions [first, first + size()) of one layer, all KV heads.
+  // Rows of consecutive positions [first, first + count) of one layer, all KV heads, in the
+  // type the backend handed them over in (its KV type: a bf16 device's rows stay bf16).
   struct FreshRows {
     int64_t first = 0;
-    std::vector<float> keys;    // (size(), num_kv_heads, head_dim)
-    std::vector<float> values;  // (size(), num_kv_heads, head_dim)
+    KvBlock rows;  // (count, num_kv_heads, head_dim) as growable rows; index and filled unused
   };
 
   KvCache(int num_layers, int num_kv_heads, int head_dim, RowHome rows = RowHome::kHost);
@@ -100,8 +101,11 @@ class KvCache {
   const FreshRows& fresh(int layer) const { return fresh_[layer]; }
   int64_t fresh_size(int layer) const;
   // Appends rows (n, num_kv_heads, head_dim) of positions [first, first + n) to `layer`'s
-  // fresh rows, which must end at `first` unless empty.
+  // fresh rows, which must end at `first` unless empty: f32, or the bits of `dtype` (which
+  // must be the type of the rows held, unless none are).
   void AppendFresh(int layer, int64_t first, int64_t n, const float* keys, const float* values);
+  void AppendFresh(int layer, int64_t first, int64_t n, BlockDType dtype, const void* keys,
+                   const void* values);
   // Forgets fresh rows of positions >= `position` (a rolled-back pass) or < `position`
   // (rows the session has put into blocks), in every layer.
   void DropFreshFrom(int64_t position);
@@ -123,7 +127,7 @@ class KvCache {
   int64_t MaxPosition() const;
   // Entries summed over all (layer, head).
   int64_t TotalEntries() const;
-  // Bytes of keys and values held on the host (f32): every entry (kHost) or the fresh rows.
+  // Bytes of keys and values held on the host: every entry (kHost, f32) or the fresh rows.
   int64_t Bytes() const;
 
  private:

@@ -664,9 +664,7 @@ std::vector<BlockWrite> Session::FillBlocks() {
         // The backend handed the new positions' rows over as fresh rows, in block layout.
         const KvCache::FreshRows& f = hot_.fresh(l);
         KVMEM_CHECK(p >= f.first && p < f.first + hot_.fresh_size(l));
-        const size_t off = static_cast<size_t>(p - f.first) * row;
-        tail->WriteKeys(slot * row, &f.keys[off], row);
-        tail->WriteValues(slot * row, &f.values[off], row);
+        tail->CopyFrom(slot * row, f.rows, static_cast<size_t>(p - f.first) * row, row);
       }
       for (int g = 0; g < c.num_kv_heads && hot_.host_rows(); ++g) {
         // The uncommitted positions are the last `count` entries of every head.
@@ -748,19 +746,10 @@ absl::Status Session::ReadRows(int layer, int kv_head, absl::Span<const int64_t>
 absl::Status Session::ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
                                    uint16_t* keys, uint16_t* values) {
   const int hd = model_.config().head_dim;
-  std::vector<float> k(hd), v(hd);
+  // A bf16 device's rows in bf16 blocks are copied as they are.
   return ForEachRow(layer, kv_head, positions, [&](const KvBlock& block, size_t off, size_t i) {
-    if (block.dtype == BlockDType::kBF16) {  // a bf16 device's rows: copied as they are
-      std::memcpy(keys + i * hd, &block.keys16[off], hd * sizeof(uint16_t));
-      std::memcpy(values + i * hd, &block.values16[off], hd * sizeof(uint16_t));
-      return;
-    }
-    block.ReadKeys(off, hd, k.data());
-    block.ReadValues(off, hd, v.data());
-    for (int d = 0; d < hd; ++d) {
-      keys[i * hd + d] = Bf16Rne(k[d]);
-      values[i * hd + d] = Bf16Rne(v[d]);
-    }
+    block.ReadKeysBf16(off, hd, keys + i * hd);
+    block.ReadValuesBf16(off, hd, values + i * hd);
   });
 }
 

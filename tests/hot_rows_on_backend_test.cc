@@ -410,6 +410,57 @@ TEST(KvCacheTest, FreshRowsAppendDropAndServeReads) {
   EXPECT_EQ(kv.Bytes(), 0);
 }
 
+TEST(KvCacheTest, Bf16FreshRowsStayBf16AndReadBackExactly) {
+  // A bf16 device hands its new rows over as bf16 bits: held in half the bytes, read back as
+  // bf16 bits unchanged and as f32 exactly, and put into blocks of either type without loss.
+  KvCache kv(1, 2, 2, KvCache::RowHome::kBackend);
+  // Positions 4, 5: (n, kv_heads, head_dim). 0x3f81 is 1.0078125 (not an f16 either).
+  const uint16_t k[] = {0x3f80, 0x3f81, 0x4000, 0xc040, 0x4080, 0x40a0, 0x3f81, 0x0000};
+  const uint16_t v[] = {0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+  kv.AppendFresh(0, 4, 2, BlockDType::kBF16, k, v);
+  EXPECT_EQ(kv.fresh(0).rows.dtype, BlockDType::kBF16);
+  EXPECT_EQ(kv.fresh_size(0), 2);
+  EXPECT_EQ(kv.Bytes(), 16 * static_cast<int64_t>(sizeof(uint16_t)));
+  const int64_t both[] = {5, 4};
+  uint16_t bk[4], bv[4];
+  ASSERT_TRUE(kv.ReadRowsBf16(0, 1, both, bk, bv).ok());
+  EXPECT_EQ(std::vector<uint16_t>(bk, bk + 4),
+            (std::vector<uint16_t>{0x3f81, 0x0000, 0x4000, 0xc040}));
+  EXPECT_EQ(std::vector<uint16_t>(bv, bv + 4),
+            (std::vector<uint16_t>{0x4160, 0x4170, 0x4120, 0x4130}));
+  float fk[4], fv[4];
+  ASSERT_TRUE(kv.ReadRows(0, 0, both, fk, fv).ok());
+  EXPECT_EQ(std::vector<float>(fk, fk + 4), (std::vector<float>{4.f, 5.f, 1.f, 1.0078125f}));
+  // Into blocks: a bf16 block copies the bits, an f32 one widens them.
+  for (BlockDType dtype : {BlockDType::kBF16, BlockDType::kF32}) {
+    KvBlock block = MakeEmptyBlock(0, 4, 2, 2, dtype);
+    block.CopyFrom(4, kv.fresh(0).rows, 0, 8);
+    float wk[8];
+    block.ReadKeys(4, 8, wk);
+    for (int i = 0; i < 8; ++i) EXPECT_EQ(wk[i], BFloat16ToFloat(k[i])) << i;
+    uint16_t back[8];
+    block.ReadValuesBf16(4, 8, back);
+    EXPECT_EQ(std::vector<uint16_t>(back, back + 8), std::vector<uint16_t>(v, v + 8));
+  }
+  // Dropping keeps the type; the next pass continues in it.
+  kv.DropFreshBefore(5);
+  EXPECT_EQ(kv.fresh_size(0), 1);
+  ASSERT_TRUE(kv.ReadRowsBf16(0, 1, absl::MakeConstSpan(both, 1), bk, bv).ok());
+  EXPECT_EQ(bk[0], 0x3f81);
+  kv.AppendFresh(0, 6, 1, BlockDType::kBF16, k, v);
+  EXPECT_EQ(kv.fresh_size(0), 2);
+  kv.DropFreshFrom(6);
+  EXPECT_EQ(kv.fresh_size(0), 1);
+  kv.DropFreshBefore(10);
+  EXPECT_EQ(kv.Bytes(), 0);
+  // Once empty, rows of another type may follow (a backend of another type took over).
+  const float f[] = {1, 2, 3, 4};
+  kv.AppendFresh(0, 10, 1, f, f);
+  EXPECT_EQ(kv.fresh(0).rows.dtype, BlockDType::kF32);
+  ASSERT_TRUE(kv.ReadRows(0, 1, std::vector<int64_t>{10}, fk, fv).ok());
+  EXPECT_EQ(fk[1], 4.f);
+}
+
 TEST(KvCacheTest, WithHostRowsReadsEveryEntry) {
   KvCache kv(1, 2, 2, KvCache::RowHome::kBackend);
   MapRows source;

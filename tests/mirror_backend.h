@@ -36,8 +36,8 @@ class MirrorBackend : public Backend {
   // Makes SelectSnapKv fail, as a device out of memory would.
   void set_select_fails(bool fails) { select_fails_ = fails; }
   // Plays a bf16 device: each pass's new rows are rounded to bf16 (to nearest even) in the copy
-  // before they are handed over, rows are read back as bf16 (KvCache::ReadRowsBf16), and
-  // sessions' blocks take `blocks` (Backend::KvDType).
+  // and handed over as bf16 fresh rows, rows are read back as bf16 (KvCache::ReadRowsBf16),
+  // and sessions' blocks take `blocks` (Backend::KvDType).
   void set_bf16_rows(BlockDType blocks) {
     bf16_rows_ = true;
     block_dtype_ = blocks;
@@ -89,7 +89,17 @@ class MirrorBackend : public Backend {
           std::memcpy(&v[(t * kvh + g) * hd], &h.values[e * hd], hd * sizeof(float));
         }
       }
-      kv->AppendFresh(l, start_pos, n, k.data(), v.data());
+      if (bf16_rows_) {
+        // As a bf16 device does: the rows are handed over as bf16 bits.
+        std::vector<uint16_t> k16(k.size()), v16(v.size());
+        for (size_t i = 0; i < k.size(); ++i) {
+          k16[i] = Bf16Rne(k[i]);
+          v16[i] = Bf16Rne(v[i]);
+        }
+        kv->AppendFresh(l, start_pos, n, BlockDType::kBF16, k16.data(), v16.data());
+      } else {
+        kv->AppendFresh(l, start_pos, n, k.data(), v.data());
+      }
       for (int g = 0; g < kvh; ++g) {
         const size_t i = static_cast<size_t>(l) * kvh + g;
         const bool in_step = m.versions[i] == kv->version(l, g);

@@ -319,6 +319,43 @@ TEST(KvBlockTest, TypedBlocksHoldTheirTypesValuesAndRoundBf16ToNearestEven) {
   EXPECT_EQ(wide.bytes(), 2 * f16.bytes());
 }
 
+TEST(KvBlockTest, CopiesAndBf16ReadsConvertOnlyBetweenTypes) {
+  // f32 values: exact in bf16 (1.5), rounding up (1 + 2^-8 + 2^-9 -> 1 + 2^-7), and one
+  // that is a tie (1 + 2^-8 -> 1, even).
+  const float in[] = {1.5f, 1.0f + 0x1p-8f + 0x1p-9f, 1.0f + 0x1p-8f, -2.0f};
+  KvBlock f32 = MakeEmptyBlock(0, 1, 1, 4, BlockDType::kF32);
+  f32.WriteKeys(0, in, 4);
+  f32.WriteValues(0, in, 4);
+  uint16_t bits[4];
+  f32.ReadKeysBf16(0, 4, bits);
+  EXPECT_EQ(std::vector<uint16_t>(bits, bits + 4),
+            (std::vector<uint16_t>{0x3fc0, 0x3f81, 0x3f80, 0xc000}));
+  // f32 -> bf16 rounds as WriteKeys does; bf16 -> f32 widens exactly; bf16 -> bf16 copies.
+  KvBlock bf16 = MakeEmptyBlock(0, 2, 1, 4, BlockDType::kBF16);
+  bf16.CopyFrom(4, f32, 0, 4);
+  EXPECT_EQ(std::vector<uint16_t>(bf16.keys16.begin() + 4, bf16.keys16.end()),
+            std::vector<uint16_t>(bits, bits + 4));
+  EXPECT_EQ(std::vector<uint16_t>(bf16.values16.begin() + 4, bf16.values16.end()),
+            std::vector<uint16_t>(bits, bits + 4));
+  KvBlock wide = MakeEmptyBlock(0, 1, 1, 4, BlockDType::kF32);
+  wide.CopyFrom(0, bf16, 4, 4);
+  EXPECT_EQ(wide.values, (std::vector<float>{1.5f, 1.0f + 0x1p-7f, 1.0f, -2.0f}));
+  KvBlock same = MakeEmptyBlock(0, 1, 1, 4, BlockDType::kBF16);
+  same.CopyFrom(0, bf16, 4, 4);
+  EXPECT_EQ(same.keys16, std::vector<uint16_t>(bits, bits + 4));
+  // Growable rows: append in the block's own type, truncate, drop from the front.
+  KvBlock rows;
+  rows.dtype = BlockDType::kBF16;
+  rows.AppendRaw(bits, bits, 4);
+  rows.AppendRaw(bits, bits, 2);
+  EXPECT_EQ(rows.size(), 6u);
+  rows.EraseFront(3);
+  EXPECT_EQ(rows.keys16, (std::vector<uint16_t>{0xc000, 0x3fc0, 0x3f81}));
+  rows.Truncate(1);
+  EXPECT_EQ(rows.values16, (std::vector<uint16_t>{0xc000}));
+  EXPECT_EQ(rows.bytes(), 4);
+}
+
 TEST(RecordCodecTest, HotIndexStoresGapsAndReadsTheFirstLayoutToo) {
   std::mt19937 rng(4);
   std::vector<int64_t> positions;
