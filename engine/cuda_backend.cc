@@ -324,38 +324,84 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
   cudaStream_t s = ctx_->stream;
   result->logits.resize(logit_rows * c.vocab_size);
   std::vector<float> obs(observed > 0 ? static_cast<size_t>(L) * observed * qd : 0);
-  std::vector<T> host_k(static_cast<size_t>(L) * n * kvd), host_v(host_k.size());
+  // Where the new rows land on the host: a kBackend cache's fresh rows, grown here and written
+  // by the copies themselves (in T: a bf16 device's rows stay bf16), or host_k/host_v for a
+  // kHost cache, whose heads take them widened below.
+  const bool fresh = !kv->host_rows();
+  const size_t layer_values = static_cast<size_t>(n) * kvd;
+  std::vector<T> host_k(fresh ? 0 : L * layer_values), host_v(host_k.size());
+  std::vector<T*> dst_k(L), dst_v(L);
+  for (int l = 0; l < L; ++l) {
+    if (fresh) {
+      const auto [k, v] = kv->GrowFresh(l, start_pos, n, KvDType());
+      dst_k[l] = static_cast<T*>(k);
+      dst_v[l] = static_cast<T*>(v);
+    } else {
+      dst_k[l] = host_k.data() + l * layer_values;
+      dst_v[l] = host_v.data() + l * layer_values;
+    }
+  }
   // Results come back in one wait: through pinned staging when given (every copy truly
-  // asynchronous, then one host copy each), else straight into the pageable vectors.
+  // asynchronous, then one host copy each), else straight to where they belong.
   struct Download {
     void* dst;
     const void* src;
     size_t bytes;
   };
-  const Download downloads[] = {
+  std::vector<Download> downloads = {
       {result->logits.data(), b.logits, result->logits.size() * sizeof(float)},
-      {obs.data(), b.observed_q, obs.size() * sizeof(float)},
-      {host_k.data(), b.new_k, host_k.size() * sizeof(T)},
-      {host_v.data(), b.new_v, host_v.size() * sizeof(T)}};
-  size_t staged = 0;
-  for (const Download& d : downloads) {
-    if (d.bytes == 0) continue;
-    if (pinned != nullptr) {
+      {obs.data(), b.observed_q, obs.size() * sizeof(float)}};
+  std::vector<Download> rows;  // the new K and V of each layer
+  for (int l = 0; l < L; ++l) {
+    rows.push_back({dst_k[l], b.new_k + l * layer_values, layer_values * sizeof(T)});
+    rows.push_back({dst_v[l], b.new_v + l * layer_values, layer_values * sizeof(T)});
+  }
+  auto download = [&]() -> absl::Status {
+    if (pinned == nullptr) {
+      for (const std::vector<Download>* list : {&downloads, &rows}) {
+        for (const Download& d : *list) {
+          if (d.bytes == 0) continue;
+          KVMEM_CUDA_RETURN_IF_ERROR(
+              cudaMemcpyAsync(d.dst, d.src, d.bytes, cudaMemcpyDeviceToHost, s));
+        }
+      }
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+      return absl::OkStatus();
+    }
+    // Staged: K and V of every layer as one copy each (they are contiguous on the device).
+    const Download staged_list[] = {downloads[0],
+                                    downloads[1],
+                                    {nullptr, b.new_k, L * layer_values * sizeof(T)},
+                                    {nullptr, b.new_v, L * layer_values * sizeof(T)}};
+    size_t staged = 0;
+    for (const Download& d : staged_list) {
+      if (d.bytes == 0) continue;
       KVMEM_CUDA_RETURN_IF_ERROR(
           cudaMemcpyAsync(pinned + staged, d.src, d.bytes, cudaMemcpyDeviceToHost, s));
       staged += (d.bytes + 7) / 8 * 8;
-    } else {
-      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d.dst, d.src, d.bytes, cudaMemcpyDeviceToHost, s));
     }
-  }
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
-  if (pinned != nullptr) {
+    KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
     staged = 0;
-    for (const Download& d : downloads) {
+    for (const Download& d : staged_list) {
       if (d.bytes == 0) continue;
-      std::memcpy(d.dst, pinned + staged, d.bytes);
+      if (d.dst != nullptr) {
+        std::memcpy(d.dst, pinned + staged, d.bytes);
+      } else {
+        const bool keys = d.src == static_cast<const void*>(b.new_k);
+        for (int l = 0; l < L; ++l) {
+          std::memcpy(keys ? dst_k[l] : dst_v[l], pinned + staged + l * layer_values * sizeof(T),
+                      layer_values * sizeof(T));
+        }
+      }
       staged += (d.bytes + 7) / 8 * 8;
     }
+    return absl::OkStatus();
+  };
+  if (absl::Status st = download(); !st.ok()) {
+    // Nothing may still write into the grown rows when they are dropped.
+    cudaStreamSynchronize(s);
+    if (fresh) kv->DropFreshFrom(start_pos);
+    return st;
   }
 
   result->observed_queries.assign(observed > 0 ? L : 0, {});
@@ -374,13 +420,8 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
   // The host cache gets the entries exactly as the device holds them (rounded to T), so a
   // later upload of them reproduces the device's rows bit for bit: into every head (kHost),
   // or as the layer's fresh rows with positions only in the heads (kBackend).
-  // Fresh rows stay in T (KvDType): a bf16 device's rows are handed over as bf16 bits.
   std::vector<float> krow(hd), vrow(hd);
   for (int l = 0; l < L; ++l) {
-    if (!kv->host_rows()) {
-      const size_t begin = static_cast<size_t>(l) * n * kvd;
-      kv->AppendFresh(l, start_pos, n, KvDType(), &host_k[begin], &host_v[begin]);
-    }
     for (int g = 0; g < kvh; ++g) {
       DeviceHead<T>& dh = dkv->heads[l * kvh + g];
       // A head changed on the host after its layer was synced (only a hook editing another

@@ -100,12 +100,6 @@ void ReadBf16(const KvBlock& b, const std::vector<float>& f32, const std::vector
   }
 }
 
-template <typename V>
-void Append(std::vector<V>& v, const void* in, size_t n) {
-  const V* p = static_cast<const V*>(in);
-  v.insert(v.end(), p, p + n);
-}
-
 }  // namespace
 
 void KvBlock::ReadKeysBf16(size_t off, size_t n, uint16_t* out) const {
@@ -136,17 +130,7 @@ void KvBlock::CopyFrom(size_t off, const KvBlock& src, size_t src_off, size_t n)
   }
 }
 
-void KvBlock::AppendRaw(const void* k, const void* v, size_t n) {
-  if (dtype == BlockDType::kF32) {
-    Append(keys, k, n);
-    Append(values, v, n);
-  } else {
-    Append(keys16, k, n);
-    Append(values16, v, n);
-  }
-}
-
-void KvBlock::Truncate(size_t n) {
+void KvBlock::Resize(size_t n) {
   if (dtype == BlockDType::kF32) {
     keys.resize(n);
     values.resize(n);
@@ -164,6 +148,15 @@ void KvBlock::EraseFront(size_t n) {
     keys16.erase(keys16.begin(), keys16.begin() + n);
     values16.erase(values16.begin(), values16.begin() + n);
   }
+}
+
+void* KvBlock::KeysAt(size_t off) {
+  return dtype == BlockDType::kF32 ? static_cast<void*>(keys.data() + off)
+                                   : static_cast<void*>(keys16.data() + off);
+}
+void* KvBlock::ValuesAt(size_t off) {
+  return dtype == BlockDType::kF32 ? static_cast<void*>(values.data() + off)
+                                   : static_cast<void*>(values16.data() + off);
 }
 
 KvBlock WidenedBlock(const KvBlock& b) {

@@ -50,12 +50,13 @@ struct KvBlock {
   // have one type, else converted as ReadKeys and WriteKeys do.
   void CopyFrom(size_t off, const KvBlock& src, size_t src_off, size_t n);
 
-  // As growable rows (KvCache's fresh rows): n more values at the end of K and of V, given in
-  // the block's own type (f32, or the bits of its 16-bit type); then keeping the first n, or
-  // dropping them.
-  void AppendRaw(const void* keys, const void* values, size_t n);
-  void Truncate(size_t n);
+  // As growable rows (KvCache's fresh rows): n values in K and in V (cut, or grown with
+  // zeros); dropping the first n; where values from `off` on are, in the block's own type (f32,
+  // or the bits of its 16-bit type).
+  void Resize(size_t n);
   void EraseFront(size_t n);
+  void* KeysAt(size_t off);
+  void* ValuesAt(size_t off);
 };
 
 // `b` with its values as f32 (exact for every type).

@@ -65,23 +65,34 @@ void KvCache::AppendFresh(int layer, int64_t first, int64_t n, const float* keys
 
 void KvCache::AppendFresh(int layer, int64_t first, int64_t n, BlockDType dtype, const void* keys,
                           const void* values) {
+  const auto [k, v] = GrowFresh(layer, first, n, dtype);
+  const size_t bytes = static_cast<size_t>(n) * num_kv_heads_ * head_dim_ *
+                       (dtype == BlockDType::kF32 ? sizeof(float) : sizeof(uint16_t));
+  if (bytes == 0) return;
+  std::memcpy(k, keys, bytes);
+  std::memcpy(v, values, bytes);
+}
+
+std::pair<void*, void*> KvCache::GrowFresh(int layer, int64_t first, int64_t n, BlockDType dtype) {
   KVMEM_CHECK(row_home_ == RowHome::kBackend);
   FreshRows& f = fresh_[layer];
   const int64_t held = fresh_size(layer);
   if (held == 0) {
     f.first = first;
-    f.rows.Truncate(0);
+    f.rows.Resize(0);
     f.rows.dtype = dtype;
   }
   KVMEM_CHECK(f.first + held == first && f.rows.dtype == dtype);
-  f.rows.AppendRaw(keys, values, static_cast<size_t>(n) * num_kv_heads_ * head_dim_);
+  const size_t at = f.rows.size();
+  f.rows.Resize(at + static_cast<size_t>(n) * num_kv_heads_ * head_dim_);
+  return {f.rows.KeysAt(at), f.rows.ValuesAt(at)};
 }
 
 void KvCache::DropFreshFrom(int64_t position) {
   for (int l = 0; l < static_cast<int>(fresh_.size()); ++l) {
     FreshRows& f = fresh_[l];
     const int64_t keep = std::clamp<int64_t>(position - f.first, 0, fresh_size(l));
-    f.rows.Truncate(static_cast<size_t>(keep) * num_kv_heads_ * head_dim_);
+    f.rows.Resize(static_cast<size_t>(keep) * num_kv_heads_ * head_dim_);
   }
 }
 

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -106,6 +107,10 @@ class KvCache {
   void AppendFresh(int layer, int64_t first, int64_t n, const float* keys, const float* values);
   void AppendFresh(int layer, int64_t first, int64_t n, BlockDType dtype, const void* keys,
                    const void* values);
+  // AppendFresh without the copy: makes room for the rows (zeros until written) and returns
+  // where their keys and values go, (n, num_kv_heads, head_dim) of `dtype` each, so that a
+  // backend copies them there directly. Valid until the layer's fresh rows next change.
+  std::pair<void*, void*> GrowFresh(int layer, int64_t first, int64_t n, BlockDType dtype);
   // Forgets fresh rows of positions >= `position` (a rolled-back pass) or < `position`
   // (rows the session has put into blocks), in every layer.
   void DropFreshFrom(int64_t position);

@@ -451,6 +451,14 @@ TEST(KvCacheTest, Bf16FreshRowsStayBf16AndReadBackExactly) {
   EXPECT_EQ(kv.fresh_size(0), 2);
   kv.DropFreshFrom(6);
   EXPECT_EQ(kv.fresh_size(0), 1);
+  // A backend may copy a pass's rows straight into room grown for them.
+  const auto [gk, gv] = kv.GrowFresh(0, 6, 1, BlockDType::kBF16);
+  std::memcpy(gk, k + 4, 4 * sizeof(uint16_t));
+  std::memcpy(gv, v + 4, 4 * sizeof(uint16_t));
+  const int64_t six[] = {6};
+  ASSERT_TRUE(kv.ReadRowsBf16(0, 1, six, bk, bv).ok());
+  EXPECT_EQ(bk[0], 0x3f81);
+  EXPECT_EQ(bv[1], 0x4170);
   kv.DropFreshBefore(10);
   EXPECT_EQ(kv.Bytes(), 0);
   // Once empty, rows of another type may follow (a backend of another type took over).

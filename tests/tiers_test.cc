@@ -343,15 +343,19 @@ TEST(KvBlockTest, CopiesAndBf16ReadsConvertOnlyBetweenTypes) {
   KvBlock same = MakeEmptyBlock(0, 1, 1, 4, BlockDType::kBF16);
   same.CopyFrom(0, bf16, 4, 4);
   EXPECT_EQ(same.keys16, std::vector<uint16_t>(bits, bits + 4));
-  // Growable rows: append in the block's own type, truncate, drop from the front.
+  // Growable rows: grown, written in the block's own type, cut, dropped from the front.
   KvBlock rows;
   rows.dtype = BlockDType::kBF16;
-  rows.AppendRaw(bits, bits, 4);
-  rows.AppendRaw(bits, bits, 2);
+  rows.Resize(4);
+  std::memcpy(rows.KeysAt(0), bits, sizeof(bits));
+  std::memcpy(rows.ValuesAt(0), bits, sizeof(bits));
+  rows.Resize(6);
+  std::memcpy(rows.KeysAt(4), bits, 2 * sizeof(uint16_t));
+  std::memcpy(rows.ValuesAt(4), bits, 2 * sizeof(uint16_t));
   EXPECT_EQ(rows.size(), 6u);
   rows.EraseFront(3);
   EXPECT_EQ(rows.keys16, (std::vector<uint16_t>{0xc000, 0x3fc0, 0x3f81}));
-  rows.Truncate(1);
+  rows.Resize(1);
   EXPECT_EQ(rows.values16, (std::vector<uint16_t>{0xc000}));
   EXPECT_EQ(rows.bytes(), 4);
 }
