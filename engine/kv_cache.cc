@@ -163,6 +163,15 @@ absl::Status KvCache::ReadRowsAs(int layer, int kv_head, absl::Span<const int64_
     return absl::FailedPreconditionError(
         "this cache keeps its rows with the backend and has no row source to read them from");
   }
+  // Fresh rows hold the newest positions, so the older ones usually come first: then the
+  // source writes them in place.
+  if (older_at.back() == older.size() - 1) {
+    if constexpr (std::is_same_v<E, float>) {
+      return row_source_->ReadRows(layer, kv_head, older, keys, values);
+    } else {
+      return row_source_->ReadRowsBf16(layer, kv_head, older, keys, values);
+    }
+  }
   std::vector<E> k(older.size() * hd), v(older.size() * hd);
   if constexpr (std::is_same_v<E, float>) {
     KVMEM_RETURN_IF_ERROR(row_source_->ReadRows(layer, kv_head, older, k.data(), v.data()));

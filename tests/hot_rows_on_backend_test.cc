@@ -380,6 +380,11 @@ TEST(KvCacheTest, FreshRowsAppendDropAndServeReads) {
   ASSERT_TRUE(kv.ReadRows(1, 0, older, rk, rv).ok());
   EXPECT_EQ(std::vector<float>(rk, rk + 4), (std::vector<float>{1003, 1003, 3, 3}));
   EXPECT_EQ(std::vector<float>(rv, rv + 4), (std::vector<float>{-3, -3, 7, 7}));
+  // Older rows after fresh ones land in their places too.
+  const int64_t newer_first[] = {11, 3};
+  ASSERT_TRUE(kv.ReadRows(1, 0, newer_first, rk, rv).ok());
+  EXPECT_EQ(std::vector<float>(rk, rk + 4), (std::vector<float>{3, 3, 1003, 1003}));
+  EXPECT_EQ(std::vector<float>(rv, rv + 4), (std::vector<float>{7, 7, -3, -3}));
   // As bf16 bits, fresh and older rows alike (1003 rounds to 1004, the nearest bf16).
   uint16_t bk[4], bv[4];
   ASSERT_TRUE(kv.ReadRowsBf16(1, 0, older, bk, bv).ok());
