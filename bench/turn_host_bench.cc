@@ -97,8 +97,9 @@ class StandInBackend : public Backend {
     return scores;
   }
 
-  // The last read-back of a whole hot set (a page-in's host work): its time and rows.
-  double readback_ms() const { return readback_ms_; }
+  // The last read-back of a whole hot set (a page-in's host work): median ms by layer (rows
+  // ordered by position, as the CUDA backend reads them) and head by head, and the rows.
+  double readback_ms(bool by_layer) const { return readback_ms_[by_layer ? 1 : 0]; }
   int64_t readback_rows() const { return readback_rows_; }
 
   // Keeps the window and `budget - w` candidates spread evenly over the head.
@@ -120,53 +121,75 @@ class StandInBackend : public Backend {
   }
 
  private:
-  // Every hot row of every head read back as bf16 bits (f32 for f32 blocks), in runs of up to
-  // 512 rows of one head on the shared thread pool: the CUDA backend's upload packing, without
-  // the copy to the device.
-  // Done 5 times; readback_ms() is the median.
+  // Every hot row of every head read back as bf16 bits (f32 for f32 blocks) on the shared
+  // thread pool: the CUDA backend's upload packing, without the copy to the device. Done 5
+  // times each way, alternated: by layer (the backend's way) and head by head (its former way).
   absl::Status ReadBackHotSet(const KvCache& kv) {
-    std::vector<double> times;
-    for (int rep = 0; rep < 5; ++rep) {
+    std::vector<double> times[2];
+    for (int rep = 0; rep < 10; ++rep) {
+      const bool by_layer = rep % 2 == 1;
       const auto start = std::chrono::steady_clock::now();
-      KVMEM_RETURN_IF_ERROR(ReadBackOnce(kv));
-      times.push_back(
+      KVMEM_RETURN_IF_ERROR(ReadBackOnce(kv, by_layer));
+      times[by_layer].push_back(
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
               .count());
     }
-    std::sort(times.begin(), times.end());
-    readback_ms_ = times[times.size() / 2];
+    for (int i = 0; i < 2; ++i) {
+      std::sort(times[i].begin(), times[i].end());
+      readback_ms_[i] = times[i][times[i].size() / 2];
+    }
     return absl::OkStatus();
   }
-  absl::Status ReadBackOnce(const KvCache& kv) {
-    const int heads = kv.num_layers() * kv.num_kv_heads();
+
+  // By layer: all heads' rows ordered by position, in runs of up to 4096 rows; head by head:
+  // runs of up to 512 rows of one head.
+  absl::Status ReadBackOnce(const KvCache& kv, bool by_layer) {
+    const int kvh = kv.num_kv_heads();
     const int64_t hd = kv.head_dim();
-    constexpr int64_t kRun = 512;
+    const int64_t run = by_layer ? 4096 : 512;
     std::mutex mu;
     absl::Status error;
     int64_t rows = 0;
-    SharedThreadPool().ParallelFor(heads, [&](int64_t begin, int64_t end) {
-      std::vector<uint16_t> k16(kRun * hd), v16(kRun * hd);
-      std::vector<float> k32(kRun * hd), v32(kRun * hd);
+    const int units = by_layer ? kv.num_layers() : kv.num_layers() * kvh;
+    SharedThreadPool().ParallelFor(units, [&](int64_t begin, int64_t end) {
+      std::vector<uint16_t> k16(run * hd), v16(run * hd);
+      std::vector<float> k32(run * hd), v32(run * hd);
+      std::vector<KvRowRef> refs;
       int64_t done = 0;
-      for (int64_t i = begin; i < end; ++i) {
-        const int layer = static_cast<int>(i / kv.num_kv_heads());
-        const int head = static_cast<int>(i % kv.num_kv_heads());
-        const std::vector<int64_t>& p = kv.head(layer, head).positions;
-        for (size_t at = 0; at < p.size(); at += kRun) {
-          const auto run = absl::MakeConstSpan(p).subspan(at, kRun);
-          absl::Status s = blocks_ == BlockDType::kF32
-                               ? kv.ReadRows(layer, head, run, k32.data(), v32.data())
-                               : kv.ReadRowsBf16(layer, head, run, k16.data(), v16.data());
-          if (!s.ok()) {
-            std::lock_guard<std::mutex> lock(mu);
-            error = s;
-            return;
+      absl::Status s;
+      for (int64_t u = begin; u < end && s.ok(); ++u) {
+        const int layer = static_cast<int>(by_layer ? u : u / kvh);
+        refs.clear();
+        for (int g = by_layer ? 0 : static_cast<int>(u % kvh); g < (by_layer ? kvh : u % kvh + 1);
+             ++g) {
+          for (int64_t p : kv.head(layer, g).positions) refs.push_back({p, g});
+        }
+        if (by_layer) {
+          std::sort(refs.begin(), refs.end(), [](const KvRowRef& x, const KvRowRef& y) {
+            return x.position != y.position ? x.position < y.position : x.head < y.head;
+          });
+        }
+        std::vector<int64_t> positions;
+        for (size_t at = 0; at < refs.size() && s.ok(); at += run) {
+          const auto part = absl::MakeConstSpan(refs).subspan(at, run);
+          if (by_layer) {
+            s = blocks_ == BlockDType::kF32
+                    ? kv.ReadLayerRows(layer, part, k32.data(), v32.data())
+                    : kv.ReadLayerRowsBf16(layer, part, k16.data(), v16.data());
+          } else {
+            positions.clear();
+            for (const KvRowRef& r : part) positions.push_back(r.position);
+            const int head = part[0].head;
+            s = blocks_ == BlockDType::kF32
+                    ? kv.ReadRows(layer, head, positions, k32.data(), v32.data())
+                    : kv.ReadRowsBf16(layer, head, positions, k16.data(), v16.data());
           }
-          done += static_cast<int64_t>(run.size());
+          done += static_cast<int64_t>(part.size());
         }
       }
       std::lock_guard<std::mutex> lock(mu);
       rows += done;
+      if (!s.ok()) error = s;
     });
     readback_rows_ = rows;
     return error;
@@ -174,7 +197,7 @@ class StandInBackend : public Backend {
 
   ModelConfig c_;
   BlockDType blocks_;
-  double readback_ms_ = 0;
+  double readback_ms_[2] = {0, 0};
   int64_t readback_rows_ = 0;
 };
 
@@ -333,13 +356,17 @@ int Run(int argc, char** argv) {
   const double readback_gb =
       backend.readback_rows() * 2.0 * c.head_dim * (block_dtype == BlockDType::kF32 ? 4 : 2) / 1e9;
   std::printf(
-      "page-in read-back on the host (%d threads, median of 5): %.1f ms for %lld rows (%.2f GB of "
-      "%s rows, "
-      "%.2f GB/s)\n",
-      SharedThreadPool().size(), backend.readback_ms(),
-      static_cast<long long>(backend.readback_rows()), readback_gb,
-      block_dtype == BlockDType::kF32 ? "f32" : "bf16",
-      readback_gb / (backend.readback_ms() / 1e3));
+      "page-in read-back on the host (%d threads, %lld rows, %.2f GB of %s rows, median "
+      "of 5):\n",
+      SharedThreadPool().size(), static_cast<long long>(backend.readback_rows()), readback_gb,
+      block_dtype == BlockDType::kF32 ? "f32" : "bf16");
+  for (bool by_layer : {true, false}) {
+    std::printf("  %s: %.1f ms, %.2f GB/s\n",
+                by_layer ? "by layer, ordered by position" : "head by head",
+                backend.readback_ms(by_layer), readback_gb / (backend.readback_ms(by_layer) / 1e3));
+  }
+  std::printf("  by layer / head by head: %.2fx\n",
+              backend.readback_ms(false) / backend.readback_ms(true));
   manager->reset();
   std::filesystem::remove_all(data);
   return 0;

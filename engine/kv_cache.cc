@@ -185,6 +185,64 @@ absl::Status KvCache::ReadRowsAs(int layer, int kv_head, absl::Span<const int64_
   return absl::OkStatus();
 }
 
+namespace {
+
+// The rows' source call for E.
+absl::Status SourceRows(KvRowSource& source, int layer, int head,
+                        absl::Span<const int64_t> positions, float* keys, float* values) {
+  return source.ReadRows(layer, head, positions, keys, values);
+}
+absl::Status SourceRows(KvRowSource& source, int layer, int head,
+                        absl::Span<const int64_t> positions, uint16_t* keys, uint16_t* values) {
+  return source.ReadRowsBf16(layer, head, positions, keys, values);
+}
+absl::Status SourceLayerRows(KvRowSource& source, int layer, absl::Span<const KvRowRef> rows,
+                             float* keys, float* values) {
+  return source.ReadLayerRows(layer, rows, keys, values);
+}
+absl::Status SourceLayerRows(KvRowSource& source, int layer, absl::Span<const KvRowRef> rows,
+                             uint16_t* keys, uint16_t* values) {
+  return source.ReadLayerRowsBf16(layer, rows, keys, values);
+}
+
+// KvRowSource's default layer read: head by head, scattered back into row order.
+template <typename E>
+absl::Status LayerRowsByHead(KvRowSource& source, int layer, absl::Span<const KvRowRef> rows,
+                             int head_dim, E* keys, E* values) {
+  const size_t hd = static_cast<size_t>(head_dim);
+  std::vector<std::vector<size_t>> of_head;  // row indices, by head
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const size_t h = static_cast<size_t>(rows[i].head);
+    if (h >= of_head.size()) of_head.resize(h + 1);
+    of_head[h].push_back(i);
+  }
+  std::vector<int64_t> positions;
+  std::vector<E> k, v;
+  for (size_t h = 0; h < of_head.size(); ++h) {
+    if (of_head[h].empty()) continue;
+    positions.clear();
+    for (size_t i : of_head[h]) positions.push_back(rows[i].position);
+    k.resize(positions.size() * hd);
+    v.resize(k.size());
+    KVMEM_RETURN_IF_ERROR(
+        SourceRows(source, layer, static_cast<int>(h), positions, k.data(), v.data()));
+    for (size_t j = 0; j < of_head[h].size(); ++j) {
+      std::memcpy(keys + of_head[h][j] * hd, &k[j * hd], hd * sizeof(E));
+      std::memcpy(values + of_head[h][j] * hd, &v[j * hd], hd * sizeof(E));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status KvRowSource::ReadLayerRows(int, absl::Span<const KvRowRef>, float*, float*) {
+  return absl::UnimplementedError("this row source reads head by head");
+}
+absl::Status KvRowSource::ReadLayerRowsBf16(int, absl::Span<const KvRowRef>, uint16_t*, uint16_t*) {
+  return absl::UnimplementedError("this row source reads head by head");
+}
+
 absl::Status KvCache::ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions,
                                float* keys, float* values) const {
   return ReadRowsAs(layer, kv_head, positions, keys, values);
@@ -193,6 +251,68 @@ absl::Status KvCache::ReadRows(int layer, int kv_head, absl::Span<const int64_t>
 absl::Status KvCache::ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
                                    uint16_t* keys, uint16_t* values) const {
   return ReadRowsAs(layer, kv_head, positions, keys, values);
+}
+
+template <typename E>
+absl::Status KvCache::ReadLayerRowsAs(int layer, absl::Span<const KvRowRef> rows, E* keys,
+                                      E* values) const {
+  KVMEM_CHECK(layer >= 0 && layer < num_layers_);
+  const size_t hd = static_cast<size_t>(head_dim_);
+  for (const KvRowRef& r : rows) KVMEM_CHECK(r.head >= 0 && r.head < num_kv_heads_);
+  if (row_home_ == RowHome::kHost) {
+    for (size_t i = 0; i < rows.size(); ++i) {
+      KVMEM_RETURN_IF_ERROR(ReadRowsAs(layer, rows[i].head,
+                                       absl::MakeConstSpan(&rows[i].position, 1), keys + i * hd,
+                                       values + i * hd));
+    }
+    return absl::OkStatus();
+  }
+  // Fresh rows here (they are laid out like a block: by position, then head), the rest from the
+  // source in one call.
+  const FreshRows& f = fresh_[layer];
+  const int64_t fresh_end = f.first + fresh_size(layer);
+  std::vector<KvRowRef> older;
+  std::vector<size_t> older_at;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int64_t p = rows[i].position;
+    if (p >= f.first && p < fresh_end) {
+      const size_t off = (static_cast<size_t>(p - f.first) * num_kv_heads_ + rows[i].head) * hd;
+      RowAs(f.rows, off, hd, keys + i * hd, values + i * hd);
+    } else {
+      older.push_back(rows[i]);
+      older_at.push_back(i);
+    }
+  }
+  if (older.empty()) return absl::OkStatus();
+  if (row_source_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "this cache keeps its rows with the backend and has no row source to read them from");
+  }
+  const bool in_place = older_at.back() == older.size() - 1;
+  std::vector<E> k(in_place ? 0 : older.size() * hd), v(k.size());
+  E* const out_k = in_place ? keys : k.data();
+  E* const out_v = in_place ? values : v.data();
+  absl::Status s = SourceLayerRows(*row_source_, layer, older, out_k, out_v);
+  if (absl::IsUnimplemented(s)) {
+    s = LayerRowsByHead(*row_source_, layer, absl::MakeConstSpan(older), head_dim_, out_k, out_v);
+  }
+  KVMEM_RETURN_IF_ERROR(s);
+  if (in_place) return absl::OkStatus();
+  for (size_t j = 0; j < older.size(); ++j) {
+    std::memcpy(keys + older_at[j] * hd, &k[j * hd], hd * sizeof(E));
+    std::memcpy(values + older_at[j] * hd, &v[j * hd], hd * sizeof(E));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvCache::ReadLayerRows(int layer, absl::Span<const KvRowRef> rows, float* keys,
+                                    float* values) const {
+  return ReadLayerRowsAs(layer, rows, keys, values);
+}
+
+absl::Status KvCache::ReadLayerRowsBf16(int layer, absl::Span<const KvRowRef> rows, uint16_t* keys,
+                                        uint16_t* values) const {
+  return ReadLayerRowsAs(layer, rows, keys, values);
 }
 
 absl::StatusOr<KvCache> KvCache::WithHostRows() const {

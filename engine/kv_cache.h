@@ -27,6 +27,12 @@ struct HeadKv {
   void Append(int64_t position, const float* key, const float* value, int head_dim);
 };
 
+// One row of a layer: KV head `head` at `position`.
+struct KvRowRef {
+  int64_t position;
+  int32_t head;
+};
+
 // Where a cache whose rows live with the backend finds the rows of entries it no longer holds
 // on the host: a session reads them from its blocks (tail, warm or cold).
 class KvRowSource {
@@ -41,6 +47,14 @@ class KvRowSource {
   // whose blocks are bf16 copies them as they are.
   virtual absl::Status ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
                                     uint16_t* keys, uint16_t* values) = 0;
+  // Rows of several heads of one layer: row i is rows[i], in any order. A session's blocks
+  // hold every KV head of a position side by side, so rows ordered by position are read in one
+  // sweep through each block: for a whole hot set 2-3x faster than head by head, where each
+  // row is a separate stride through every block. The default reads head by head.
+  virtual absl::Status ReadLayerRows(int layer, absl::Span<const KvRowRef> rows, float* keys,
+                                     float* values);
+  virtual absl::Status ReadLayerRowsBf16(int layer, absl::Span<const KvRowRef> rows, uint16_t* keys,
+                                         uint16_t* values);
 };
 
 // A device backend keeps its own copy of the entries beside the cache (the attachment) and
@@ -125,6 +139,12 @@ class KvCache {
   // The same rows as bf16 bits, rounded to nearest even (KvRowSource::ReadRowsBf16).
   absl::Status ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
                             uint16_t* keys, uint16_t* values) const;
+  // Rows of several heads of one layer (KvRowSource::ReadLayerRows): fastest ordered by
+  // position, as a whole layer's upload is.
+  absl::Status ReadLayerRows(int layer, absl::Span<const KvRowRef> rows, float* keys,
+                             float* values) const;
+  absl::Status ReadLayerRowsBf16(int layer, absl::Span<const KvRowRef> rows, uint16_t* keys,
+                                 uint16_t* values) const;
   // A kHost copy of every head (itself when already kHost).
   absl::StatusOr<KvCache> WithHostRows() const;
 
@@ -140,6 +160,9 @@ class KvCache {
   template <typename E>
   absl::Status ReadRowsAs(int layer, int kv_head, absl::Span<const int64_t> positions, E* keys,
                           E* values) const;
+  template <typename E>
+  absl::Status ReadLayerRowsAs(int layer, absl::Span<const KvRowRef> rows, E* keys,
+                               E* values) const;
   int num_layers_;
   int num_kv_heads_;
   int head_dim_;

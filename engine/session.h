@@ -194,9 +194,14 @@ class Session : private KvRowSource {
                         float* values) override;
   absl::Status ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
                             uint16_t* keys, uint16_t* values) override;
-  // Calls row(block, offset of the head's row in it, i) for every positions[i], in order.
-  absl::Status ForEachRow(int layer, int kv_head, absl::Span<const int64_t> positions,
-                          const std::function<void(const KvBlock&, size_t, size_t)>& row);
+  absl::Status ReadLayerRows(int layer, absl::Span<const KvRowRef> rows, float* keys,
+                             float* values) override;
+  absl::Status ReadLayerRowsBf16(int layer, absl::Span<const KvRowRef> rows, uint16_t* keys,
+                                 uint16_t* values) override;
+  // Calls row(block, offset of the row in it, i) for i in [0, n), in order, where row i is
+  // row_at(i) (a KvRowRef) of `layer`.
+  template <typename RowAt, typename Row>
+  absl::Status ForEachRow(int layer, size_t n, const RowAt& row_at, const Row& row);
   // A block of this session from the live tail, the blocks in flight, or storage (then kept
   // in flight, so a pass reads each block once).
   absl::StatusOr<std::shared_ptr<const KvBlock>> FindBlock(int layer, int64_t index);

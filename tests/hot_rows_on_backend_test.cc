@@ -474,6 +474,31 @@ TEST(KvCacheTest, Bf16FreshRowsStayBf16AndReadBackExactly) {
   EXPECT_EQ(fk[1], 4.f);
 }
 
+TEST(KvCacheTest, LayerRowsOfSeveralHeadsComeBackInTheirOrder) {
+  KvCache kv(2, 2, 2, KvCache::RowHome::kBackend);
+  const float k[] = {1, 1, 2, 2}, v[] = {5, 5, 6, 6};  // position 10 of layer 1, both heads
+  kv.AppendFresh(1, 10, 1, k, v);
+  // A source that reads head by head only (the default layer read falls back to it).
+  MapRows source;
+  kv.set_row_source(&source);
+  const KvRowRef rows[] = {{3, 1}, {10, 1}, {3, 0}, {7, 1}, {10, 0}};
+  float rk[10], rv[10];
+  ASSERT_TRUE(kv.ReadLayerRows(1, rows, rk, rv).ok());
+  EXPECT_EQ(std::vector<float>(rk, rk + 10),
+            (std::vector<float>{1003, 1003, 2, 2, 1003, 1003, 1007, 1007, 1, 1}));
+  EXPECT_EQ(std::vector<float>(rv, rv + 10),
+            (std::vector<float>{-13, -13, 6, 6, -3, -3, -17, -17, 5, 5}));
+  uint16_t bk[10], bv[10];
+  ASSERT_TRUE(kv.ReadLayerRowsBf16(1, rows, bk, bv).ok());
+  for (int i = 0; i < 10; ++i) {
+    EXPECT_EQ(bk[i], Bf16Rne(rk[i])) << i;
+    EXPECT_EQ(bv[i], Bf16Rne(rv[i])) << i;
+  }
+  // Errors of the source pass through.
+  const KvRowRef missing[] = {{3, 0}, {100, 1}};
+  EXPECT_EQ(kv.ReadLayerRows(1, missing, rk, rv).code(), absl::StatusCode::kNotFound);
+}
+
 TEST(KvCacheTest, WithHostRowsReadsEveryEntry) {
   KvCache kv(1, 2, 2, KvCache::RowHome::kBackend);
   MapRows source;
@@ -508,6 +533,9 @@ TEST_F(HotRowsOnBackendTest, Bf16BlocksKeepABf16DevicesRowsExactlyInHalfTheBytes
   int64_t recalled = 0;
   for (int64_t r : tb.recalled) recalled += r;
   EXPECT_GT(recalled, 0) << "the scenario must read rows back from blocks";
+  EXPECT_GT(bf16_blocks.rows_read(), 0);
+  EXPECT_EQ(f32_blocks.bf16_mismatches(), 0);
+  EXPECT_EQ(bf16_blocks.bf16_mismatches(), 0);
   EXPECT_EQ(b->Stats().block_bytes * 2, a->Stats().block_bytes);
   const ModelConfig& c = model_->config();
   for (int64_t index : {int64_t{0}, a->position() / 8 - 1}) {
@@ -534,6 +562,8 @@ TEST_F(HotRowsOnBackendTest, Bf16BlocksKeepABf16DevicesRowsExactlyInHalfTheBytes
   Converse(fa->get(), 3, 4, &fork_a);
   Converse(fb->get(), 3, 4, &fork_b);
   EXPECT_EQ(fork_a, fork_b);
+  EXPECT_EQ(f32_blocks.bf16_mismatches(), 0);
+  EXPECT_EQ(bf16_blocks.bf16_mismatches(), 0);
 }
 
 TEST_F(HotRowsOnBackendTest, Bf16SessionRestoredOnAnF32BackendKeepsItsNewRowsExact) {

@@ -31,8 +31,10 @@ class MirrorBackend : public Backend {
 
   const char* name() const override { return "mirror"; }
   bool KeepsHotRows() const override { return true; }
-  // Rows read back through KvCache::ReadRows (what a device would upload).
+  // Rows read back through KvCache::ReadLayerRows (what a device would upload).
   int64_t rows_read() const { return rows_read_; }
+  // bf16 read-backs that differ from the f32 read of the same rows (must stay 0).
+  int64_t bf16_mismatches() const { return bf16_mismatches_; }
   // Makes SelectSnapKv fail, as a device out of memory would.
   void set_select_fails(bool fails) { select_fails_ = fails; }
   // Plays a bf16 device: each pass's new rows are rounded to bf16 (to nearest even) in the copy
@@ -147,32 +149,55 @@ class MirrorBackend : public Backend {
       if (m.versions[i] != kv.version(i / kvh, i % kvh)) changed.push_back(i);
     }
     std::vector<std::vector<float>> mk(changed.size()), mv(changed.size());
-    std::vector<absl::Status> status(changed.size());
+    // By layer, as the CUDA backend uploads: every changed head's missing rows in one read,
+    // ordered by position (KvCache::ReadLayerRows), on the shared thread pool.
+    std::vector<std::vector<size_t>> of_layer(kv.num_layers());  // indices into `changed`
+    for (size_t c = 0; c < changed.size(); ++c) of_layer[changed[c] / kvh].push_back(c);
+    std::vector<absl::Status> status(kv.num_layers());
     std::atomic<int64_t> read{0};
-    SharedThreadPool().ParallelFor(static_cast<int64_t>(changed.size()), [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) {
-        const int l = changed[c] / kvh, g = changed[c] % kvh;
-        const HeadKv& held = std::as_const(m.rows).head(l, g);
-        std::vector<int64_t> missing;
-        for (int64_t p : kv.head(l, g).positions) {
-          if (!std::binary_search(held.positions.begin(), held.positions.end(), p)) {
-            missing.push_back(p);
+    SharedThreadPool().ParallelFor(kv.num_layers(), [&](int64_t b, int64_t e) {
+      for (int l = static_cast<int>(b); l < e; ++l) {
+        std::vector<KvRowRef> refs;
+        for (size_t c : of_layer[l]) {
+          const int g = changed[c] % kvh;
+          const HeadKv& held = std::as_const(m.rows).head(l, g);
+          for (int64_t p : kv.head(l, g).positions) {
+            if (!std::binary_search(held.positions.begin(), held.positions.end(), p)) {
+              refs.push_back({p, g});
+            }
           }
         }
-        mk[c].resize(missing.size() * hd);
-        mv[c].resize(mk[c].size());
+        std::sort(refs.begin(), refs.end(), [](const KvRowRef& x, const KvRowRef& y) {
+          return x.position != y.position ? x.position < y.position : x.head < y.head;
+        });
+        std::vector<float> k(refs.size() * hd), v(k.size());
         if (bf16_rows_) {
           // As a bf16 device reads them: bf16 bits, widened here for the f32 copy.
-          std::vector<uint16_t> k(mk[c].size()), v(mk[c].size());
-          status[c] = kv.ReadRowsBf16(l, g, missing, k.data(), v.data());
+          std::vector<uint16_t> k16(k.size()), v16(k.size());
+          status[l] = kv.ReadLayerRowsBf16(l, refs, k16.data(), v16.data());
+          // The f32 read of the same rows must agree bit for bit (every value is a bf16).
+          std::vector<float> k32(k.size()), v32(k.size());
+          if (status[l].ok()) status[l] = kv.ReadLayerRows(l, refs, k32.data(), v32.data());
           for (size_t i = 0; i < k.size(); ++i) {
-            mk[c][i] = BFloat16ToFloat(k[i]);
-            mv[c][i] = BFloat16ToFloat(v[i]);
+            k[i] = BFloat16ToFloat(k16[i]);
+            v[i] = BFloat16ToFloat(v16[i]);
+            if (status[l].ok() && (std::memcmp(&k[i], &k32[i], sizeof(float)) != 0 ||
+                                   std::memcmp(&v[i], &v32[i], sizeof(float)) != 0)) {
+              ++bf16_mismatches_;
+            }
           }
         } else {
-          status[c] = kv.ReadRows(l, g, missing, mk[c].data(), mv[c].data());
+          status[l] = kv.ReadLayerRows(l, refs, k.data(), v.data());
         }
-        read += static_cast<int64_t>(missing.size());
+        // Each head's rows in position order, as the rebuild below takes them.
+        for (size_t i = 0; i < refs.size(); ++i) {
+          size_t c = 0;
+          while (changed[of_layer[l][c]] % kvh != refs[i].head) ++c;
+          const size_t at = of_layer[l][c];
+          mk[at].insert(mk[at].end(), &k[i * hd], &k[i * hd] + hd);
+          mv[at].insert(mv[at].end(), &v[i * hd], &v[i * hd] + hd);
+        }
+        read += static_cast<int64_t>(refs.size());
       }
     });
     for (const absl::Status& s : status) KVMEM_RETURN_IF_ERROR(s);
@@ -202,6 +227,7 @@ class MirrorBackend : public Backend {
   const Model& model_;
   CpuBackend* cpu_;
   int64_t rows_read_ = 0;
+  std::atomic<int64_t> bf16_mismatches_{0};
   bool select_fails_ = false;
   bool bf16_rows_ = false;
   BlockDType block_dtype_ = BlockDType::kF32;
