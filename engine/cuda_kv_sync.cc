@@ -147,9 +147,11 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
     std::vector<Item> chunk;
     chunk.reserve(static_cast<size_t>(chunk_rows));
     // Packs `chunk` into the current slot (at a full slot's layout, compacted when partial) and
-    // sends it. Runs of one head's rows are packed on the shared thread pool: each run reads its
-    // rows back first when the cache keeps them with the backend (KvCache::ReadRows may be
-    // called from several threads), then converts them to T.
+    // sends it. Runs of one layer's rows (the chunk goes layer by layer, each layer's rows
+    // ordered by position across its heads) are packed on the shared thread pool: each run reads
+    // its rows back first when the cache keeps them with the backend, in one layer read that
+    // sweeps each block once (KvCache::ReadLayerRows may be called from several threads), then
+    // converts them to T.
     auto pack_and_flush = [&]() -> absl::Status {
       if (chunk.empty()) return absl::OkStatus();
       UploadSlot& slot = uploads_.slots[slot_index];
@@ -157,46 +159,46 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
       KVMEM_CUDA_RETURN_IF_ERROR(cudaEventSynchronize(slot.host_free));
       const UploadLayout full = uploads_.Layout(chunk_rows, hd);
       constexpr int64_t kRunRows = 512;
-      std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) of chunk, one head each
+      auto layer_of = [&](const Item& item) { return pending[item.pending].index / kvh; };
+      std::vector<std::pair<int64_t, int64_t>> runs;  // [begin, end) of chunk, one layer each
       for (int64_t b = 0; b < static_cast<int64_t>(chunk.size());) {
         int64_t e = b + 1;
         while (e < static_cast<int64_t>(chunk.size()) && e - b < kRunRows &&
-               chunk[e].pending == chunk[b].pending) {
+               layer_of(chunk[e]) == layer_of(chunk[b])) {
           ++e;
         }
         runs.push_back({b, e});
         b = e;
       }
       const bool read_back = !kv.host_rows();
-      // A bf16 device reads rows back as bf16 bits (KvCache::ReadRowsBf16): no f32 round trip.
+      // A bf16 device reads rows back as bf16 bits (KvCache::ReadLayerRowsBf16): no f32 round
+      // trip.
       constexpr bool kBf16Rows = std::is_same_v<T, __nv_bfloat16>;
       std::mutex error_mu;
       absl::Status error;
       auto pack_runs = [&](int64_t first_run, int64_t last_run) {
-        std::vector<int64_t> positions;
+        std::vector<KvRowRef> refs;
         std::vector<float> read_keys, read_values;
         for (int64_t r = first_run; r < last_run; ++r) {
           const auto [begin, end] = runs[r];
-          const Pending& p = pending[chunk[begin].pending];
-          DeviceHead<T>& dh = dkv.heads[p.index];
-          const int layer = p.index / kvh, head = p.index % kvh;
-          const HeadKv& src = kv.head(layer, head);
+          const int layer = layer_of(chunk[begin]);
           if (read_back) {
-            positions.clear();
+            refs.clear();
             for (int64_t k = begin; k < end; ++k) {
-              positions.push_back(src.positions[p.plan.uploads[chunk[k].u]]);
+              const Pending& p = pending[chunk[k].pending];
+              const int head = p.index % kvh;
+              refs.push_back({kv.head(layer, head).positions[p.plan.uploads[chunk[k].u]], head});
             }
             absl::Status s;
             if constexpr (kBf16Rows) {
               // Straight into the slot: a session's bf16 blocks are copied as they are.
-              s = kv.ReadRowsBf16(
-                  layer, head, positions,
-                  reinterpret_cast<uint16_t*>(slot.host + full.keys) + begin * hd,
+              s = kv.ReadLayerRowsBf16(
+                  layer, refs, reinterpret_cast<uint16_t*>(slot.host + full.keys) + begin * hd,
                   reinterpret_cast<uint16_t*>(slot.host + full.values) + begin * hd);
             } else {
-              read_keys.resize(positions.size() * hd);
+              read_keys.resize(refs.size() * hd);
               read_values.resize(read_keys.size());
-              s = kv.ReadRows(layer, head, positions, read_keys.data(), read_values.data());
+              s = kv.ReadLayerRows(layer, refs, read_keys.data(), read_values.data());
             }
             if (!s.ok()) {
               std::lock_guard<std::mutex> lock(error_mu);
@@ -204,12 +206,14 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
               continue;
             }
           }
-          // Rows [0, mirrored.size()) stay; upload u lands at row mirrored.size() + u.
-          const int64_t first_row = static_cast<int64_t>(dh.mirrored.size());
           for (int64_t k = begin; k < end; ++k) {
+            const Pending& p = pending[chunk[k].pending];
+            DeviceHead<T>& dh = dkv.heads[p.index];
+            const HeadKv& src = kv.head(layer, p.index % kvh);
+            // Rows [0, mirrored.size()) stay; upload u lands at row mirrored.size() + u.
             const int64_t u = chunk[k].u;
             const int64_t e = p.plan.uploads[u];
-            const int64_t row = first_row + u;
+            const int64_t row = static_cast<int64_t>(dh.mirrored.size()) + u;
             if (!(kBf16Rows && read_back)) {  // else already in the slot
               const float* key = read_back ? &read_keys[(k - begin) * hd] : &src.keys[e * hd];
               const float* value = read_back ? &read_values[(k - begin) * hd] : &src.values[e * hd];
@@ -248,13 +252,37 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
       }
       return flush();
     };
-    for (size_t i = 0; i < pending.size(); ++i) {
-      for (size_t u = 0; u < pending[i].plan.uploads.size(); ++u) {
-        chunk.push_back({static_cast<int32_t>(i), static_cast<int64_t>(u)});
+    // Layer by layer (pending heads come in layer order), each layer's uploads merged across its
+    // heads by position, so that a layer's rows are read in one sweep through its blocks.
+    std::vector<size_t> next;  // per pending head of the layer: its next upload
+    for (size_t first = 0; first < pending.size();) {
+      size_t last = first + 1;
+      while (last < pending.size() && pending[last].index / kvh == pending[first].index / kvh) {
+        ++last;
+      }
+      const int layer = pending[first].index / kvh;
+      next.assign(last - first, 0);
+      for (;;) {
+        // The head whose next upload has the smallest position (heads are few: a scan).
+        size_t best = last;
+        int64_t best_position = 0;
+        for (size_t i = first; i < last; ++i) {
+          const KvSyncPlan& plan = pending[i].plan;
+          if (next[i - first] == plan.uploads.size()) continue;
+          const int64_t position =
+              kv.head(layer, pending[i].index % kvh).positions[plan.uploads[next[i - first]]];
+          if (best == last || position < best_position) {
+            best = i;
+            best_position = position;
+          }
+        }
+        if (best == last) break;
+        chunk.push_back({static_cast<int32_t>(best), static_cast<int64_t>(next[best - first]++)});
         if (static_cast<int64_t>(chunk.size()) == chunk_rows) {
           KVMEM_RETURN_IF_ERROR(pack_and_flush());
         }
       }
+      first = last;
     }
     KVMEM_RETURN_IF_ERROR(pack_and_flush());
   }
