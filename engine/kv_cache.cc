@@ -88,11 +88,17 @@ std::pair<void*, void*> KvCache::GrowFresh(int layer, int64_t first, int64_t n, 
   return {f.rows.KeysAt(at), f.rows.ValuesAt(at)};
 }
 
+// Rows dropped down to none give their memory back: a session between turns holds no fresh
+// rows, and many idle sessions must not each keep a turn's worth.
 void KvCache::DropFreshFrom(int64_t position) {
   for (int l = 0; l < static_cast<int>(fresh_.size()); ++l) {
     FreshRows& f = fresh_[l];
     const int64_t keep = std::clamp<int64_t>(position - f.first, 0, fresh_size(l));
-    f.rows.Resize(static_cast<size_t>(keep) * num_kv_heads_ * head_dim_);
+    if (keep == 0) {
+      f = FreshRows();
+    } else {
+      f.rows.Resize(static_cast<size_t>(keep) * num_kv_heads_ * head_dim_);
+    }
   }
 }
 
@@ -101,8 +107,12 @@ void KvCache::DropFreshBefore(int64_t position) {
     FreshRows& f = fresh_[l];
     const int64_t held = fresh_size(l);
     const int64_t drop = std::clamp<int64_t>(position - f.first, 0, held);
-    f.rows.EraseFront(static_cast<size_t>(drop) * num_kv_heads_ * head_dim_);
-    f.first = held == drop ? 0 : f.first + drop;
+    if (drop == held) {
+      f = FreshRows();
+    } else {
+      f.rows.EraseFront(static_cast<size_t>(drop) * num_kv_heads_ * head_dim_);
+      f.first += drop;
+    }
   }
 }
 

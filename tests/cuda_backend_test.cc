@@ -534,6 +534,45 @@ TEST_F(CudaSessionTest, HotBytesCountTheDeviceRows) {
   EXPECT_EQ(stats.hot_bytes, stats.hot_tokens * (2 * hd * 2 + 8));  // bf16 K and V, int64 position
 }
 
+TEST_F(CudaSessionTest, Bf16RowsReachTheBlocksAlikeWithAndWithoutAHostCopy) {
+  // A bf16 device hands its new rows over as bf16 fresh rows: copied from the device straight
+  // into them in a prefill, staged through pinned memory in a graphed decode step. With
+  // host_hot_rows the same rows reach the blocks through the host's f32 copy instead. The
+  // texts and every stored row must agree bit for bit.
+  auto bf16 = CreateCudaBackend(*model_, {.dtype = DeviceDtype::kBF16});
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  SessionOptions options{.memory = {.policy = "full"}, .recall_blocks = 0};
+  auto a = Session::Create(*model_, **bf16, options);
+  options.host_hot_rows = true;
+  auto b = Session::Create(*model_, **bf16, options);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (const char* t : {"Once upon a time there was a little dog named Max.",
+                        "Max liked to run in the park with his friend Sue."}) {
+    ASSERT_TRUE((*a)->AppendTurn(Role::kUser, t).ok());
+    ASSERT_TRUE((*b)->AppendTurn(Role::kUser, t).ok());
+    auto ga = (*a)->Generate({.sampling = {.max_tokens = 24}}, nullptr);
+    auto gb = (*b)->Generate({.sampling = {.max_tokens = 24}}, nullptr);
+    ASSERT_TRUE(ga.ok() && gb.ok());
+    EXPECT_EQ(ga->generation.text, gb->generation.text);
+  }
+  EXPECT_FALSE((*a)->hot().host_rows());
+  EXPECT_TRUE((*b)->hot().host_rows());
+  ASSERT_EQ((*a)->position(), (*b)->position());
+  const ModelConfig& c = model_->config();
+  std::vector<float> ka(c.head_dim), va(c.head_dim), kb(c.head_dim), vb(c.head_dim);
+  int64_t differ = 0;
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (int64_t p = 0; p < (*a)->position(); ++p) {
+      for (int g = 0; g < c.num_kv_heads; ++g) {
+        ASSERT_TRUE((*a)->ReadPosition(l, p, g, ka.data(), va.data()).ok());
+        ASSERT_TRUE((*b)->ReadPosition(l, p, g, kb.data(), vb.data()).ok());
+        differ += ka != kb || va != vb;
+      }
+    }
+  }
+  EXPECT_EQ(differ, 0);
+}
+
 TEST_F(CudaSessionTest, GreedyTextEqualsTheCpuInF32) {
   const SessionOptions options{.memory = {.policy = "full"}, .recall_blocks = 0};
   const std::vector<std::string> want = Run(*cpu_, options);

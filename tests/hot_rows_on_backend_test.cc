@@ -413,6 +413,12 @@ TEST(KvCacheTest, FreshRowsAppendDropAndServeReads) {
   EXPECT_EQ(kv.fresh(1).first, 11);
   kv.DropFreshBefore(20);
   EXPECT_EQ(kv.Bytes(), 0);
+  // Rows dropped to none give their memory back.
+  EXPECT_EQ(kv.fresh(1).rows.keys.capacity(), 0u);
+  EXPECT_EQ(kv.fresh(1).rows.values.capacity(), 0u);
+  kv.AppendFresh(1, 20, 1, k, v);
+  kv.DropFreshFrom(20);
+  EXPECT_EQ(kv.fresh(1).rows.keys.capacity(), 0u);
 }
 
 TEST(KvCacheTest, Bf16FreshRowsStayBf16AndReadBackExactly) {

@@ -246,6 +246,18 @@ TEST(RecordCodecTest, SixteenBitBlocksAreWrittenFromAndReadIntoTheBlockItself) {
     EXPECT_EQ(record.values.data(), reinterpret_cast<const char*>(block->values16.data()));
     const std::string bytes = record.Flatten();
     EXPECT_EQ(bytes, EncodeBlock(*block, 4, 8));
+    // The bytes of the stored layout, written field by field (what stores already hold).
+    ByteWriter golden;
+    golden.U32(0x4b564231);  // "KVB1"
+    golden.U8(dtype == BlockDType::kBF16 ? 2 : 3);
+    golden.I64(6);
+    golden.U32(16);  // filled
+    golden.U32(16);  // block size
+    golden.U32(4);   // KV heads
+    golden.U32(8);   // head_dim
+    golden.U16s(block->keys16);
+    golden.U16s(block->values16);
+    EXPECT_EQ(bytes, golden.Finish());
     EXPECT_EQ(bytes.size(), record.size());
     EXPECT_EQ(bytes.size(), Block16RecordSize(block->size()));
     EXPECT_EQ(TrailingCrc(bytes), record.crc);

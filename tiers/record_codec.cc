@@ -272,6 +272,7 @@ BlockRecord EncodeBlockRecord(const KvBlock& block, int num_kv_heads, int head_d
   w.U32(static_cast<uint32_t>(head_dim));
   BlockRecord r;
   if (block.dtype != BlockDType::kF32) {
+    KVMEM_CHECK(block.values16.size() == n);  // the record views n values of each
     w.U64(n);
     r.head = w.Take();
     r.keys = {reinterpret_cast<const char*>(block.keys16.data()), n * sizeof(uint16_t)};

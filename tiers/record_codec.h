@@ -36,8 +36,13 @@ class ByteWriter {
   void Reserve(size_t bytes) { out_.reserve(bytes); }
   // Appends the checksum and returns the value.
   std::string Finish();
-  // The bytes so far, without a checksum (a piece of a larger record).
-  std::string Take() { return std::move(out_); }
+  // The bytes so far, without a checksum (a piece of a larger record); the writer is empty
+  // after.
+  std::string Take() {
+    std::string out = std::move(out_);
+    out_.clear();
+    return out;
+  }
 
  private:
   std::string out_;
@@ -99,7 +104,7 @@ size_t Block16RecordSize(size_t values);
 // layout's size: `read(pieces)` fills the record's pieces in order (a small header, the keys,
 // the values' count, the values, the CRC) straight from storage, so the values land in the
 // block without a copy. DATA_LOSS as DecodeBlock for damaged or mismatched bytes; errors of
-// `read` pass through.
+// `read` pass through. On an error the block's values are undefined.
 struct MutablePiece {
   char* data;
   size_t size;
