@@ -325,9 +325,16 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
   bool any_open = false;
   for (int g = 0; g < kvh; ++g) {
     std::fill(hot_in_block.begin(), hot_in_block.end(), 0);
+    // Positions are sorted: a division only where a new block starts.
+    int64_t block = 0, block_end = 0;
     for (int64_t p : std::as_const(hot_).head(layer, g).positions) {
-      if (p >= committed_) break;  // positions are sorted
-      if (p / B < blocks) ++hot_in_block[p / B];
+      if (p >= committed_) break;
+      if (p >= block_end) {
+        block = p / B;
+        block_end = (block + 1) * B;
+        if (block >= blocks) break;
+      }
+      ++hot_in_block[block];
     }
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t committed_in_block = std::min<int64_t>((b + 1) * B, committed_) - b * B;
@@ -419,9 +426,9 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
       std::vector<int64_t> added;
       for (const Extra& x : extra) added.push_back(x.position);
       std::sort(added.begin(), added.end());
-      std::vector<int64_t> positions;
+      std::vector<int64_t> positions(head.positions.size() + added.size());
       std::merge(head.positions.begin(), head.positions.end(), added.begin(), added.end(),
-                 std::back_inserter(positions));
+                 positions.begin());
       hot_.head(layer, g).positions = std::move(positions);
       continue;
     }
