@@ -61,8 +61,9 @@ struct TurnCommit {
   std::vector<BlockWrite> blocks;          // new or rewritten blocks of this session
   // Which session owns each block index: (first block index, owner uid), ascending.
   const std::vector<std::pair<int64_t, uint64_t>>* owners = nullptr;
-  // Hot positions after the memory policy, (layer * num_kv_heads + head) -> ascending.
-  std::vector<std::vector<int64_t>> hot_positions;
+  // Hot positions after the memory policy, (layer * num_kv_heads + head) -> ascending; the
+  // session's own lists, not copies (8 MB a turn at Llama-3-8B shape and budget 4096).
+  std::vector<const std::vector<int64_t>*> hot_positions;
   // The memory policy's state aligned with hot_positions (empty for stateless policies).
   std::vector<std::vector<double>> policy_scores;
   const std::vector<float>* last_logits = nullptr;  // (vocab)

@@ -592,7 +592,7 @@ absl::Status Session::Commit(const TurnRecord& turn, std::vector<BlockWrite> blo
   commit.owners = &owners_;
   for (int l = 0; l < c.num_layers; ++l) {
     for (int g = 0; g < c.num_kv_heads; ++g) {
-      commit.hot_positions.push_back(std::as_const(hot_).head(l, g).positions);
+      commit.hot_positions.push_back(&std::as_const(hot_).head(l, g).positions);
     }
   }
   commit.policy_scores = policy_->SaveState();

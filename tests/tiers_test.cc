@@ -489,7 +489,8 @@ TEST(ColdStoreTest, BlocksRoundTripBitExactAcrossReopen) {
     commit.last_logits = &logits;
     commit.owners = &owners;
     commit.blocks.push_back({{record.uid, 0, 0}, block, std::vector<float>(64, 1.0f)});
-    commit.hot_positions.assign(4, {0, 3});
+    const std::vector<int64_t> hot = {0, 3};
+    commit.hot_positions.assign(4, &hot);
     record.turns = 1;
     ASSERT_TRUE((*cold)->CommitTurn(record, commit, "req-1", 4, 8).ok());
   }

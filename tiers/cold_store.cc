@@ -210,7 +210,7 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
   SharedThreadPool().ParallelFor(static_cast<int64_t>(hot.size()), [&](int64_t begin, int64_t end) {
     static const std::vector<double> kNoScores;
     for (int64_t i = begin; i < end; ++i) {
-      hot[i] = EncodeHotIndex(commit.hot_positions[i],
+      hot[i] = EncodeHotIndex(*commit.hot_positions[i],
                               static_cast<size_t>(i) < commit.policy_scores.size()
                                   ? commit.policy_scores[i]
                                   : kNoScores);
