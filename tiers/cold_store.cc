@@ -1,6 +1,7 @@
 #include "tiers/cold_store.h"
 
 #include <algorithm>
+#include <future>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -194,15 +195,17 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
     const BlockRecord& r = encoded[i];
     file_records.push_back({r.head, r.keys, r.mid, r.values, r.tail});
   }
+  // The file append and its sync run on a thread of their own while the rest of the batch is
+  // encoded and built here; the references go in once it is done.
   std::vector<BlockFileRef> refs;
+  std::future<absl::Status> appended;
   if (!file_records.empty()) {
-    KVMEM_RETURN_IF_ERROR(block_files_->Append(record.uid, file_records, &refs));
+    appended = std::async(std::launch::async,
+                          [&] { return block_files_->Append(record.uid, file_records, &refs); });
   }
-  for (size_t i = 0, f = 0; i < n; ++i) {
-    const BlockWrite& w = commit.blocks[i];
-    const std::string key = BlockKeyBytes(w.key);
-    batch.Put(handles_[kBlocks], key,
-              to_file[i] ? EncodeBlockFileRef(refs[f++]) : encoded[i].Flatten());
+  for (size_t i = 0; i < n; ++i) {
+    const std::string key = BlockKeyBytes(commit.blocks[i].key);
+    if (!to_file[i]) batch.Put(handles_[kBlocks], key, encoded[i].Flatten());
     batch.Put(handles_[kDigests], key, digests[i]);
   }
   const int layers = static_cast<int>(commit.hot_positions.size()) / num_kv_heads;
@@ -220,6 +223,14 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
     for (int g = 0; g < num_kv_heads; ++g) {
       batch.Put(handles_[kHot], HotKey(record.uid, l, g),
                 hot[static_cast<size_t>(l) * num_kv_heads + g]);
+    }
+  }
+  if (appended.valid()) {
+    KVMEM_RETURN_IF_ERROR(appended.get());
+    for (size_t i = 0, f = 0; i < n; ++i) {
+      if (!to_file[i]) continue;
+      batch.Put(handles_[kBlocks], BlockKeyBytes(commit.blocks[i].key),
+                EncodeBlockFileRef(refs[f++]));
     }
   }
   if (!request_id.empty()) {
