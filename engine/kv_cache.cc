@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -135,66 +134,6 @@ void RowAs(const KvBlock& rows, size_t off, size_t n, uint16_t* keys, uint16_t* 
 
 }  // namespace
 
-template <typename E>
-absl::Status KvCache::ReadRowsAs(int layer, int kv_head, absl::Span<const int64_t> positions,
-                                 E* keys, E* values) const {
-  KVMEM_CHECK(layer >= 0 && layer < num_layers_ && kv_head >= 0 && kv_head < num_kv_heads_);
-  const size_t hd = static_cast<size_t>(head_dim_);
-  if (row_home_ == RowHome::kHost) {
-    const HeadKv& h = heads_[layer * num_kv_heads_ + kv_head];
-    for (size_t i = 0; i < positions.size(); ++i) {
-      auto it = std::lower_bound(h.positions.begin(), h.positions.end(), positions[i]);
-      if (it == h.positions.end() || *it != positions[i]) {
-        return absl::NotFoundError(absl::StrCat("position ", positions[i], " is not cached"));
-      }
-      const size_t e = static_cast<size_t>(it - h.positions.begin());
-      RowAs(&h.keys[e * hd], hd, keys + i * hd);
-      RowAs(&h.values[e * hd], hd, values + i * hd);
-    }
-    return absl::OkStatus();
-  }
-  // Fresh rows here, the rest from the source in one call.
-  const FreshRows& f = fresh_[layer];
-  const int64_t fresh_end = f.first + fresh_size(layer);
-  std::vector<int64_t> older;
-  std::vector<size_t> older_at;
-  for (size_t i = 0; i < positions.size(); ++i) {
-    const int64_t p = positions[i];
-    if (p >= f.first && p < fresh_end) {
-      const size_t off = (static_cast<size_t>(p - f.first) * num_kv_heads_ + kv_head) * hd;
-      RowAs(f.rows, off, hd, keys + i * hd, values + i * hd);
-    } else {
-      older.push_back(p);
-      older_at.push_back(i);
-    }
-  }
-  if (older.empty()) return absl::OkStatus();
-  if (row_source_ == nullptr) {
-    return absl::FailedPreconditionError(
-        "this cache keeps its rows with the backend and has no row source to read them from");
-  }
-  // Fresh rows hold the newest positions, so the older ones usually come first: then the
-  // source writes them in place.
-  if (older_at.back() == older.size() - 1) {
-    if constexpr (std::is_same_v<E, float>) {
-      return row_source_->ReadRows(layer, kv_head, older, keys, values);
-    } else {
-      return row_source_->ReadRowsBf16(layer, kv_head, older, keys, values);
-    }
-  }
-  std::vector<E> k(older.size() * hd), v(older.size() * hd);
-  if constexpr (std::is_same_v<E, float>) {
-    KVMEM_RETURN_IF_ERROR(row_source_->ReadRows(layer, kv_head, older, k.data(), v.data()));
-  } else {
-    KVMEM_RETURN_IF_ERROR(row_source_->ReadRowsBf16(layer, kv_head, older, k.data(), v.data()));
-  }
-  for (size_t j = 0; j < older.size(); ++j) {
-    std::memcpy(keys + older_at[j] * hd, &k[j * hd], hd * sizeof(E));
-    std::memcpy(values + older_at[j] * hd, &v[j * hd], hd * sizeof(E));
-  }
-  return absl::OkStatus();
-}
-
 namespace {
 
 // The rows' source call for E.
@@ -245,6 +184,58 @@ absl::Status LayerRowsByHead(KvRowSource& source, int layer, absl::Span<const Kv
 }
 
 }  // namespace
+
+template <typename E>
+absl::Status KvCache::ReadRowsAs(int layer, int kv_head, absl::Span<const int64_t> positions,
+                                 E* keys, E* values) const {
+  KVMEM_CHECK(layer >= 0 && layer < num_layers_ && kv_head >= 0 && kv_head < num_kv_heads_);
+  const size_t hd = static_cast<size_t>(head_dim_);
+  if (row_home_ == RowHome::kHost) {
+    const HeadKv& h = heads_[layer * num_kv_heads_ + kv_head];
+    for (size_t i = 0; i < positions.size(); ++i) {
+      auto it = std::lower_bound(h.positions.begin(), h.positions.end(), positions[i]);
+      if (it == h.positions.end() || *it != positions[i]) {
+        return absl::NotFoundError(absl::StrCat("position ", positions[i], " is not cached"));
+      }
+      const size_t e = static_cast<size_t>(it - h.positions.begin());
+      RowAs(&h.keys[e * hd], hd, keys + i * hd);
+      RowAs(&h.values[e * hd], hd, values + i * hd);
+    }
+    return absl::OkStatus();
+  }
+  // Fresh rows here, the rest from the source in one call.
+  const FreshRows& f = fresh_[layer];
+  const int64_t fresh_end = f.first + fresh_size(layer);
+  std::vector<int64_t> older;
+  std::vector<size_t> older_at;
+  for (size_t i = 0; i < positions.size(); ++i) {
+    const int64_t p = positions[i];
+    if (p >= f.first && p < fresh_end) {
+      const size_t off = (static_cast<size_t>(p - f.first) * num_kv_heads_ + kv_head) * hd;
+      RowAs(f.rows, off, hd, keys + i * hd, values + i * hd);
+    } else {
+      older.push_back(p);
+      older_at.push_back(i);
+    }
+  }
+  if (older.empty()) return absl::OkStatus();
+  if (row_source_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "this cache keeps its rows with the backend and has no row source to read them from");
+  }
+  // Fresh rows hold the newest positions, so the older ones usually come first: then the
+  // source writes them in place.
+  if (older_at.back() == older.size() - 1) {
+    return SourceRows(*row_source_, layer, kv_head, older, keys, values);
+  }
+  std::vector<E> k(older.size() * hd), v(older.size() * hd);
+  KVMEM_RETURN_IF_ERROR(SourceRows(*row_source_, layer, kv_head, older, k.data(), v.data()));
+  for (size_t j = 0; j < older.size(); ++j) {
+    std::memcpy(keys + older_at[j] * hd, &k[j * hd], hd * sizeof(E));
+    std::memcpy(values + older_at[j] * hd, &v[j * hd], hd * sizeof(E));
+  }
+  return absl::OkStatus();
+}
 
 absl::Status KvRowSource::ReadLayerRows(int, absl::Span<const KvRowRef>, float*, float*) {
   return absl::UnimplementedError("this row source reads head by head");
