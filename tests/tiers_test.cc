@@ -801,6 +801,63 @@ absl::Status CommitFullBlocks(ColdStore& cold, const SessionRecord& record, int6
   return cold.CommitTurn(record, commit, "", 4, 8);
 }
 
+TEST(ColdStoreTest, LeftoversOfACommitThatNeverHappenedAreCutAtTheFirstLoadAfterOpen) {
+  testing::TempDir dir;
+  SessionRecord record;
+  record.session_id = "a";
+  const size_t one = EncodeBlock(*RandomBlock(0, 16, 40), 4, 8).size();
+  {
+    auto cold = ColdStore::Open({.path = dir.path()});
+    ASSERT_TRUE(cold.ok()) << cold.status();
+    ASSERT_TRUE((*cold)->CreateSession(&record).ok());
+    ASSERT_TRUE(CommitFullBlocks(**cold, record, 0, 3).ok());
+  }
+  const std::string file = absl::StrFormat("%s/kvblocks/%016x.kvb", dir.path(), record.uid);
+  ASSERT_EQ(std::filesystem::file_size(file), 3 * one);
+  auto leave_bytes = [&] {
+    // What a crash between the block file's sync and the turn's RocksDB write leaves.
+    std::ofstream(file, std::ios::app | std::ios::binary) << std::string(1000, 'x');
+  };
+  leave_bytes();
+  {
+    auto cold = ColdStore::Open({.path = dir.path()});
+    ASSERT_TRUE(cold.ok()) << cold.status();
+    // Opening alone cuts nothing; the session's first load does.
+    EXPECT_EQ(std::filesystem::file_size(file), 3 * one + 1000);
+    ASSERT_TRUE((*cold)->LoadSnapshot(record, 1, 4).ok());
+    EXPECT_EQ(std::filesystem::file_size(file), 3 * one);
+    for (int64_t i = 0; i < 3; ++i) {
+      EXPECT_TRUE((*cold)->ReadBlock({record.uid, 0, i}, 16, 4, 8).ok()) << i;
+    }
+    // The next commit appends where the committed records end.
+    ASSERT_TRUE(CommitFullBlocks(**cold, record, 3, 1).ok());
+    EXPECT_EQ(std::filesystem::file_size(file), 4 * one);
+    // After a commit in this process nothing is cut again: a write RocksDB reported as failed
+    // could still be replayed at the next open and refer to bytes past the last reference.
+    leave_bytes();
+    ASSERT_TRUE((*cold)->LoadSnapshot(record, 1, 4).ok());
+    EXPECT_EQ(std::filesystem::file_size(file), 4 * one + 1000);
+  }
+  {
+    // A commit before the first load settles the owner as well. It appends after the
+    // leftovers, which stay between two referenced records from then on.
+    auto cold = ColdStore::Open({.path = dir.path()});
+    ASSERT_TRUE(cold.ok()) << cold.status();
+    ASSERT_TRUE(CommitFullBlocks(**cold, record, 4, 1).ok());
+    EXPECT_EQ(std::filesystem::file_size(file), 5 * one + 1000);
+    leave_bytes();
+    ASSERT_TRUE((*cold)->LoadSnapshot(record, 1, 4).ok());
+    EXPECT_EQ(std::filesystem::file_size(file), 5 * one + 2000);
+  }
+  auto cold = ColdStore::Open({.path = dir.path()});
+  ASSERT_TRUE(cold.ok()) << cold.status();
+  ASSERT_TRUE((*cold)->LoadSnapshot(record, 1, 4).ok());
+  EXPECT_EQ(std::filesystem::file_size(file), 5 * one + 1000);
+  for (int64_t i = 0; i < 5; ++i) {
+    EXPECT_TRUE((*cold)->ReadBlock({record.uid, 0, i}, 16, 4, 8).ok()) << i;
+  }
+}
+
 TEST(ColdStoreTest, ResourceErrorsKeepTheirCodeAndLoseNothingCommitted) {
   testing::TempDir dir;
   SessionRecord record;

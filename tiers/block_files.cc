@@ -255,6 +255,22 @@ absl::Status BlockFiles::ReadInto(uint64_t owner, const BlockFileRef& ref,
   return absl::OkStatus();
 }
 
+absl::Status BlockFiles::CutBack(uint64_t owner, uint64_t length) {
+  auto file = Get(owner, /*create=*/false);
+  if (absl::IsNotFound(file.status())) return absl::OkStatus();
+  if (!file.ok()) return file.status();
+  struct stat st;
+  if (::fstat((*file)->fd, &st) != 0) return Errno("cannot stat block file", (*file)->path);
+  if (static_cast<uint64_t>(st.st_size) <= length) return absl::OkStatus();
+  if (::ftruncate((*file)->fd, static_cast<off_t>(length)) != 0) {
+    return Errno("cannot cut back block file", (*file)->path);
+  }
+  if (options_.sync && ::fdatasync((*file)->fd) != 0) {
+    return Errno("cannot sync block file", (*file)->path);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status BlockFiles::Remove(uint64_t owner) {
   // Unlink, then drop the cached descriptor and count the removal, so that no concurrent open
   // caches a descriptor of the removed file; holders of the old one keep it until they let go.

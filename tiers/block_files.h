@@ -66,6 +66,11 @@ class BlockFiles {
                         const std::vector<MutablePiece>& pieces);
   // Deletes owner's file; OK when there is none.
   absl::Status Remove(uint64_t owner);
+  // Cuts owner's file back to `length` bytes (durably, with `sync`) when it is longer: the
+  // bytes past the last record a committed turn refers to are leftovers of a commit that never
+  // happened. No-op when there is no file or it is not longer. Appends for the owner must not
+  // run at the same time.
+  absl::Status CutBack(uint64_t owner, uint64_t length);
   // Owners that have a file.
   absl::StatusOr<std::vector<uint64_t>> ListOwners() const;
 

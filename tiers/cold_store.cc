@@ -189,6 +189,11 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
                    static_cast<size_t>(b.filled) * num_kv_heads * head_dim == b.size();
     }
   });
+  {
+    // From here on this process may leave bytes in the file that a replayed write refers to.
+    std::lock_guard<std::mutex> lock(settled_mu_);
+    settled_.insert(record.uid);
+  }
   std::vector<BlockFiles::RecordPieces> file_records;
   for (size_t i = 0; i < n; ++i) {
     if (!to_file[i]) continue;
@@ -244,8 +249,29 @@ absl::Status ColdStore::CommitTurn(const SessionRecord& record, const TurnCommit
   return FromRocks(db_->Write(wo, &batch), "committing a turn");
 }
 
+void ColdStore::SettleBlockFile(uint64_t owner) {
+  if (block_files_ == nullptr) return;
+  {
+    std::lock_guard<std::mutex> lock(settled_mu_);
+    if (!settled_.insert(owner).second) return;
+  }
+  uint64_t end = 0;
+  const std::string prefix = UidKey(owner);
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator({}, handles_[kBlocks]));
+  for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
+    if (!IsBlockFileRef(it->value().ToStringView())) continue;
+    absl::StatusOr<BlockFileRef> ref = DecodeBlockFileRef(it->value().ToStringView());
+    if (!ref.ok()) return;  // a damaged reference: cut nothing, its read reports it
+    end = std::max<uint64_t>(end, ref->offset + ref->length);
+  }
+  // A failed scan or cut leaves the leftovers, which later appends skip: nothing is lost.
+  if (!it->status().ok()) return;
+  block_files_->CutBack(owner, end).IgnoreError();
+}
+
 absl::StatusOr<SessionSnapshot> ColdStore::LoadSnapshot(const SessionRecord& record,
                                                         int num_layers, int num_kv_heads) {
+  SettleBlockFile(record.uid);
   SessionSnapshot snap;
   snap.position = record.position;
   snap.last_logits = record.last_logits;

@@ -21,6 +21,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -105,6 +106,12 @@ class ColdStore {
                                         int num_kv_heads, int head_dim);
   absl::Status AddRefs(const std::vector<uint64_t>& owners, int delta, void* batch,
                        std::vector<uint64_t>* freed);
+  // Once per owner and process, before its first commit here: cuts the owner's block file back
+  // to the end of the last record its stored references name, dropping the leftovers of
+  // commits a crash (or a failed RocksDB write in an earlier process) cut short. Only then is
+  // the store's state final: a write RocksDB reported as failed in this process may still be
+  // replayed at the next open, so a commit here settles the owner without a cut.
+  void SettleBlockFile(uint64_t owner);
 
   ColdStoreOptions options_;
   std::string block_dir_;
@@ -113,6 +120,8 @@ class ColdStore {
   rocksdb::DB* db_ = nullptr;
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;
   std::mutex meta_mu_;  // serialises uid allocation and reference counting
+  std::mutex settled_mu_;
+  std::set<uint64_t> settled_;  // owners whose block files need no more cutting back
 };
 
 }  // namespace kvmem
