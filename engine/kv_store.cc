@@ -10,17 +10,28 @@ namespace kvmem {
 std::vector<float> ComputeDigest(const KvBlock& block, int num_kv_heads, int head_dim) {
   std::vector<float> digest(static_cast<size_t>(num_kv_heads) * 2 * head_dim);
   for (int g = 0; g < num_kv_heads; ++g) {
-    float* lo = &digest[(g * 2) * head_dim];
-    float* hi = &digest[(g * 2 + 1) * head_dim];
-    std::fill(lo, lo + head_dim, std::numeric_limits<float>::infinity());
-    std::fill(hi, hi + head_dim, -std::numeric_limits<float>::infinity());
-    std::vector<float> row(head_dim);
-    for (int s = 0; s < block.filled; ++s) {
-      const float* k = row.data();
-      block.ReadKeys((static_cast<size_t>(s) * num_kv_heads + g) * head_dim, head_dim, row.data());
+    std::fill_n(&digest[(g * 2) * head_dim], head_dim, std::numeric_limits<float>::infinity());
+    std::fill_n(&digest[(g * 2 + 1) * head_dim], head_dim, -std::numeric_limits<float>::infinity());
+  }
+  // Rows in the block's order (position, then head), each widened to f32 in a small buffer
+  // (an f32 block's are read in place).
+  std::vector<float> wide(block.dtype == BlockDType::kF32 ? 0 : head_dim);
+  for (int s = 0; s < block.filled; ++s) {
+    for (int g = 0; g < num_kv_heads; ++g) {
+      const size_t off = (static_cast<size_t>(s) * num_kv_heads + g) * head_dim;
+      const float* k = block.keys.data() + off;
+      if (block.dtype != BlockDType::kF32) {
+        block.ReadKeys(off, head_dim, wide.data());
+        k = wide.data();
+      }
+      float* lo = &digest[(g * 2) * head_dim];
+      float* hi = &digest[(g * 2 + 1) * head_dim];
+      // std::min and std::max, written as the selects they are, in a loop the compiler
+      // vectorizes (lo, hi and k never overlap).
+#pragma omp simd
       for (int d = 0; d < head_dim; ++d) {
-        lo[d] = std::min(lo[d], k[d]);
-        hi[d] = std::max(hi[d], k[d]);
+        lo[d] = k[d] < lo[d] ? k[d] : lo[d];
+        hi[d] = hi[d] < k[d] ? k[d] : hi[d];
       }
     }
   }

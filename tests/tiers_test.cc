@@ -372,6 +372,42 @@ TEST(KvBlockTest, CopiesAndBf16ReadsConvertOnlyBetweenTypes) {
   EXPECT_EQ(rows.bytes(), 4);
 }
 
+TEST(KvStoreTest, DigestIsEachHeadsKeyMinAndMaxOverTheFilledRows) {
+  // Against the obvious loop with std::min/std::max, bit for bit: signed zeros and infinities
+  // included, rows past `filled` ignored, for f32 and bf16 blocks.
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  const float specials[] = {0.f, -0.f, INFINITY, -INFINITY, 1e-40f};
+  for (BlockDType dtype : {BlockDType::kF32, BlockDType::kBF16}) {
+    KvBlock b = MakeEmptyBlock(0, 16, 4, 24, dtype);
+    b.filled = 11;
+    std::vector<float> keys(b.size());
+    for (size_t i = 0; i < keys.size(); ++i) {
+      keys[i] = rng() % 7 == 0 ? specials[rng() % 5] : normal(rng);
+    }
+    // One column of zeros of both signs: which zero is the min depends on the comparison.
+    for (int s = 0; s < 16; ++s) keys[s * 4 * 24] = s == 0 ? 0.f : -0.f;
+    b.WriteKeys(0, keys.data(), keys.size());
+    const KvBlock wide = WidenedBlock(b);
+    std::vector<float> want(4 * 2 * 24);
+    for (int g = 0; g < 4; ++g) {
+      for (int d = 0; d < 24; ++d) {
+        float lo = INFINITY, hi = -INFINITY;
+        for (int s = 0; s < b.filled; ++s) {
+          lo = std::min(lo, wide.keys[(s * 4 + g) * 24 + d]);
+          hi = std::max(hi, wide.keys[(s * 4 + g) * 24 + d]);
+        }
+        want[(g * 2) * 24 + d] = lo;
+        want[(g * 2 + 1) * 24 + d] = hi;
+      }
+    }
+    const std::vector<float> got = ComputeDigest(b, 4, 24);
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.size() * sizeof(float)))
+        << static_cast<int>(dtype);
+  }
+}
+
 TEST(RecordCodecTest, HotIndexStoresGapsAndReadsTheFirstLayoutToo) {
   std::mt19937 rng(4);
   std::vector<int64_t> positions;
