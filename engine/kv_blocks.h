@@ -46,6 +46,15 @@ struct KvBlock {
   // nearest even (Bf16Rne).
   void ReadKeysBf16(size_t off, size_t n, uint16_t* out) const;
   void ReadValuesBf16(size_t off, size_t n, uint16_t* out) const;
+  // K and V values [off, off + n) at once: as f32 (ReadKeys) or as bf16 bits (ReadKeysBf16).
+  void ReadKv(size_t off, size_t n, float* keys, float* values) const {
+    ReadKeys(off, n, keys);
+    ReadValues(off, n, values);
+  }
+  void ReadKv(size_t off, size_t n, uint16_t* keys, uint16_t* values) const {
+    ReadKeysBf16(off, n, keys);
+    ReadValuesBf16(off, n, values);
+  }
   // K and V values [off, off + n) from src's [src_off, src_off + n): copied when both blocks
   // have one type, else converted as ReadKeys and WriteKeys do.
   void CopyFrom(size_t off, const KvBlock& src, size_t src_off, size_t n);

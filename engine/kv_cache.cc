@@ -122,15 +122,6 @@ void RowAs(const float* in, size_t n, float* out) { std::memcpy(out, in, n * siz
 void RowAs(const float* in, size_t n, uint16_t* out) {
   for (size_t i = 0; i < n; ++i) out[i] = Bf16Rne(in[i]);
 }
-// Row values [off, off + n) of typed rows as E.
-void RowAs(const KvBlock& rows, size_t off, size_t n, float* keys, float* values) {
-  rows.ReadKeys(off, n, keys);
-  rows.ReadValues(off, n, values);
-}
-void RowAs(const KvBlock& rows, size_t off, size_t n, uint16_t* keys, uint16_t* values) {
-  rows.ReadKeysBf16(off, n, keys);
-  rows.ReadValuesBf16(off, n, values);
-}
 
 }  // namespace
 
@@ -212,7 +203,7 @@ absl::Status KvCache::ReadRowsAs(int layer, int kv_head, absl::Span<const int64_
     const int64_t p = positions[i];
     if (p >= f.first && p < fresh_end) {
       const size_t off = (static_cast<size_t>(p - f.first) * num_kv_heads_ + kv_head) * hd;
-      RowAs(f.rows, off, hd, keys + i * hd, values + i * hd);
+      f.rows.ReadKv(off, hd, keys + i * hd, values + i * hd);
     } else {
       older.push_back(p);
       older_at.push_back(i);
@@ -278,7 +269,7 @@ absl::Status KvCache::ReadLayerRowsAs(int layer, absl::Span<const KvRowRef> rows
     const int64_t p = rows[i].position;
     if (p >= f.first && p < fresh_end) {
       const size_t off = (static_cast<size_t>(p - f.first) * num_kv_heads_ + rows[i].head) * hd;
-      RowAs(f.rows, off, hd, keys + i * hd, values + i * hd);
+      f.rows.ReadKv(off, hd, keys + i * hd, values + i * hd);
     } else {
       older.push_back(rows[i]);
       older_at.push_back(i);

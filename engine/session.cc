@@ -741,8 +741,8 @@ absl::Status Session::PrefetchHotBlocks() {
   return absl::OkStatus();
 }
 
-template <typename RowAt, typename Row>
-absl::Status Session::ForEachRow(int layer, size_t n, const RowAt& row_at, const Row& row) {
+template <typename RowAt, typename E>
+absl::Status Session::ReadRowsAt(int layer, size_t n, const RowAt& row_at, E* keys, E* values) {
   const ModelConfig& c = model_.config();
   const int B = options_.block_size, hd = c.head_dim;
   std::shared_ptr<const KvBlock> block;
@@ -760,60 +760,43 @@ absl::Status Session::ForEachRow(int layer, size_t n, const RowAt& row_at, const
       return absl::DataLossError(
           absl::StrCat("stored block ", p / B, " of layer ", layer, " lacks position ", p));
     }
-    row(*block, (static_cast<size_t>(p % B) * c.num_kv_heads + r.head) * hd, i);
+    block->ReadKv((static_cast<size_t>(p % B) * c.num_kv_heads + r.head) * hd, hd, keys + i * hd,
+                  values + i * hd);
   }
   return absl::OkStatus();
 }
 
 absl::Status Session::ReadRows(int layer, int kv_head, absl::Span<const int64_t> positions,
                                float* keys, float* values) {
-  const int hd = model_.config().head_dim;
-  return ForEachRow(
+  return ReadRowsAt(
       layer, positions.size(),
       [&](size_t i) {
         return KvRowRef{positions[i], kv_head};
       },
-      [&](const KvBlock& block, size_t off, size_t i) {
-        block.ReadKeys(off, hd, keys + i * hd);
-        block.ReadValues(off, hd, values + i * hd);
-      });
+      keys, values);
 }
 
 absl::Status Session::ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
                                    uint16_t* keys, uint16_t* values) {
-  const int hd = model_.config().head_dim;
   // A bf16 device's rows in bf16 blocks are copied as they are.
-  return ForEachRow(
+  return ReadRowsAt(
       layer, positions.size(),
       [&](size_t i) {
         return KvRowRef{positions[i], kv_head};
       },
-      [&](const KvBlock& block, size_t off, size_t i) {
-        block.ReadKeysBf16(off, hd, keys + i * hd);
-        block.ReadValuesBf16(off, hd, values + i * hd);
-      });
+      keys, values);
 }
 
 absl::Status Session::ReadLayerRows(int layer, absl::Span<const KvRowRef> rows, float* keys,
                                     float* values) {
-  const int hd = model_.config().head_dim;
-  return ForEachRow(
-      layer, rows.size(), [&](size_t i) { return rows[i]; },
-      [&](const KvBlock& block, size_t off, size_t i) {
-        block.ReadKeys(off, hd, keys + i * hd);
-        block.ReadValues(off, hd, values + i * hd);
-      });
+  return ReadRowsAt(
+      layer, rows.size(), [&](size_t i) { return rows[i]; }, keys, values);
 }
 
 absl::Status Session::ReadLayerRowsBf16(int layer, absl::Span<const KvRowRef> rows, uint16_t* keys,
                                         uint16_t* values) {
-  const int hd = model_.config().head_dim;
-  return ForEachRow(
-      layer, rows.size(), [&](size_t i) { return rows[i]; },
-      [&](const KvBlock& block, size_t off, size_t i) {
-        block.ReadKeysBf16(off, hd, keys + i * hd);
-        block.ReadValuesBf16(off, hd, values + i * hd);
-      });
+  return ReadRowsAt(
+      layer, rows.size(), [&](size_t i) { return rows[i]; }, keys, values);
 }
 
 absl::Status Session::ReadPosition(int layer, int64_t position, int kv_head, float* k, float* v) {

@@ -198,10 +198,10 @@ class Session : private KvRowSource {
                              float* values) override;
   absl::Status ReadLayerRowsBf16(int layer, absl::Span<const KvRowRef> rows, uint16_t* keys,
                                  uint16_t* values) override;
-  // Calls row(block, offset of the row in it, i) for i in [0, n), in order, where row i is
-  // row_at(i) (a KvRowRef) of `layer`.
-  template <typename RowAt, typename Row>
-  absl::Status ForEachRow(int layer, size_t n, const RowAt& row_at, const Row& row);
+  // Reads row i = row_at(i) (a KvRowRef) of `layer` into keys and values + i * head_dim, for i
+  // in [0, n): as f32 or as bf16 bits (E), from the blocks.
+  template <typename RowAt, typename E>
+  absl::Status ReadRowsAt(int layer, size_t n, const RowAt& row_at, E* keys, E* values);
   // A block of this session from the live tail, the blocks in flight, or storage (then kept
   // in flight, so a pass reads each block once).
   absl::StatusOr<std::shared_ptr<const KvBlock>> FindBlock(int layer, int64_t index);
