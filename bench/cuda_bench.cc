@@ -11,7 +11,9 @@
 // Hot sets are held as sessions on the GPU hold them: positions on the host, rows on the
 // device, read back from f32 blocks of 16 positions when the device needs them again.
 // Usage: cuda_bench [--shapes 1b,8b] [--lengths 1024,4096,16384,32768] [--steps N]
-//                   [--dtype bf16|f16|f32]
+//                   [--dtype bf16|f16|f32] [--graphs 1|0] [--profile 0|1]
+// --profile 1 adds, after each measurement, where its device time went op by op
+// (CudaBackendOptions::profile_ops; with --graphs 0 a decode step is split by op too).
 // Exits 0 with a message when no usable GPU is present.
 #include <cuda_runtime_api.h>
 
@@ -89,6 +91,43 @@ double PinnedUploadGbps() {
 }
 
 constexpr int kBlock = 16;
+
+// Op times summed over the passes of one measurement (TakeCudaOpProfile after each timed call).
+class OpTable {
+ public:
+  void Add(Backend& b) {
+    for (CudaOpTime& t : TakeCudaOpProfile(b)) {
+      auto it = std::find_if(rows_.begin(), rows_.end(),
+                             [&](const CudaOpTime& r) { return r.op == t.op; });
+      if (it == rows_.end()) {
+        rows_.push_back(std::move(t));
+      } else {
+        it->ms += t.ms;
+        it->count += t.count;
+      }
+    }
+  }
+  // ms per measured call of each op, and its share of the device time between first and last
+  // event of the calls (the host-wall row excluded).
+  void Print(const char* what, int calls) const {
+    if (rows_.empty()) return;
+    double device = 0;
+    for (const CudaOpTime& r : rows_) {
+      if (r.op[0] != '(') device += r.ms;
+    }
+    std::printf("\n%s, op by op (ms per call, %d calls; device timeline %.3f ms per call):\n\n",
+                what, calls, device / calls);
+    std::printf("| op | ms | share | launches per call |\n| --- | ---: | ---: | ---: |\n");
+    for (const CudaOpTime& r : rows_) {
+      std::printf("| %s | %.3f | %.3f | %.0f |\n", r.op.c_str(), r.ms / calls,
+                  r.op[0] == '(' ? 0.0 : r.ms / device, static_cast<double>(r.count) / calls);
+    }
+    std::printf("\n");
+  }
+
+ private:
+  std::vector<CudaOpTime> rows_;
+};
 
 // (layer) -> (block index) -> block of kBlock positions, all KV heads.
 using LayerBlocks = std::vector<std::vector<std::shared_ptr<const KvBlock>>>;
@@ -254,6 +293,7 @@ int Run(int argc, char** argv) {
   std::vector<int64_t> lengths = {1024, 4096, 16384, 32768};
   int steps = 20;
   DeviceDtype dtype = DeviceDtype::kBF16;
+  bool graphs = true, profile = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--shapes") {
@@ -267,6 +307,9 @@ int Run(int argc, char** argv) {
       }
     } else if (flag == "--steps") {
       if (!absl::SimpleAtoi(value, &steps) || steps <= 0) return std::fprintf(stderr, "bad --steps\n"), 2;
+    } else if (flag == "--graphs" || flag == "--profile") {
+      if (value != "0" && value != "1") return std::fprintf(stderr, "%s takes 0 or 1\n", argv[i]), 2;
+      (flag == "--graphs" ? graphs : profile) = value == "1";
     } else if (flag == "--dtype") {
       auto d = ParseDeviceDtype(value);
       if (!d.ok()) return std::fprintf(stderr, "%s\n", std::string(d.status().message()).c_str()), 2;
@@ -298,7 +341,11 @@ int Run(int argc, char** argv) {
     }
     const ModelShape& shape = *named;
     const ModelConfig& c = shape.config;
-    auto backend = CreateCudaBackend(c, nullptr, {.dtype = dtype, .random_weights_seed = 7});
+    auto backend = CreateCudaBackend(c, nullptr,
+                                     {.dtype = dtype,
+                                      .cuda_graphs = graphs,
+                                      .random_weights_seed = 7,
+                                      .profile_ops = profile});
     if (!backend.ok()) {
       std::fprintf(stderr, "%s: %s\n", shape.name.c_str(), backend.status().ToString().c_str());
       return 1;
@@ -307,6 +354,7 @@ int Run(int argc, char** argv) {
     const double weight_bytes = WeightBytesPerToken(c, elem);
     std::printf("## %s (random weights, %.2f GB read per token)\n\n", shape.name.c_str(),
                 weight_bytes / 1e9);
+    std::vector<OpTable> decode_ops;  // per length
     std::printf("| hot tokens/head | ms/token | floor ms | roofline share |\n");
     std::printf("| ---: | ---: | ---: | ---: |\n");
     for (int64_t length : lengths) {
@@ -320,6 +368,8 @@ int Run(int argc, char** argv) {
         absl::Status s = b.Forward(token, pos++, &kv, {}, &r);
         if (!s.ok()) return std::fprintf(stderr, "decode: %s\n", s.ToString().c_str()), 1;
       }
+      TakeCudaOpProfile(b);
+      OpTable ops;
       const auto start = std::chrono::steady_clock::now();
       for (int i = 0; i < steps; ++i) {
         token[0] = static_cast<int32_t>(r.logits.empty() ? 1 : (i * 7919) % c.vocab_size);
@@ -327,10 +377,17 @@ int Run(int argc, char** argv) {
         if (!s.ok()) return std::fprintf(stderr, "decode: %s\n", s.ToString().c_str()), 1;
       }
       const double ms = Seconds(start) * 1e3 / steps;
+      ops.Add(b);
+      decode_ops.push_back(std::move(ops));
       const double floor_ms =
           (weight_bytes + HotKvBytes(c, length + 3 + steps / 2, elem)) / (copy_gbps * 1e9) * 1e3;
       std::printf("| %lld | %.3f | %.3f | %.2f |\n", static_cast<long long>(length), ms, floor_ms,
                   floor_ms / ms);
+    }
+
+    for (size_t i = 0; i < decode_ops.size(); ++i) {
+      decode_ops[i].Print(absl::StrCat("decode at ", lengths[i], " hot tokens/head").c_str(),
+                          steps);
     }
 
     // Turn append onto a 16K-token hot set. Compaction is the host's (positions only, as a
@@ -348,21 +405,25 @@ int Run(int argc, char** argv) {
     for (int64_t turn : {int64_t{256}, int64_t{4096}}) {
       double prefill_ms = 0, select_ms = 0, host_ms = 0, gather_ms = 0;
       const int reps = 3;
+      OpTable prefill_ops, select_ops;
       for (int rep = 0; rep < reps; ++rep) {
         KvCache kv = HotSet(c, base, &warm_rows);
         ForwardResult r;
         if (!b.Forward(one, base, &kv, {}, &r).ok()) return 1;  // uploads the hot set
         std::vector<int32_t> tokens(turn);
         for (int64_t i = 0; i < turn; ++i) tokens[i] = static_cast<int32_t>((i * 31 + rep) % c.vocab_size);
+        TakeCudaOpProfile(b);
         auto start = std::chrono::steady_clock::now();
         absl::Status s = b.Forward(tokens, base + 1, &kv, {.observe_last = snap.window}, &r);
         if (!s.ok()) return std::fprintf(stderr, "append: %s\n", s.ToString().c_str()), 1;
         prefill_ms += Seconds(start) * 1e3;
+        prefill_ops.Add(b);
         kv.DropFreshBefore(base + 1 + turn);  // the session moves them into blocks
         start = std::chrono::steady_clock::now();
         auto keep = b.SelectSnapKv(kv, snap, r.observed_queries, snap.window);
         if (!keep.ok()) return std::fprintf(stderr, "snapkv: %s\n", keep.status().ToString().c_str()), 1;
         select_ms += Seconds(start) * 1e3;
+        select_ops.Add(b);
         start = std::chrono::steady_clock::now();
         for (int l = 0; l < c.num_layers; ++l) {
           for (int g = 0; g < c.num_kv_heads; ++g) {
@@ -390,6 +451,8 @@ int Run(int argc, char** argv) {
       std::printf("| %lld | %.2f | %.2f | %.2f (%.2f + %.2f) | %.2f | %.3f |\n",
                   static_cast<long long>(turn), prefill_ms, select_ms, compact_ms, host_ms,
                   gather_ms, total, select_ms / total);
+      prefill_ops.Print(absl::StrCat("prefill of ", turn, " tokens onto 16K").c_str(), reps);
+      select_ops.Print(absl::StrCat("SnapKV selection after ", turn, " tokens").c_str(), reps);
     }
 
     // Page-in of a paged-out 16K-token hot set from blocks in host memory: the first pass reads

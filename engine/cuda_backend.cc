@@ -206,6 +206,7 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
 
   KVMEM_CUDA_RETURN_IF_ERROR(LaunchEmbeddingGather(embed_, c.vocab_size, h, b->ids, n, b->x, s));
+  prof_.Mark("embedding");
   const float* residual = nullptr;  // the previous block's output, added before the next norm
   const float* residual_bias = nullptr;
   for (int l = 0; l < L; ++l) {
@@ -216,7 +217,9 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
     KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(b->x, residual, residual_bias,
                                                         lw.attn_norm, n, h, c.rms_norm_eps, b->xn,
                                                         s));
+    prof_.Mark("residual + rmsnorm");
     KVMEM_RETURN_IF_ERROR(Gemm(lw.w_qkv, qd + 2 * kvd, h, b->xn, n, b->qkv));
+    prof_.Mark("gemm qkv");
     QkvRopeParams<T> rp;
     rp.qkv = b->qkv;
     rp.bias = lw.b_qkv;
@@ -231,12 +234,16 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
     rp.k = layer_k;
     rp.v = layer_v;
     KVMEM_CUDA_RETURN_IF_ERROR(LaunchQkvRope(rp, s));
+    prof_.Mark("bias + rope");
     if (observed > 0) {
       KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
           b->observed_q + static_cast<int64_t>(l) * observed * qd, b->q + (n - observed) * qd,
           observed * qd * sizeof(float), cudaMemcpyDeviceToDevice, s));
     }
-    if (after_qkv) KVMEM_RETURN_IF_ERROR(after_qkv(l));
+    if (after_qkv) {
+      KVMEM_RETURN_IF_ERROR(after_qkv(l));
+      prof_.Mark("recall hook");
+    }
     // The new tokens join their heads, then attend.
     AppendKvParams<T> ap;
     ap.keys = b->tables.keys + l * kvh;
@@ -250,6 +257,7 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
     ap.num_kv_heads = c.num_kv_heads;
     ap.head_dim = c.head_dim;
     KVMEM_CUDA_RETURN_IF_ERROR(LaunchAppendKv(ap, s));
+    prof_.Mark("kv append");
     RaggedKv<T> ragged;
     ragged.keys = b->tables.keys + l * kvh;
     ragged.values = b->tables.values + l * kvh;
@@ -279,6 +287,7 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
         b->decode_ws_bytes = ws;
       }
       KVMEM_CUDA_RETURN_IF_ERROR(LaunchDecodeAttention(dp, b->decode_ws, b->decode_ws_bytes, s));
+      prof_.Mark("decode attention");
     } else {
       PrefillAttentionParams<T> pp;
       pp.q = b->q_t;
@@ -290,15 +299,31 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
       pp.start_position = start_pos;
       pp.out = b->attn;
       pp.tensor_cores = options_.tensor_core_prefill;
+      // Scratch to split long heads across blocks (short turns onto long hot sets), shared
+      // with decode attention's.
+      const size_t ws = PrefillAttentionWorkspaceBytes(pp);
+      if (ws > b->decode_ws_bytes && b->decode_ws_scratch != nullptr) {
+        KVMEM_RETURN_IF_ERROR(b->decode_ws_scratch->Allocate(ws, s));
+        b->decode_ws = b->decode_ws_scratch->get();
+        b->decode_ws_bytes = ws;
+      }
+      pp.workspace = b->decode_ws;
+      pp.workspace_bytes = b->decode_ws_bytes;
       KVMEM_CUDA_RETURN_IF_ERROR(LaunchPrefillAttention(pp, s));
+      prof_.Mark("prefill attention");
     }
     KVMEM_RETURN_IF_ERROR(Gemm(lw.w_o, h, qd, b->attn, n, b->proj));
+    prof_.Mark("gemm o");
     // MLP block (SwiGLU).
     KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(b->x, b->proj, lw.b_o, lw.mlp_norm, n, h,
                                                         c.rms_norm_eps, b->xn, s));
+    prof_.Mark("residual + rmsnorm");
     KVMEM_RETURN_IF_ERROR(Gemm(lw.w_gate_up, 2 * inter, h, b->xn, n, b->gate_up));
+    prof_.Mark("gemm gate+up");
     KVMEM_CUDA_RETURN_IF_ERROR(LaunchSwiGluRows<T>(b->gate_up, lw.b_gate_up, n, inter, b->act, s));
+    prof_.Mark("swiglu");
     KVMEM_RETURN_IF_ERROR(Gemm(lw.w_down, h, inter, b->act, n, b->proj));
+    prof_.Mark("gemm down");
     residual = b->proj;
     residual_bias = lw.b_down;
   }
@@ -309,7 +334,9 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
                                                       residual + first_logit * h, residual_bias,
                                                       final_norm_, logit_rows, h, c.rms_norm_eps,
                                                       b->xn, s));
+  prof_.Mark("residual + rmsnorm");
   KVMEM_RETURN_IF_ERROR(Gemm(lm_head_, c.vocab_size, h, b->xn, logit_rows, b->logits));
+  prof_.Mark("gemm lm head");
   return absl::OkStatus();
 }
 
@@ -397,7 +424,9 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
     }
     return absl::OkStatus();
   };
-  if (absl::Status st = download(); !st.ok()) {
+  absl::Status downloaded = download();
+  prof_.Mark("results down (logits, queries, new kv)");
+  if (absl::Status st = std::move(downloaded); !st.ok()) {
     // Nothing may still write into the grown rows when they are dropped.
     cudaStreamSynchronize(s);
     if (fresh) kv->DropFreshFrom(start_pos);
@@ -465,9 +494,11 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
   // 1. The device copy of the hot set, up to date, with room for the new tokens.
   KVMEM_ASSIGN_OR_RETURN(DeviceKv<T> * dkv, Attach(kv, stale));
   KVMEM_RETURN_IF_ERROR(SyncHeads(*kv, *dkv, 0, L));
+  prof_.Mark("sync heads (uploads, gathers)");
   for (DeviceHead<T>& dh : dkv->heads) {
     KVMEM_RETURN_IF_ERROR(Reserve(*dkv, dh, static_cast<int64_t>(dh.mirrored.size()) + n));
   }
+  prof_.Mark("reserve rows");
   const int observed = static_cast<int>(std::min<int64_t>(options.observe_last, n));
   const int64_t first_logit = options.all_logits ? 0 : n - 1;
   auto layer_max_length = [&](int l) {
@@ -521,6 +552,7 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
     KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(decode_.step_device, in, decode_.step_bytes,
                                                cudaMemcpyHostToDevice, s));
     KVMEM_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph->exec, s));
+    prof_.Mark("decode step (graph)");
     PassBuffers view = b;
     view.observed_q = observed > 0 ? b.observed_q : nullptr;
     return FinishPass(view, n, start_pos, observed, 1, kv, dkv, result, decode_.out_host);
@@ -537,6 +569,7 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
                                              cudaMemcpyHostToDevice, s));
   KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b.pos, &start_pos, sizeof(int64_t),
                                              cudaMemcpyHostToDevice, s));
+  prof_.Mark("pass buffers, tables, inputs");
   std::function<absl::Status(int)> after_qkv;
   std::vector<float> host_q;  // (n, num_heads, head_dim) for the before_attention hook
   if (options.before_attention) {
@@ -710,6 +743,11 @@ bool CudaBackendAvailable(int device, std::string* why) {
     return false;
   }
   return true;
+}
+
+std::vector<CudaOpTime> TakeCudaOpProfile(Backend& backend) {
+  auto* source = dynamic_cast<cuda_internal::OpProfileSource*>(&backend);
+  return source == nullptr ? std::vector<CudaOpTime>{} : source->TakeOpProfile();
 }
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelConfig& config,

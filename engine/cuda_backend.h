@@ -18,6 +18,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
@@ -49,7 +50,23 @@ struct CudaBackendOptions {
   // Default: 0. Benchmarks only: with no host weights, fill the device weights with uniform
   // values of this seed (scaled so activations stay finite) instead of uploading.
   uint64_t random_weights_seed = 0;
+  // Default: false. Diagnostics: time each op of every pass with CUDA events (a graphed decode
+  // step counts as one op) and of device SnapKV selection; read with TakeCudaOpProfile.
+  bool profile_ops = false;
 };
+
+// Device time of one op, summed over `count` passes (ms), in the order ops were first seen.
+// An op's time runs from the end of the op before it, so host work the device waited for is
+// charged to the op that followed it. "(host wall, whole call)" is each call's host time.
+struct CudaOpTime {
+  std::string op;
+  double ms = 0;
+  int64_t count = 0;
+};
+
+// The op times gathered since the last call by a CUDA backend created with profile_ops; empty
+// for any other backend.
+std::vector<CudaOpTime> TakeCudaOpProfile(Backend& backend);
 
 // True when this build has the CUDA backend and device `device` can run it; otherwise false
 // and *why (when non-null) says why.

@@ -11,12 +11,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -99,6 +101,95 @@ struct CudaContext {
       cudaStreamDestroy(stream);
     }
   }
+};
+
+// Per-op device times of passes run op by op (CudaBackendOptions::profile_ops): Begin records
+// an event on the stream, each Mark another, and the time between two events is charged to the
+// later mark's op, so host gaps land on the op that waited for them. End waits for the last
+// event and adds the pass's times to the totals. Marks outside Begin/End (graph capture) are
+// ignored.
+class OpProfiler {
+ public:
+  ~OpProfiler() {
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+  }
+  void Begin(bool enabled, cudaStream_t stream) {
+    active_ = enabled;
+    if (!active_) return;
+    stream_ = stream;
+    used_ = 0;
+    ops_.clear();
+    host_start_ = std::chrono::steady_clock::now();
+    Record(nullptr);
+  }
+  void Mark(const char* op) {
+    if (active_) Record(op);
+  }
+  void End() {
+    if (!active_) return;
+    active_ = false;
+    if (cudaEventSynchronize(events_[used_ - 1]) != cudaSuccess) {
+      cudaGetLastError();
+      return;
+    }
+    for (size_t i = 1; i < used_; ++i) {
+      float ms = 0;
+      if (cudaEventElapsedTime(&ms, events_[i - 1], events_[i]) != cudaSuccess) {
+        cudaGetLastError();
+        continue;
+      }
+      Add(ops_[i], ms);
+    }
+    Add("(host wall, whole call)",
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - host_start_)
+            .count());
+  }
+  std::vector<CudaOpTime> Take() { return std::exchange(totals_, {}); }
+
+ private:
+  void Record(const char* op) {
+    if (used_ == events_.size()) {
+      cudaEvent_t e;
+      if (cudaEventCreate(&e) != cudaSuccess) {
+        cudaGetLastError();
+        active_ = false;  // this pass goes unprofiled
+        return;
+      }
+      events_.push_back(e);
+    }
+    if (cudaEventRecord(events_[used_], stream_) != cudaSuccess) {
+      cudaGetLastError();
+      active_ = false;
+      return;
+    }
+    ops_.resize(used_ + 1);
+    ops_[used_++] = op;
+  }
+  void Add(const char* op, double ms) {
+    for (CudaOpTime& t : totals_) {
+      if (t.op == op) {
+        t.ms += ms;
+        ++t.count;
+        return;
+      }
+    }
+    totals_.push_back({op, ms, 1});
+  }
+
+  bool active_ = false;
+  cudaStream_t stream_ = nullptr;
+  std::vector<cudaEvent_t> events_;
+  std::vector<const char*> ops_;
+  size_t used_ = 0;
+  std::chrono::steady_clock::time_point host_start_;
+  std::vector<CudaOpTime> totals_;
+};
+
+// What TakeCudaOpProfile finds, by a cross-cast, in every CUDA backend.
+class OpProfileSource {
+ public:
+  virtual ~OpProfileSource() = default;
+  virtual std::vector<CudaOpTime> TakeOpProfile() = 0;
 };
 
 // Device memory from the stream-ordered pool, freed in stream order.
@@ -224,7 +315,7 @@ struct HeadTables {
 };
 
 template <typename T>
-class CudaBackend : public Backend {
+class CudaBackend : public Backend, public OpProfileSource {
  public:
   CudaBackend(const ModelConfig& config, const CudaBackendOptions& options,
               std::shared_ptr<CudaContext> ctx)
@@ -299,7 +390,9 @@ class CudaBackend : public Backend {
     std::shared_ptr<void> stale;  // a foreign attachment, dropped after the lock is released
     std::lock_guard<std::recursive_mutex> lock(ctx_->mu);
     KVMEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(ctx_->device));
+    prof_.Begin(options_.profile_ops, ctx_->stream);
     absl::Status status = Run(tokens, start_pos, kv, options, result, &stale);
+    prof_.End();
     if (!status.ok()) {
       // Nothing queued may still read pinned inputs or write pinned outputs the next pass
       // reuses.
@@ -426,8 +519,14 @@ class CudaBackend : public Backend {
                           uint8_t* pinned = nullptr);
   absl::StatusOr<DecodeGraph*> GraphFor(int32_t longest);
 
+  std::vector<CudaOpTime> TakeOpProfile() override {
+    std::lock_guard<std::recursive_mutex> lock(ctx_->mu);
+    return prof_.Take();
+  }
+
   const ModelConfig config_;
   const CudaBackendOptions options_;
+  OpProfiler prof_;
   std::shared_ptr<CudaContext> ctx_;
   const uint64_t id_;
   cublasHandle_t cublas_ = nullptr;

@@ -423,7 +423,9 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
     return absl::UnimplementedError("the cache has no copy on this device");
   }
   cudaStream_t s = ctx_->stream;
+  prof_.Begin(options_.profile_ops, s);
   KVMEM_RETURN_IF_ERROR(SyncHeads(kv, *dkv, 0, L));
+  prof_.Mark("snapkv: sync heads");
   int32_t max_length = 0;
   for (const DeviceHead<T>& dh : dkv->heads) {
     max_length = std::max<int32_t>(max_length, static_cast<int32_t>(dh.mirrored.size()));
@@ -439,6 +441,7 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
                                                per_layer * sizeof(float), cudaMemcpyHostToDevice,
                                                s));
   }
+  prof_.Mark("snapkv: tables, queries up");
   const int budget = options.budget;
   Scratch<int32_t> keep, counts;
   KVMEM_RETURN_IF_ERROR(keep.Allocate(static_cast<size_t>(L) * kvh * budget, s));
@@ -465,6 +468,7 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
     p.keep_counts = counts.get() + static_cast<size_t>(l) * kvh;
     KVMEM_CUDA_RETURN_IF_ERROR(LaunchSnapKv(p, workspace.get(), ws, s));
   }
+  prof_.Mark("snapkv: score, pool, top-k");
   std::vector<int32_t> host_keep(static_cast<size_t>(L) * kvh * budget);
   std::vector<int32_t> host_counts(static_cast<size_t>(L) * kvh);
   KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
@@ -473,11 +477,13 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
                                              host_counts.size() * sizeof(int32_t),
                                              cudaMemcpyDeviceToHost, s));
   KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+  prof_.Mark("snapkv: picks down");
   std::vector<std::vector<int64_t>> result(static_cast<size_t>(L) * kvh);
   for (size_t i = 0; i < result.size(); ++i) {
     const int32_t* k = &host_keep[i * budget];
     result[i].assign(k, k + host_counts[i]);
   }
+  prof_.End();
   return result;
 }
 

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "kernels/ragged_kv.cuh"
@@ -37,23 +38,40 @@ struct PrefillAttentionParams {
   int64_t start_position = 0;
   // (n, num_heads, head_dim) dense, device.
   T* out = nullptr;
-  // Default: true. For 16-bit T, head_dim a multiple of 16 up to 128 and no sliding window,
-  // scores and the weighted sum run on tensor cores (WMMA, f32 accumulation; the softmax
-  // weights are rounded to T before they multiply V, as FlashAttention does). false, and every
-  // other case, runs the CUDA-core kernel.
+  // Default: true. For 16-bit T, head_dim 16, 32, 64 or 128, no sliding window and a
+  // row_stride that is a multiple of 8, scores and the weighted sum run on tensor cores
+  // (mma.sync, f32 accumulation; the softmax weights are rounded to T before they multiply V,
+  // as FlashAttention does). Every head's keys and values must then start 16-byte aligned
+  // (cudaMalloc'd memory does). false, and every other case, runs the CUDA-core kernel.
   bool tensor_cores = true;
+  // Default: null. Device scratch of workspace_bytes, at least
+  // PrefillAttentionWorkspaceBytes(*this) for the tensor-core kernel to split long heads
+  // across blocks when the rows alone cannot fill the device (short turns onto long hot sets);
+  // with less it runs unsplit. Only read and written by the launched kernels.
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
 
-// Queues the attention on `stream`: one block per (16 query rows, KV head) on CUDA cores, or
-// per (64 query rows, KV head) on tensor cores, a query row being a (new token, query head of
-// the group) pair, so a K/V tile staged in shared memory serves every query head of the group. Key tiles run up to the block's last visible entry; a sliding window
-// masks but does not skip tiles. n == 0 launches nothing.
+// Scratch the tensor-core kernel uses to split `p`'s entries (0 when it would not split or
+// does not take the call). Reads only the host-side fields of p (shapes, max_length).
+template <typename T>
+size_t PrefillAttentionWorkspaceBytes(const PrefillAttentionParams<T>& p);
+
+// Queues the attention on `stream`: on CUDA cores one block per (16 query rows, KV head); on
+// tensor cores one per (64 query rows, KV head, split of the entries), then a combine of the
+// splits. A query row is a (new token, query head of the group) pair, so a K/V tile staged in
+// shared memory serves every query head of the group. Key tiles run up to the block's last
+// visible entry; a sliding window masks but does not skip tiles. n == 0 launches nothing.
 // cudaErrorInvalidValue for a head_dim outside [1, 256], a num_heads that is not a positive
 // multiple of num_kv_heads, or n < 0; otherwise the launch error.
 // Instantiated for T = float, __nv_bfloat16 and __half.
 template <typename T>
 cudaError_t LaunchPrefillAttention(const PrefillAttentionParams<T>& p, cudaStream_t stream);
 
+extern template size_t PrefillAttentionWorkspaceBytes<float>(const PrefillAttentionParams<float>&);
+extern template size_t PrefillAttentionWorkspaceBytes<__nv_bfloat16>(
+    const PrefillAttentionParams<__nv_bfloat16>&);
+extern template size_t PrefillAttentionWorkspaceBytes<__half>(const PrefillAttentionParams<__half>&);
 extern template cudaError_t LaunchPrefillAttention<float>(const PrefillAttentionParams<float>&,
                                                           cudaStream_t);
 extern template cudaError_t LaunchPrefillAttention<__nv_bfloat16>(

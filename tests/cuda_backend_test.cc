@@ -5,7 +5,9 @@
 // Skips, saying why, where no usable CUDA device is present.
 #include "engine/cuda_backend.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <limits>
@@ -57,6 +59,22 @@ std::vector<int32_t> RandomTokens(int n, int vocab, uint32_t seed) {
 // KV, not a rounding of the weights the CPU never sees.
 double Tolerance(DeviceDtype dtype) { return dtype == DeviceDtype::kF32 ? 1e-5 : 1e-2; }
 
+// Whole-model logits: every layer rounds its norm outputs, queries, K, V, attention outputs and
+// SwiGLU activations to the device type, and the roundings add up over the layers. bf16 keeps 8
+// bits of mantissa, f16 11: on an H100 the 2-layer bf16 cases' logits came within 1.1-1.4% of
+// the CPU's while each op stays within the per-op 1e-2, and the f16 ones within 0.1-0.2%.
+double LogitTolerance(DeviceDtype dtype) {
+  switch (dtype) {
+    case DeviceDtype::kF32:
+      return 1e-5;
+    case DeviceDtype::kF16:
+      return 1e-2;
+    case DeviceDtype::kBF16:
+      break;
+  }
+  return 2e-2;
+}
+
 // Keeps entries of every head of `kv` for which keep(layer, kv_head, position) holds.
 void Evict(KvCache* kv, const std::function<bool(int, int, int64_t)>& keep) {
   const int hd = kv->head_dim();
@@ -101,6 +119,20 @@ class CudaParityTest : public ::testing::TestWithParam<Case> {
     return KvCache(c.num_layers, c.num_kv_heads, c.head_dim);
   }
 
+  // RelativeL2 of whole-model logits, remembering the worst for the log.
+  double LogitError(const std::vector<float>& got, const std::vector<float>& want) {
+    const double e = RelativeL2(got, want);
+    worst_logit_error_ = std::max(worst_logit_error_, e);
+    return e;
+  }
+  void TearDown() override {
+    if (worst_logit_error_ > 0) {
+      std::printf("worst relative L2 error of logits: %.3g\n", worst_logit_error_);
+    }
+  }
+
+  double worst_logit_error_ = 0;
+
   TempDir dir_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<CpuBackend> cpu_;
@@ -110,6 +142,7 @@ class CudaParityTest : public ::testing::TestWithParam<Case> {
 TEST_P(CudaParityTest, PrefillAndDecodeLogitsMatchTheCpu) {
   const ModelConfig& c = model_->config();
   const double tol = Tolerance(GetParam().dtype);
+  const double logit_tol = LogitTolerance(GetParam().dtype);
   auto tokens = RandomTokens(40, c.vocab_size, 3);
   KvCache cpu_kv = NewCache(), gpu_kv = NewCache();
   ForwardResult want, got;
@@ -118,7 +151,7 @@ TEST_P(CudaParityTest, PrefillAndDecodeLogitsMatchTheCpu) {
   auto prefix = absl::MakeConstSpan(tokens).subspan(0, prompt);
   ASSERT_TRUE(cpu_->Forward(prefix, 0, &cpu_kv, opts, &want).ok());
   ASSERT_TRUE(gpu_->Forward(prefix, 0, &gpu_kv, opts, &got).ok());
-  EXPECT_LT(RelativeL2(got.logits, want.logits), tol);
+  EXPECT_LT(LogitError(got.logits, want.logits), logit_tol);
   ASSERT_EQ(got.observed_queries.size(), want.observed_queries.size());
   for (int l = 0; l < c.num_layers; ++l) {
     EXPECT_LT(RelativeL2(got.observed_queries[l], want.observed_queries[l]), tol) << "layer " << l;
@@ -135,13 +168,14 @@ TEST_P(CudaParityTest, PrefillAndDecodeLogitsMatchTheCpu) {
     auto one = absl::MakeConstSpan(tokens).subspan(t, 1);
     ASSERT_TRUE(cpu_->Forward(one, t, &cpu_kv, {.observe_last = 1}, &want).ok());
     ASSERT_TRUE(gpu_->Forward(one, t, &gpu_kv, {.observe_last = 1}, &got).ok());
-    EXPECT_LT(RelativeL2(got.logits, want.logits), tol) << "decode at position " << t;
+    EXPECT_LT(LogitError(got.logits, want.logits), logit_tol) << "decode at position " << t;
   }
 }
 
 TEST_P(CudaParityTest, DeviceCopyFollowsEveryEditOfTheHotSet) {
   const ModelConfig& c = model_->config();
   const double tol = Tolerance(GetParam().dtype);
+  const double logit_tol = LogitTolerance(GetParam().dtype);
   auto tokens = RandomTokens(80, c.vocab_size, 5);
   KvCache cpu_kv = NewCache(), gpu_kv = NewCache();
   ForwardResult want, got;
@@ -149,7 +183,7 @@ TEST_P(CudaParityTest, DeviceCopyFollowsEveryEditOfTheHotSet) {
     auto span = absl::MakeConstSpan(tokens).subspan(from, count);
     ASSERT_TRUE(cpu_->Forward(span, from, &cpu_kv, {}, &want).ok());
     ASSERT_TRUE(gpu_->Forward(span, from, &gpu_kv, {}, &got).ok());
-    EXPECT_LT(RelativeL2(got.logits, want.logits), tol) << what;
+    EXPECT_LT(LogitError(got.logits, want.logits), logit_tol) << what;
   };
   both(0, 24, "first prefill");
   // Keep a different subset per head (eviction: a gather on the device).
@@ -197,7 +231,7 @@ TEST_P(CudaParityTest, DeviceCopyFollowsEveryEditOfTheHotSet) {
   KvCache copy = gpu_kv;
   ASSERT_TRUE(gpu_->Forward(absl::MakeConstSpan(tokens).subspan(49, 3), 49, &copy, {}, &got).ok());
   ASSERT_TRUE(cpu_->Forward(absl::MakeConstSpan(tokens).subspan(49, 3), 49, &cpu_kv, {}, &want).ok());
-  EXPECT_LT(RelativeL2(got.logits, want.logits), tol) << "a copied cache";
+  EXPECT_LT(LogitError(got.logits, want.logits), logit_tol) << "a copied cache";
 }
 
 TEST_P(CudaParityTest, RecallHookGetsTheLastQueryRowsItAsksFor) {
@@ -228,6 +262,7 @@ TEST_P(CudaParityTest, RecallHookChangesTheLayerBeforeItsAttention) {
   // The session's recall inserts entries while the pass runs (ForwardOptions::before_attention).
   const ModelConfig& c = model_->config();
   const double tol = Tolerance(GetParam().dtype);
+  const double logit_tol = LogitTolerance(GetParam().dtype);
   auto tokens = RandomTokens(50, c.vocab_size, 9);
   KvCache full = NewCache();
   ForwardResult want, got;
@@ -266,7 +301,7 @@ TEST_P(CudaParityTest, RecallHookChangesTheLayerBeforeItsAttention) {
   ASSERT_TRUE(cpu_->Forward(turn, 40, &cpu_kv, opts, &want).ok());
   ASSERT_TRUE(gpu_->Forward(turn, 40, &gpu_kv, opts, &got).ok());
   EXPECT_EQ(hook_calls, 2 * c.num_layers);
-  EXPECT_LT(RelativeL2(got.logits, want.logits), tol);
+  EXPECT_LT(LogitError(got.logits, want.logits), logit_tol);
   for (int l = 0; l < c.num_layers; ++l) {
     EXPECT_EQ(gpu_kv.head(l, 0).positions, cpu_kv.head(l, 0).positions);
   }
@@ -280,7 +315,7 @@ TEST_P(CudaParityTest, RecallHookChangesTheLayerBeforeItsAttention) {
             absl::StatusCode::kDataLoss);
   ASSERT_TRUE(cpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 1), 50, &cpu_kv, {}, &want).ok());
   ASSERT_TRUE(gpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 1), 50, &gpu_kv, {}, &got).ok());
-  EXPECT_LT(RelativeL2(got.logits, want.logits), tol);
+  EXPECT_LT(LogitError(got.logits, want.logits), logit_tol);
 }
 
 TEST_P(CudaParityTest, SnapKvOnTheDevicePicksTheHostsEntries) {

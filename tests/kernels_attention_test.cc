@@ -317,12 +317,18 @@ std::vector<PrefillCase> PrefillCases() {
       {8, 4, 8, 20, {3, 0, 10, 50}, 0},                           // stories260K dims
       {8, 2, 64, 64, {500, 200}, 128},                            // sliding window
       {4, 2, 256, 9, {70, 3}, 0},                                 // head_dim 256: > 48 KiB smem
+      // Few rows onto long heads: the tensor-core kernel splits the entries across blocks.
+      {32, 8, 128, 24, {9000, 16000, 1, 0, 4097, 2048, 333, 12000}, 0},
+      {8, 2, 64, 3, {5000, 70}, 0},
+      {4, 1, 32, 5, {3000}, 0},
+      {8, 8, 16, 2, {1500, 300, 0, 7, 64, 65, 63, 2000}, 0},
   };
 }
 
 template <typename T>
 void CheckPrefill(double tolerance, bool tensor_cores = true) {
   uint32_t seed = 200;
+  int split_cases = 0;
   for (const PrefillCase& c : PrefillCases()) {
     SCOPED_TRACE(::testing::Message()
                  << "heads=" << c.num_heads << "/" << c.num_kv_heads << " head_dim=" << c.head_dim
@@ -372,7 +378,22 @@ void CheckPrefill(double tolerance, bool tensor_cores = true) {
     const std::vector<float> got = ToFloat(d_out.ToHost());
     EXPECT_EQ(CountNan(got), 0);
     EXPECT_LT(RelativeError(got, want), tolerance);
+    // With scratch, long heads are split across blocks and combined: the same function.
+    const size_t ws = PrefillAttentionWorkspaceBytes(p);
+    if (ws > 0) {
+      DeviceArray<uint8_t> workspace(ws);
+      DeviceArray<T> d_split(q.size());  // poisoned: every element must be written
+      p.out = d_split.get();
+      p.workspace = workspace.get();
+      p.workspace_bytes = ws;
+      Finish(LaunchPrefillAttention(p, nullptr));
+      const std::vector<float> split = ToFloat(d_split.ToHost());
+      EXPECT_EQ(CountNan(split), 0) << "split";
+      EXPECT_LT(RelativeError(split, want), tolerance) << "split";
+      ++split_cases;
+    }
   }
+  if (kIsBf16<T> && tensor_cores) EXPECT_GE(split_cases, 4) << "cases that split their heads";
 }
 
 TEST_F(KernelsAttentionTest, PrefillAttentionF32MatchesReference) { CheckPrefill<float>(1e-5); }
