@@ -306,13 +306,16 @@ int Run(int argc, char** argv) {
         lengths.push_back(v);
       }
     } else if (flag == "--steps") {
-      if (!absl::SimpleAtoi(value, &steps) || steps <= 0) return std::fprintf(stderr, "bad --steps\n"), 2;
+      if (!absl::SimpleAtoi(value, &steps) || steps <= 0)
+        return std::fprintf(stderr, "bad --steps\n"), 2;
     } else if (flag == "--graphs" || flag == "--profile") {
-      if (value != "0" && value != "1") return std::fprintf(stderr, "%s takes 0 or 1\n", argv[i]), 2;
+      if (value != "0" && value != "1")
+        return std::fprintf(stderr, "%s takes 0 or 1\n", argv[i]), 2;
       (flag == "--graphs" ? graphs : profile) = value == "1";
     } else if (flag == "--dtype") {
       auto d = ParseDeviceDtype(value);
-      if (!d.ok()) return std::fprintf(stderr, "%s\n", std::string(d.status().message()).c_str()), 2;
+      if (!d.ok())
+        return std::fprintf(stderr, "%s\n", std::string(d.status().message()).c_str()), 2;
       dtype = *d;
     } else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
@@ -341,11 +344,9 @@ int Run(int argc, char** argv) {
     }
     const ModelShape& shape = *named;
     const ModelConfig& c = shape.config;
-    auto backend = CreateCudaBackend(c, nullptr,
-                                     {.dtype = dtype,
-                                      .cuda_graphs = graphs,
-                                      .random_weights_seed = 7,
-                                      .profile_ops = profile});
+    auto backend = CreateCudaBackend(
+        c, nullptr,
+        {.dtype = dtype, .cuda_graphs = graphs, .random_weights_seed = 7, .profile_ops = profile});
     if (!backend.ok()) {
       std::fprintf(stderr, "%s: %s\n", shape.name.c_str(), backend.status().ToString().c_str());
       return 1;
@@ -411,7 +412,8 @@ int Run(int argc, char** argv) {
         ForwardResult r;
         if (!b.Forward(one, base, &kv, {}, &r).ok()) return 1;  // uploads the hot set
         std::vector<int32_t> tokens(turn);
-        for (int64_t i = 0; i < turn; ++i) tokens[i] = static_cast<int32_t>((i * 31 + rep) % c.vocab_size);
+        for (int64_t i = 0; i < turn; ++i)
+          tokens[i] = static_cast<int32_t>((i * 31 + rep) % c.vocab_size);
         TakeCudaOpProfile(b);
         auto start = std::chrono::steady_clock::now();
         absl::Status s = b.Forward(tokens, base + 1, &kv, {.observe_last = snap.window}, &r);
@@ -421,7 +423,8 @@ int Run(int argc, char** argv) {
         kv.DropFreshBefore(base + 1 + turn);  // the session moves them into blocks
         start = std::chrono::steady_clock::now();
         auto keep = b.SelectSnapKv(kv, snap, r.observed_queries, snap.window);
-        if (!keep.ok()) return std::fprintf(stderr, "snapkv: %s\n", keep.status().ToString().c_str()), 1;
+        if (!keep.ok())
+          return std::fprintf(stderr, "snapkv: %s\n", keep.status().ToString().c_str()), 1;
         select_ms += Seconds(start) * 1e3;
         select_ops.Add(b);
         start = std::chrono::steady_clock::now();
@@ -468,9 +471,10 @@ int Run(int argc, char** argv) {
       const double step_s = Seconds(start);
       const double bytes = HotKvBytes(c, base, elem);
       const double gbps = bytes / std::max(first_s - step_s, 1e-9) / 1e9;
-      std::printf("\npage-in from warm (16K tokens/head, %.2f GB of device KV): %.1f ms, %.1f GB/s, "
-                  "%.2f of pinned host->device\n",
-                  bytes / 1e9, (first_s - step_s) * 1e3, gbps, gbps / pinned_gbps);
+      std::printf(
+          "\npage-in from warm (16K tokens/head, %.2f GB of device KV): %.1f ms, %.1f GB/s, "
+          "%.2f of pinned host->device\n",
+          bytes / 1e9, (first_s - step_s) * 1e3, gbps, gbps / pinned_gbps);
 
       // From cold: the same blocks written to RocksDB, read back, then uploaded.
       double read_s = 0;

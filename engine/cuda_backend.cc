@@ -12,18 +12,16 @@ absl::StatusOr<T*> CudaBackend<T>::UploadMatrix(std::vector<const float*> parts,
     // Random weights: uniform with variance 1 / cols keeps every projection's output at the
     // scale of its input.
     const float scale = std::sqrt(3.f / static_cast<float>(cols));
-    KVMEM_CUDA_RETURN_IF_ERROR(LaunchFillUniform(out, total_rows * cols,
-                                                 options_.random_weights_seed * 1000003 +
-                                                     ++random_counter_,
-                                                 scale, ctx_->stream));
+    KVMEM_CUDA_RETURN_IF_ERROR(LaunchFillUniform(
+        out, total_rows * cols, options_.random_weights_seed * 1000003 + ++random_counter_, scale,
+        ctx_->stream));
     return out;
   }
   // f32 rows through a bounded device staging buffer, converted to T on the device.
   constexpr int64_t kStagingFloats = int64_t{16} << 20;
   Scratch<float> staging;
-  KVMEM_RETURN_IF_ERROR(
-      staging.Allocate(static_cast<size_t>(std::min(kStagingFloats, total_rows * cols)),
-                       ctx_->stream));
+  KVMEM_RETURN_IF_ERROR(staging.Allocate(
+      static_cast<size_t>(std::min(kStagingFloats, total_rows * cols)), ctx_->stream));
   int64_t done = 0;  // elements written to out
   for (size_t p = 0; p < parts.size(); ++p) {
     const int64_t count = rows[p] * cols;
@@ -58,8 +56,8 @@ absl::StatusOr<float*> CudaBackend<T>::UploadVector(std::vector<const float*> pa
     off += sizes[p];
   }
   KVMEM_ASSIGN_OR_RETURN(float* out, AllocWeight<float>(host.size()));
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpy(out, host.data(), host.size() * sizeof(float),
-                                        cudaMemcpyHostToDevice));
+  KVMEM_CUDA_RETURN_IF_ERROR(
+      cudaMemcpy(out, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
   return out;
 }
 
@@ -78,8 +76,7 @@ absl::Status CudaBackend<T>::Init(const ModelWeights* weights) {
     KVMEM_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_PEDANTIC_MATH));
   }
   // Upload staging: two slots of about 16 MiB, pinned on the host, and a copy stream.
-  KVMEM_CUDA_RETURN_IF_ERROR(
-      cudaStreamCreateWithFlags(&uploads_.stream, cudaStreamNonBlocking));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&uploads_.stream, cudaStreamNonBlocking));
   {
     const int64_t row_bytes = 2 * c.head_dim * sizeof(T) + 4 * sizeof(int64_t);
     uploads_.slot_rows = std::max<int64_t>(1024, ((int64_t{16} << 20) / row_bytes) / 8 * 8);
@@ -101,13 +98,13 @@ absl::Status CudaBackend<T>::Init(const ModelWeights* weights) {
 
   const bool host = weights != nullptr;
   const int64_t h = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim(), inter = c.intermediate_size;
-  KVMEM_ASSIGN_OR_RETURN(embed_, UploadMatrix({host ? weights->embed : nullptr},
-                                              {c.vocab_size}, h));
+  KVMEM_ASSIGN_OR_RETURN(embed_,
+                         UploadMatrix({host ? weights->embed : nullptr}, {c.vocab_size}, h));
   if (host ? weights->lm_head == weights->embed : c.tie_word_embeddings) {
     lm_head_ = embed_;
   } else {
-    KVMEM_ASSIGN_OR_RETURN(lm_head_, UploadMatrix({host ? weights->lm_head : nullptr},
-                                                  {c.vocab_size}, h));
+    KVMEM_ASSIGN_OR_RETURN(lm_head_,
+                           UploadMatrix({host ? weights->lm_head : nullptr}, {c.vocab_size}, h));
   }
   KVMEM_ASSIGN_OR_RETURN(final_norm_,
                          UploadVector({host ? weights->final_norm : nullptr}, {h}, true));
@@ -116,19 +113,19 @@ absl::Status CudaBackend<T>::Init(const ModelWeights* weights) {
     const LayerWeights* lw = host ? &weights->layers[l] : nullptr;
     LayerDevice& d = layers_[l];
     auto p = [&](const float* LayerWeights::*field) { return lw ? lw->*field : nullptr; };
-    KVMEM_ASSIGN_OR_RETURN(d.w_qkv, UploadMatrix({p(&LayerWeights::wq), p(&LayerWeights::wk),
-                                                  p(&LayerWeights::wv)},
-                                                 {qd, kvd, kvd}, h));
+    KVMEM_ASSIGN_OR_RETURN(
+        d.w_qkv, UploadMatrix({p(&LayerWeights::wq), p(&LayerWeights::wk), p(&LayerWeights::wv)},
+                              {qd, kvd, kvd}, h));
     KVMEM_ASSIGN_OR_RETURN(d.w_o, UploadMatrix({p(&LayerWeights::wo)}, {h}, qd));
-    KVMEM_ASSIGN_OR_RETURN(d.w_gate_up,
-                           UploadMatrix({p(&LayerWeights::w_gate), p(&LayerWeights::w_up)},
-                                        {inter, inter}, h));
+    KVMEM_ASSIGN_OR_RETURN(
+        d.w_gate_up,
+        UploadMatrix({p(&LayerWeights::w_gate), p(&LayerWeights::w_up)}, {inter, inter}, h));
     KVMEM_ASSIGN_OR_RETURN(d.w_down, UploadMatrix({p(&LayerWeights::w_down)}, {h}, inter));
     KVMEM_ASSIGN_OR_RETURN(d.attn_norm, UploadVector({p(&LayerWeights::attn_norm)}, {h}, true));
     KVMEM_ASSIGN_OR_RETURN(d.mlp_norm, UploadVector({p(&LayerWeights::mlp_norm)}, {h}, true));
     if (lw != nullptr && (lw->bq || lw->bk || lw->bv)) {
-      KVMEM_ASSIGN_OR_RETURN(d.b_qkv, UploadVector({lw->bq, lw->bk, lw->bv}, {qd, kvd, kvd},
-                                                   false));
+      KVMEM_ASSIGN_OR_RETURN(d.b_qkv,
+                             UploadVector({lw->bq, lw->bk, lw->bv}, {qd, kvd, kvd}, false));
     }
     if (lw != nullptr && lw->bo) {
       KVMEM_ASSIGN_OR_RETURN(d.b_o, UploadVector({lw->bo}, {h}, false));
@@ -144,8 +141,7 @@ absl::Status CudaBackend<T>::Init(const ModelWeights* weights) {
   const std::vector<double> inv_freq = c.RopeInverseFrequencies();
   KVMEM_ASSIGN_OR_RETURN(inv_freq_, AllocWeight<double>(inv_freq.size()));
   KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpy(inv_freq_, inv_freq.data(),
-                                        inv_freq.size() * sizeof(double),
-                                        cudaMemcpyHostToDevice));
+                                        inv_freq.size() * sizeof(double), cudaMemcpyHostToDevice));
   KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ctx_->stream));
   return absl::OkStatus();
 }
@@ -194,8 +190,8 @@ absl::Status CudaBackend<T>::AllocatePass(int64_t n, int64_t logit_rows, int obs
 }
 
 template <typename T>
-absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t start_pos,
-                                         int observed, int64_t first_logit,
+absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t start_pos, int observed,
+                                         int64_t first_logit,
                                          const std::vector<int32_t>& max_lengths,
                                          const std::function<absl::Status(int)>& after_qkv) {
   const ModelConfig& c = config_;
@@ -214,9 +210,8 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
     T* layer_k = b->new_k + static_cast<int64_t>(l) * n * kvd;
     T* layer_v = b->new_v + static_cast<int64_t>(l) * n * kvd;
     // Attention block: norm, fused QKV projection, bias + RoPE + split.
-    KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(b->x, residual, residual_bias,
-                                                        lw.attn_norm, n, h, c.rms_norm_eps, b->xn,
-                                                        s));
+    KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(b->x, residual, residual_bias, lw.attn_norm,
+                                                        n, h, c.rms_norm_eps, b->xn, s));
     prof_.Mark("residual + rmsnorm");
     KVMEM_RETURN_IF_ERROR(Gemm(lw.w_qkv, qd + 2 * kvd, h, b->xn, n, b->qkv));
     prof_.Mark("gemm qkv");
@@ -330,10 +325,9 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
 
   // Logits of the rows asked for.
   const int64_t logit_rows = n - first_logit;
-  KVMEM_CUDA_RETURN_IF_ERROR(LaunchResidualRmsNorm<T>(b->x + first_logit * h,
-                                                      residual + first_logit * h, residual_bias,
-                                                      final_norm_, logit_rows, h, c.rms_norm_eps,
-                                                      b->xn, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(
+      LaunchResidualRmsNorm<T>(b->x + first_logit * h, residual + first_logit * h, residual_bias,
+                               final_norm_, logit_rows, h, c.rms_norm_eps, b->xn, s));
   prof_.Mark("residual + rmsnorm");
   KVMEM_RETURN_IF_ERROR(Gemm(lm_head_, c.vocab_size, h, b->xn, logit_rows, b->logits));
   prof_.Mark("gemm lm head");
@@ -343,8 +337,7 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
 template <typename T>
 absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t start_pos,
                                         int observed, int64_t logit_rows, KvCache* kv,
-                                        DeviceKv<T>* dkv, ForwardResult* result,
-                                        uint8_t* pinned) {
+                                        DeviceKv<T>* dkv, ForwardResult* result, uint8_t* pinned) {
   const ModelConfig& c = config_;
   const int64_t hd = c.head_dim, qd = c.q_dim(), kvd = c.kv_dim(), kvh = c.num_kv_heads;
   const int L = c.num_layers;
@@ -482,9 +475,9 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
 }
 
 template <typename T>
-absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start_pos,
-                                 KvCache* kv, const ForwardOptions& options,
-                                 ForwardResult* result, std::shared_ptr<void>* stale) {
+absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
+                                 const ForwardOptions& options, ForwardResult* result,
+                                 std::shared_ptr<void>* stale) {
   const ModelConfig& c = config_;
   const int64_t n = static_cast<int64_t>(tokens.size());
   const int64_t qd = c.q_dim(), kvh = c.num_kv_heads;
@@ -549,8 +542,8 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
     }
     std::memcpy(in + decode_.pos_offset, &start_pos, sizeof(int64_t));
     std::memcpy(in + decode_.ids_offset, tokens.data(), sizeof(int32_t));
-    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(decode_.step_device, in, decode_.step_bytes,
-                                               cudaMemcpyHostToDevice, s));
+    KVMEM_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(decode_.step_device, in, decode_.step_bytes, cudaMemcpyHostToDevice, s));
     KVMEM_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph->exec, s));
     prof_.Mark("decode step (graph)");
     PassBuffers view = b;
@@ -565,10 +558,10 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
   KVMEM_RETURN_IF_ERROR(AllocatePass(n, n - first_logit, observed, &scratch, &b));
   b.decode_ws_scratch = &scratch.decode_ws;
   KVMEM_RETURN_IF_ERROR(UploadTables(*dkv, 0, L, n, b.tables));
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b.ids, tokens.data(), n * sizeof(int32_t),
-                                             cudaMemcpyHostToDevice, s));
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(b.pos, &start_pos, sizeof(int64_t),
-                                             cudaMemcpyHostToDevice, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(b.ids, tokens.data(), n * sizeof(int32_t), cudaMemcpyHostToDevice, s));
+  KVMEM_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(b.pos, &start_pos, sizeof(int64_t), cudaMemcpyHostToDevice, s));
   prof_.Mark("pass buffers, tables, inputs");
   std::function<absl::Status(int)> after_qkv;
   std::vector<float> host_q;  // (n, num_heads, head_dim) for the before_attention hook
@@ -594,8 +587,8 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
       return UploadTables(*dkv, l, l + 1, n, b.tables);
     };
   }
-  KVMEM_RETURN_IF_ERROR(EnqueuePass(&b, n, start_pos, observed, first_logit, max_lengths,
-                                    after_qkv));
+  KVMEM_RETURN_IF_ERROR(
+      EnqueuePass(&b, n, start_pos, observed, first_logit, max_lengths, after_qkv));
   return FinishPass(b, n, start_pos, observed, n - first_logit, kv, dkv, result);
 }
 
@@ -666,15 +659,15 @@ absl::StatusOr<typename CudaBackend<T>::DecodeGraph*> CudaBackend<T>::GraphFor(i
     decode_.buffers_ready = true;
   }
   PassBuffers& b = decode_.buffers;
-  const size_t ws = DecodeAttentionWorkspaceBytes(c.num_heads, c.head_dim, bucket,
-                                                  options_.decode_split);
+  const size_t ws =
+      DecodeAttentionWorkspaceBytes(c.num_heads, c.head_dim, bucket, options_.decode_split);
   if (ws > b.decode_ws_bytes) {
     // One workspace serves every graph: sized for the model's context (or this bucket, if
     // longer). Growing it retires the graphs that read the old one.
-    const size_t want = std::max(
-        ws, DecodeAttentionWorkspaceBytes(c.num_heads, c.head_dim,
-                                          std::max(bucket, c.max_position_embeddings),
-                                          options_.decode_split));
+    const size_t want =
+        std::max(ws, DecodeAttentionWorkspaceBytes(c.num_heads, c.head_dim,
+                                                   std::max(bucket, c.max_position_embeddings),
+                                                   options_.decode_split));
     for (auto& [key, old] : decode_.graphs) cudaGraphExecDestroy(old.exec);
     decode_.graphs.clear();
     if (decode_.workspace != nullptr) cudaFreeAsync(decode_.workspace, s);

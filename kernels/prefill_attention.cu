@@ -168,7 +168,6 @@ cudaError_t Launch(const PrefillAttentionParams<T>& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-
 // Tensor-core path (16-bit T, head_dim D in {16, 32, 64, 128}), FlashAttention-2 style.
 // Grid (ceil(n * group / kFaRows), num_kv_heads, splits), kFaWarps * 32 threads; rows are
 // numbered as in PrefillKernel and warp w owns rows w * 16 .. w * 16 + 15. Split z covers
@@ -252,14 +251,13 @@ __device__ __forceinline__ uint32_t PackPair(float lo, float hi) {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kFaWarps * 32, 2)
-    PrefillFlashKernel(PrefillAttentionParams<T> p, int64_t chunk, float* part_o,
-                       float* part_ml) {
+    PrefillFlashKernel(PrefillAttentionParams<T> p, int64_t chunk, float* part_o, float* part_ml) {
   constexpr int kStride = FaStride<D>();
   constexpr int kSteps = D / 16;  // k-steps of S = Q K^T
   constexpr int kDimTiles = D / 8;
   extern __shared__ __align__(128) uint8_t smem_fa[];
-  T* s_k = reinterpret_cast<T*>(smem_fa);         // [2][kFaTile][kStride]
-  T* s_v = s_k + 2 * kFaTile * kStride;           // [2][kFaTile][kStride]
+  T* s_k = reinterpret_cast<T*>(smem_fa);  // [2][kFaTile][kStride]
+  T* s_v = s_k + 2 * kFaTile * kStride;    // [2][kFaTile][kStride]
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int gid = lane / 4, tig = lane % 4;  // the fragment's row group and column pair
@@ -268,7 +266,8 @@ __global__ void __launch_bounds__(kFaWarps * 32, 2)
   const int64_t rows = p.n * group;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kFaRows;
   const int64_t stride = p.kv.row_stride;  // set by the launcher
-  const int64_t len = min(static_cast<int64_t>(p.kv.lengths[g]), static_cast<int64_t>(p.kv.max_length));
+  const int64_t len =
+      min(static_cast<int64_t>(p.kv.lengths[g]), static_cast<int64_t>(p.kv.max_length));
   const int64_t prefix = len - p.n;
   const T* keys = p.kv.keys[g];
   const T* values = p.kv.values[g];
@@ -326,7 +325,7 @@ __global__ void __launch_bounds__(kFaWarps * 32, 2)
   int stage = 0;
   for (int64_t k0 = begin; k0 < end; k0 += kFaTile, stage ^= 1) {
     if (k0 + kFaTile < end) stage_tile(stage ^ 1, k0 + kFaTile);
-    CopyAsyncCommit();  // possibly empty: keeps one group per tile
+    CopyAsyncCommit();   // possibly empty: keeps one group per tile
     CopyAsyncWait<1>();  // this tile's copies are done (the next tile's may be in flight)
     __syncthreads();
     if (k0 <= warp_last) {  // warp-uniform
@@ -517,8 +516,8 @@ cudaError_t LaunchFlash(const PrefillAttentionParams<T>& p, cudaStream_t stream)
                             ? span + kFaTile
                             : ((span + splits - 1) / splits + kFaTile - 1) / kFaTile * kFaTile;
   float* part_o = splits == 1 ? nullptr : static_cast<float*>(p.workspace);
-  float* part_ml = splits == 1 ? nullptr : part_o + static_cast<size_t>(splits) *
-                                                        p.kv.num_kv_heads * rows * D;
+  float* part_ml =
+      splits == 1 ? nullptr : part_o + static_cast<size_t>(splits) * p.kv.num_kv_heads * rows * D;
   constexpr size_t smem = FaSharedBytes<D>();
   if (smem > 48 * 1024) {
     const cudaError_t err =
@@ -529,8 +528,9 @@ cudaError_t LaunchFlash(const PrefillAttentionParams<T>& p, cudaStream_t stream)
   PrefillFlashKernel<T, D><<<dim3(static_cast<unsigned>(row_blocks), p.kv.num_kv_heads, splits),
                              kFaWarps * 32, smem, stream>>>(dense, chunk, part_o, part_ml);
   if (splits == 1) return cudaGetLastError();
-  PrefillCombineKernel<T, D><<<dim3(static_cast<unsigned>(rows), p.kv.num_kv_heads), D, 0,
-                               stream>>>(dense, splits, part_o, part_ml);
+  PrefillCombineKernel<T, D>
+      <<<dim3(static_cast<unsigned>(rows), p.kv.num_kv_heads), D, 0, stream>>>(dense, splits,
+                                                                               part_o, part_ml);
   return cudaGetLastError();
 }
 

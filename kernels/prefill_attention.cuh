@@ -71,7 +71,8 @@ cudaError_t LaunchPrefillAttention(const PrefillAttentionParams<T>& p, cudaStrea
 extern template size_t PrefillAttentionWorkspaceBytes<float>(const PrefillAttentionParams<float>&);
 extern template size_t PrefillAttentionWorkspaceBytes<__nv_bfloat16>(
     const PrefillAttentionParams<__nv_bfloat16>&);
-extern template size_t PrefillAttentionWorkspaceBytes<__half>(const PrefillAttentionParams<__half>&);
+extern template size_t PrefillAttentionWorkspaceBytes<__half>(
+    const PrefillAttentionParams<__half>&);
 extern template cudaError_t LaunchPrefillAttention<float>(const PrefillAttentionParams<float>&,
                                                           cudaStream_t);
 extern template cudaError_t LaunchPrefillAttention<__nv_bfloat16>(

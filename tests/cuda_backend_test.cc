@@ -19,8 +19,8 @@
 #include "engine/cpu_backend.h"
 #include "engine/kv_store.h"
 #include "engine/session.h"
-#include "service/session_manager.h"
 #include "gtest/gtest.h"
+#include "service/session_manager.h"
 #include "tests/test_util.h"
 
 namespace kvmem {
@@ -29,9 +29,9 @@ namespace {
 using testing::RandomModelSpec;
 using testing::TempDir;
 
-#define SKIP_WITHOUT_CUDA()                                               \
-  do {                                                                    \
-    std::string why;                                                      \
+#define SKIP_WITHOUT_CUDA()                                                \
+  do {                                                                     \
+    std::string why;                                                       \
     if (!CudaBackendAvailable(0, &why)) GTEST_SKIP() << "no GPU: " << why; \
   } while (0)
 
@@ -230,7 +230,8 @@ TEST_P(CudaParityTest, DeviceCopyFollowsEveryEditOfTheHotSet) {
   // A copy of the cache has no device copy: the backend uploads it whole.
   KvCache copy = gpu_kv;
   ASSERT_TRUE(gpu_->Forward(absl::MakeConstSpan(tokens).subspan(49, 3), 49, &copy, {}, &got).ok());
-  ASSERT_TRUE(cpu_->Forward(absl::MakeConstSpan(tokens).subspan(49, 3), 49, &cpu_kv, {}, &want).ok());
+  ASSERT_TRUE(
+      cpu_->Forward(absl::MakeConstSpan(tokens).subspan(49, 3), 49, &cpu_kv, {}, &want).ok());
   EXPECT_LT(LogitError(got.logits, want.logits), logit_tol) << "a copied cache";
 }
 
@@ -310,10 +311,11 @@ TEST_P(CudaParityTest, RecallHookChangesTheLayerBeforeItsAttention) {
   failing.before_attention = [](int layer, const float*, int64_t, KvCache*) {
     return layer == 1 ? absl::DataLossError("planted") : absl::OkStatus();
   };
-  EXPECT_EQ(gpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 1), 50, &gpu_kv, failing, &got)
-                .code(),
-            absl::StatusCode::kDataLoss);
-  ASSERT_TRUE(cpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 1), 50, &cpu_kv, {}, &want).ok());
+  EXPECT_EQ(
+      gpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 1), 50, &gpu_kv, failing, &got).code(),
+      absl::StatusCode::kDataLoss);
+  ASSERT_TRUE(
+      cpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 1), 50, &cpu_kv, {}, &want).ok());
   ASSERT_TRUE(gpu_->Forward(absl::MakeConstSpan(tokens).subspan(0, 1), 50, &gpu_kv, {}, &got).ok());
   EXPECT_LT(LogitError(got.logits, want.logits), logit_tol);
 }
@@ -432,7 +434,10 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"GqaBf16", Spec([](RandomModelSpec& s) { s.dtype = DType::kBF16; }),
              DeviceDtype::kBF16},
         Case{"GqaF16", Spec([](RandomModelSpec& s) { s.dtype = DType::kF16; }), DeviceDtype::kF16},
-        Case{"MultiQueryF32", Spec([](RandomModelSpec& s) { s.kv_heads = 1; s.layers = 3; }),
+        Case{"MultiQueryF32", Spec([](RandomModelSpec& s) {
+               s.kv_heads = 1;
+               s.layers = 3;
+             }),
              DeviceDtype::kF32},
         Case{"BiasesTiedF32", Spec([](RandomModelSpec& s) {
                s.attention_bias = s.mlp_bias = s.tie_embeddings = true;
@@ -442,8 +447,10 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"Llama3RopeBf16", Spec([](RandomModelSpec& s) {
                s.dtype = DType::kBF16;
                s.rope_theta = 500000.0;
-               s.rope_scaling = {{"rope_type", "llama3"}, {"factor", 8.0},
-                                 {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
+               s.rope_scaling = {{"rope_type", "llama3"},
+                                 {"factor", 8.0},
+                                 {"low_freq_factor", 1.0},
+                                 {"high_freq_factor", 4.0},
                                  {"original_max_position_embeddings", 16}};
              }),
              DeviceDtype::kBF16},
@@ -495,10 +502,10 @@ TEST(CudaBackendTest, GraphedDecodeStepsMatchOpByOpStepsAcrossBuckets) {
   auto tokens = RandomTokens(prompt + 12, c.vocab_size, 17);
   KvCache a(c.num_layers, c.num_kv_heads, c.head_dim), b = a;
   ForwardResult ra, rb;
-  ASSERT_TRUE((*graphed)->Forward(absl::MakeConstSpan(tokens).subspan(0, prompt), 0, &a, {}, &ra)
-                  .ok());
-  ASSERT_TRUE((*eager)->Forward(absl::MakeConstSpan(tokens).subspan(0, prompt), 0, &b, {}, &rb)
-                  .ok());
+  ASSERT_TRUE(
+      (*graphed)->Forward(absl::MakeConstSpan(tokens).subspan(0, prompt), 0, &a, {}, &ra).ok());
+  ASSERT_TRUE(
+      (*eager)->Forward(absl::MakeConstSpan(tokens).subspan(0, prompt), 0, &b, {}, &rb).ok());
   for (int t = prompt; t < prompt + 12; ++t) {
     auto one = absl::MakeConstSpan(tokens).subspan(t, 1);
     ASSERT_TRUE((*graphed)->Forward(one, t, &a, {.observe_last = 1}, &ra).ok()) << t;
@@ -652,8 +659,8 @@ TEST_F(CudaSessionTest, DurableSessionRestartedOnTheGpuContinuesLikeTheCpu) {
       }
       for (int t = 0; t < 2; ++t) {
         EXPECT_TRUE((*m)->AppendTurn({.session_id = "s", .content = turns[life * 2 + t]}).ok());
-        auto g = (*m)->Generate(
-            {.session_id = "s", .options = {.sampling = {.max_tokens = 16}}}, nullptr);
+        auto g = (*m)->Generate({.session_id = "s", .options = {.sampling = {.max_tokens = 16}}},
+                                nullptr);
         EXPECT_TRUE(g.ok()) << g.status();
         if (g.ok()) texts.push_back(g->generation.text);
       }
