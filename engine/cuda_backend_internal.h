@@ -32,6 +32,7 @@
 #include "kernels/decode_attention.cuh"
 #include "kernels/digest.cuh"
 #include "kernels/embedding.cuh"
+#include "kernels/gemv.cuh"
 #include "kernels/kv_append.cuh"
 #include "kernels/kv_gather.cuh"
 #include "kernels/prefill_attention.cuh"
@@ -340,6 +341,13 @@ class CudaBackend : public Backend, public OpProfileSource {
       cudaStreamSynchronize(uploads_.stream);
       cudaStreamDestroy(uploads_.stream);
     }
+    if (downloads_.stream != nullptr) {
+      cudaStreamSynchronize(downloads_.stream);
+      cudaStreamDestroy(downloads_.stream);
+    }
+    for (cudaEvent_t e : downloads_.ready) cudaEventDestroy(e);
+    for (cudaEvent_t e : downloads_.done) cudaEventDestroy(e);
+    if (downloads_.host != nullptr) cudaFreeHost(downloads_.host);
     for (void* p : weight_allocations_) cudaFree(p);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (cublas_workspace_ != nullptr) cudaFree(cublas_workspace_);
@@ -442,6 +450,12 @@ class CudaBackend : public Backend, public OpProfileSource {
 
   absl::Status Gemm(const T* w, int64_t out_features, int64_t in_features, const T* x, int64_t n,
                     float* y) {
+    // One token: our bandwidth-bound GEMV (cuBLAS's choice for an f32 output reached 58-67% of
+    // the copy bandwidth on the 8B shape's attention projections on an H100).
+    if (n == 1) {
+      KVMEM_CUDA_RETURN_IF_ERROR(LaunchGemv(w, out_features, in_features, x, y, ctx_->stream));
+      return absl::OkStatus();
+    }
     const float alpha = 1.f, beta = 0.f;
     const cublasComputeType_t compute =
         std::is_same_v<T, float> ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F;
@@ -488,6 +502,9 @@ class CudaBackend : public Backend, public OpProfileSource {
     void* decode_ws = nullptr;
     size_t decode_ws_bytes = 0;
     Scratch<uint8_t>* decode_ws_scratch = nullptr;  // grows decode_ws (null: fixed size)
+    // (layer) events recorded once a layer's new K/V and observed queries are written, so
+    // FinishPass can copy them out while later layers run; null for captured graphs.
+    cudaEvent_t* layer_ready = nullptr;
   };
   // Owners of an op-by-op pass's buffers.
   struct PassScratch {
@@ -559,6 +576,17 @@ class CudaBackend : public Backend, public OpProfileSource {
       return l;
     }
   } uploads_;
+  // Device -> host copies of a multi-token pass's new rows and observed queries on their own
+  // stream, layer by layer as the pass writes them, through a ring of pinned slots that the
+  // host empties on the thread pool (see FinishPass).
+  struct Downloads {
+    cudaStream_t stream = nullptr;
+    std::vector<cudaEvent_t> ready, done;  // per layer: written (compute), copied (download)
+    uint8_t* host = nullptr;
+    size_t bytes = 0;
+  } downloads_;
+  // Creates the download stream and events on first use.
+  absl::Status PrepareDownloads();
   struct {
     PassBuffers buffers;                    // fixed addresses, owned as weights are
     std::map<int32_t, DecodeGraph> graphs;  // by attention length bucket

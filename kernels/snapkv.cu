@@ -8,7 +8,6 @@ namespace kvmem {
 namespace {
 
 using kernel_utils::kFullMask;
-using kernel_utils::SequentialDot;
 using kernel_utils::ToFloat;
 using kernel_utils::WarpMax;
 using kernel_utils::WarpSum;
@@ -18,14 +17,16 @@ constexpr int kWarps = 8;  // window rows are spread over the warps
 constexpr int kTopKThreads = 1024;
 constexpr int kMaxHeadDim = 256;
 
-// Workspace, in doubles: row partials (num_kv_heads, rows, tiles, 2), row stats
-// (num_kv_heads, rows, 2), votes (num_kv_heads, max_length), pooled (num_kv_heads, max_length),
-// with rows = group * w and tiles = ceil(max_length / kTile).
+// Workspace: in doubles, row partials (num_kv_heads, rows, tiles, 2), row stats
+// (num_kv_heads, rows, 2), votes (num_kv_heads, max_length), pooled (num_kv_heads, max_length);
+// then the f32 dot products q . k (num_kv_heads, rows, max_length) the statistics pass computes
+// once for the votes pass; rows = group * w and tiles = ceil(max_length / kTile).
 struct Workspace {
   double* row_partials;
   double* row_stats;
   double* votes;
   double* pooled;
+  float* dots;
 };
 
 int64_t Tiles(int32_t max_length) { return (max_length + kTile - 1) / kTile; }
@@ -37,6 +38,7 @@ Workspace Carve(void* base, int num_heads, int num_kv_heads, int w, int32_t max_
   ws.row_stats = ws.row_partials + num_kv_heads * rows * Tiles(max_length) * 2;
   ws.votes = ws.row_stats + num_kv_heads * rows * 2;
   ws.pooled = ws.votes + static_cast<int64_t>(num_kv_heads) * max_length;
+  ws.dots = reinterpret_cast<float*>(ws.pooled + static_cast<int64_t>(num_kv_heads) * max_length);
   return ws;
 }
 
@@ -77,28 +79,63 @@ __device__ void LoadKeyTile(const SnapKvParams<T>& p, int g, int64_t e0, int64_t
   }
 }
 
-// The logit of window row r of head g against entry e0 + lane of the staged tile, or -inf when
-// that entry is masked (past the row's own entry, beyond `limit`, or outside the window).
+// Whether window row r of head g sees entry e (not past the row's own entry, below `limit`,
+// inside the sliding window); pos_e is e's position, read only with a window.
 template <typename T>
-__device__ double RowLogit(const SnapKvParams<T>& p, int g, const HeadView<T>& v, int r, int64_t e0,
-                           int64_t limit, const float* s_k, const int64_t* s_pos, double scale) {
-  const int group = p.num_heads / p.kv.num_kv_heads;
-  const int hd = p.kv.head_dim;
-  const int lane = threadIdx.x % 32;
-  const int gi = r / p.w, i = r % p.w;
-  const int64_t self = v.candidates + i;
-  const int64_t e = e0 + lane;
+__device__ bool RowSees(const SnapKvParams<T>& p, int g, const HeadView<T>& v, int r, int64_t e,
+                        int64_t limit, int64_t pos_e) {
+  const int64_t self = v.candidates + r % p.w;
   bool live = e <= self && e < limit;
-  if (live && p.sliding_window > 0) {
-    live = p.kv.positions[g][self] - s_pos[lane] < p.sliding_window;
+  if (live && p.sliding_window > 0) live = p.kv.positions[g][self] - pos_e < p.sliding_window;
+  return live;
+}
+
+// Window row r's query of head g.
+template <typename T>
+__device__ const float* RowQuery(const SnapKvParams<T>& p, int g, int r) {
+  const int group = p.num_heads / p.kv.num_kv_heads;
+  const int gi = r / p.w, i = r % p.w;
+  return p.queries + (static_cast<int64_t>(g * group + gi) * p.w + i) * p.kv.head_dim;
+}
+
+constexpr int kRowsAtOnce = 4;  // independent dot chains per lane
+
+// dot[i] = q_i . k for rows r0 .. r0 + kRowsAtOnce - 1 (those below `rows`), each summed in
+// order, one rounded product and one rounded add per element: bit-identical to SequentialDot
+// (and so to the CPU), with the chains interleaved so a lane has several adds in flight.
+template <typename T>
+__device__ void RowDots(const SnapKvParams<T>& p, int g, int r0, int rows, const float* k,
+                        float (&dot)[kRowsAtOnce]) {
+  const int hd = p.kv.head_dim;
+  const float* q[kRowsAtOnce];
+#pragma unroll
+  for (int i = 0; i < kRowsAtOnce; ++i) {
+    q[i] = RowQuery(p, g, min(r0 + i, rows - 1));  // a row past the end repeats the last
+    dot[i] = 0.f;
   }
-  if (!live) return -INFINITY;
-  const float* q = p.queries + (static_cast<int64_t>(g * group + gi) * p.w + i) * hd;
-  return static_cast<double>(SequentialDot(q, s_k + lane * (hd + 1), hd)) * scale;
+  int d = 0;
+  if (hd % 4 == 0) {
+    for (; d < hd; d += 4) {
+      const float k0 = k[d], k1 = k[d + 1], k2 = k[d + 2], k3 = k[d + 3];
+#pragma unroll
+      for (int i = 0; i < kRowsAtOnce; ++i) {
+        const float4 qv = __ldg(reinterpret_cast<const float4*>(q[i] + d));
+        dot[i] = __fadd_rn(dot[i], __fmul_rn(qv.x, k0));
+        dot[i] = __fadd_rn(dot[i], __fmul_rn(qv.y, k1));
+        dot[i] = __fadd_rn(dot[i], __fmul_rn(qv.z, k2));
+        dot[i] = __fadd_rn(dot[i], __fmul_rn(qv.w, k3));
+      }
+    }
+  }
+  for (; d < hd; ++d) {
+#pragma unroll
+    for (int i = 0; i < kRowsAtOnce; ++i) dot[i] = __fadd_rn(dot[i], __fmul_rn(q[i][d], k[d]));
+  }
 }
 
 // Grid (tiles, num_kv_heads), kWarps * 32 threads: per window row, the max logit and the sum
-// of exp(logit - max) over the tile's entries.
+// of exp(logit - max) over the tile's entries; every (row, entry) dot product is kept for the
+// votes pass.
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32)
     RowStatsKernel(SnapKvParams<T> p, double scale, Workspace ws) {
@@ -113,14 +150,26 @@ __global__ void __launch_bounds__(kWarps * 32)
   __syncthreads();
   const int rows = p.num_heads / p.kv.num_kv_heads * p.w;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int r = warp; r < rows; r += kWarps) {
-    const double logit = RowLogit(p, g, v, r, e0, v.len, s_k, s_pos, scale);
-    const double m = WarpMax(logit);
-    const double l = WarpSum(logit == -INFINITY ? 0.0 : exp(logit - m));
-    if (lane == 0) {
-      double* out = ws.row_partials + ((static_cast<int64_t>(g) * rows + r) * tiles + tile) * 2;
-      out[0] = m;
-      out[1] = l;
+  const int64_t e = e0 + lane;
+  const int64_t pos_e = p.sliding_window > 0 ? s_pos[lane] : 0;
+  for (int r0 = warp * kRowsAtOnce; r0 < rows; r0 += kWarps * kRowsAtOnce) {
+    float dot[kRowsAtOnce];
+    RowDots(p, g, r0, rows, s_k + lane * (p.kv.head_dim + 1), dot);
+#pragma unroll
+    for (int i = 0; i < kRowsAtOnce; ++i) {
+      const int r = r0 + i;
+      if (r >= rows) break;  // warp-uniform
+      const int64_t item = static_cast<int64_t>(g) * rows + r;
+      if (e < v.len) ws.dots[item * p.kv.max_length + e] = dot[i];
+      const double logit =
+          RowSees(p, g, v, r, e, v.len, pos_e) ? static_cast<double>(dot[i]) * scale : -INFINITY;
+      const double m = WarpMax(logit);
+      const double l = WarpSum(logit == -INFINITY ? 0.0 : exp(logit - m));
+      if (lane == 0) {
+        double* out = ws.row_partials + (item * tiles + tile) * 2;
+        out[0] = m;
+        out[1] = l;
+      }
     }
   }
 }
@@ -155,35 +204,33 @@ __global__ void RowCombineKernel(SnapKvParams<T> p, int tiles, Workspace ws) {
 
 // Grid (tiles, num_kv_heads), kWarps * 32 threads: the vote of each candidate in the tile,
 // summed over the window rows (each warp a share of them, then the warps in fixed order) and
-// averaged over the group.
+// averaged over the group, from the dot products the statistics pass kept.
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32)
     VotesKernel(SnapKvParams<T> p, double scale, Workspace ws) {
-  extern __shared__ float4 smem_f4[];
-  float* s_k = reinterpret_cast<float*>(smem_f4);
-  int64_t* s_pos = reinterpret_cast<int64_t*>(s_k + kTile * (p.kv.head_dim + 1));
   __shared__ double s_votes[kWarps][kTile];
   const int g = blockIdx.y;
   const HeadView<T> v = View(p, g);
   const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kTile;
   if (!v.scored || e0 >= v.candidates) return;
-  LoadKeyTile(p, g, e0, v.candidates, s_k, s_pos);
-  __syncthreads();
   const int group = p.num_heads / p.kv.num_kv_heads;
   const int rows = group * p.w;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t e = e0 + lane;
+  const int64_t pos_e = p.sliding_window > 0 && e < v.candidates ? p.kv.positions[g][e] : 0;
   double vote = 0;
   for (int r = warp; r < rows; r += kWarps) {
-    const double logit = RowLogit(p, g, v, r, e0, v.candidates, s_k, s_pos, scale);
-    const double* stat = ws.row_stats + (static_cast<int64_t>(g) * rows + r) * 2;
-    if (logit != -INFINITY) vote += exp(logit - stat[0]) / stat[1];
+    const int64_t item = static_cast<int64_t>(g) * rows + r;
+    if (!RowSees(p, g, v, r, e, v.candidates, pos_e)) continue;
+    const double logit = static_cast<double>(ws.dots[item * p.kv.max_length + e]) * scale;
+    const double* stat = ws.row_stats + item * 2;
+    vote += exp(logit - stat[0]) / stat[1];
   }
   s_votes[warp][lane] = vote;
   __syncthreads();
   if (warp == 0) {
     double total = 0;
     for (int w = 0; w < kWarps; ++w) total += s_votes[w][lane];
-    const int64_t e = e0 + lane;
     if (e < v.candidates) {
       ws.votes[static_cast<int64_t>(g) * p.kv.max_length + e] = total / group;
     }
@@ -276,15 +323,28 @@ __global__ void __launch_bounds__(kTopKThreads)
       if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & 0xff], 1);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      int above = 0;
-      for (int b = 255; b >= 0; --b) {
-        if (above + s_hist[b] >= s_remaining) {
-          s_prefix = prefix | (static_cast<uint64_t>(b) << shift);
-          s_remaining -= above;
-          break;
+    if (threadIdx.x < 32) {
+      // The first bin from the top where the running count reaches s_remaining: lane i holds
+      // bins 255 - 8i .. 248 - 8i; the lane whose share straddles it scans its own bins.
+      const int lane = threadIdx.x, remaining = s_remaining;
+      int counts[8], sum = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sum += counts[i] = s_hist[255 - (lane * 8 + i)];
+      int incl = sum;
+      for (int off = 1; off < 32; off *= 2) {
+        const int n = __shfl_up_sync(kFullMask, incl, off);
+        if (lane >= off) incl += n;
+      }
+      int above = incl - sum;
+      if (above < remaining && remaining <= incl) {
+        for (int i = 0; i < 8; ++i) {
+          if (above + counts[i] >= remaining) {
+            s_prefix = prefix | (static_cast<uint64_t>(255 - (lane * 8 + i)) << shift);
+            s_remaining = remaining - above;
+            break;
+          }
+          above += counts[i];
         }
-        above += s_hist[b];
       }
     }
     mask |= uint64_t{0xff} << shift;
@@ -320,7 +380,9 @@ size_t SnapKvWorkspaceBytes(int num_heads, int num_kv_heads, int w, int32_t max_
   const int64_t rows = static_cast<int64_t>(num_heads / num_kv_heads) * w;
   const int64_t doubles = num_kv_heads * rows * Tiles(max_length) * 2 + num_kv_heads * rows * 2 +
                           2 * static_cast<int64_t>(num_kv_heads) * max_length;
-  return static_cast<size_t>(doubles) * sizeof(double);
+  const int64_t floats = num_kv_heads * rows * static_cast<int64_t>(max_length);
+  return static_cast<size_t>(doubles) * sizeof(double) +
+         static_cast<size_t>(floats) * sizeof(float);
 }
 
 template <typename T>
@@ -331,7 +393,7 @@ cudaError_t LaunchSnapKv(const SnapKvParams<T>& p, void* workspace, size_t works
       p.num_heads % p.kv.num_kv_heads != 0 || p.w <= 0 || p.budget <= p.w || p.kernel <= 0 ||
       p.kernel % 2 == 0 || p.kv.max_length < 0 || p.kv.row_stride < 0 ||
       (p.kv.row_stride > 0 && p.kv.row_stride < hd) || p.keep == nullptr ||
-      p.keep_counts == nullptr ||
+      p.keep_counts == nullptr || (!p.top_k && p.scores == nullptr) ||
       workspace_bytes <
           SnapKvWorkspaceBytes(p.num_heads, p.kv.num_kv_heads, p.w, p.kv.max_length)) {
     return cudaErrorInvalidValue;
@@ -352,13 +414,28 @@ cudaError_t LaunchSnapKv(const SnapKvParams<T>& p, void* workspace, size_t works
     const int64_t warps = p.kv.num_kv_heads * rows;
     RowCombineKernel<T><<<static_cast<unsigned>((warps + 7) / 8), 256, 0, stream>>>(
         dense, static_cast<int>(tiles), ws);
-    VotesKernel<T><<<grid, kWarps * 32, smem, stream>>>(dense, scale, ws);
+    VotesKernel<T><<<grid, kWarps * 32, 0, stream>>>(dense, scale, ws);
     const dim3 pool_grid(static_cast<unsigned>((p.kv.max_length + 255) / 256), p.kv.num_kv_heads);
     PoolKernel<T><<<pool_grid, 256, 0, stream>>>(dense, ws, pooled);
   }
-  TopKKernel<T><<<p.kv.num_kv_heads, kTopKThreads, 0, stream>>>(dense, pooled);
+  if (p.top_k) TopKKernel<T><<<p.kv.num_kv_heads, kTopKThreads, 0, stream>>>(dense, pooled);
   return cudaGetLastError();
 }
+
+template <typename T>
+cudaError_t LaunchSnapKvTopK(const SnapKvParams<T>& p, cudaStream_t stream) {
+  if (p.scores == nullptr || p.keep == nullptr || p.keep_counts == nullptr || p.w <= 0 ||
+      p.budget <= p.w || p.kv.num_kv_heads <= 0 || p.kv.max_length < 0) {
+    return cudaErrorInvalidValue;
+  }
+  TopKKernel<T><<<p.kv.num_kv_heads, kTopKThreads, 0, stream>>>(p, p.scores);
+  return cudaGetLastError();
+}
+
+template cudaError_t LaunchSnapKvTopK<float>(const SnapKvParams<float>&, cudaStream_t);
+template cudaError_t LaunchSnapKvTopK<__nv_bfloat16>(const SnapKvParams<__nv_bfloat16>&,
+                                                     cudaStream_t);
+template cudaError_t LaunchSnapKvTopK<__half>(const SnapKvParams<__half>&, cudaStream_t);
 
 template cudaError_t LaunchSnapKv<float>(const SnapKvParams<float>&, void*, size_t, cudaStream_t);
 template cudaError_t LaunchSnapKv<__nv_bfloat16>(const SnapKvParams<__nv_bfloat16>&, void*, size_t,

@@ -46,14 +46,18 @@ struct SnapKvParams {
   // Default: null. When set, (num_kv_heads, max_length) device, out: the pooled score of each
   // candidate of each head that had more than `budget` entries (the rest untouched).
   double* scores = nullptr;
+  // Default: true. false queues the scoring and pooling only (scores must then be set), so
+  // LaunchSnapKvTopK can pick for many layers in one launch.
+  bool top_k = true;
 };
 
 // Bytes of device workspace LaunchSnapKv needs for these sizes.
 size_t SnapKvWorkspaceBytes(int num_heads, int num_kv_heads, int w, int32_t max_length);
 
-// Queues the selection on `stream` (five kernels: row softmax statistics per key tile, their
-// merge, votes, pooling, top-k). workspace: at least SnapKvWorkspaceBytes(...) bytes of device
-// memory, 16-byte aligned, not in use by other work on the stream meanwhile.
+// Queues the selection on `stream` (five kernels: row softmax statistics per key tile, keeping
+// each q . k product, their merge, votes from the kept products, pooling, top-k). workspace: at
+// least SnapKvWorkspaceBytes(...) bytes of device memory, 16-byte aligned, not in use by other
+// work on the stream meanwhile.
 // The top-k is a radix select over the order-preserving 64-bit image of the f64 scores (8
 // passes of 8-bit histograms by one 1024-thread block per head) followed by an index-ordered
 // compaction, so it is exact for any candidate count, ties going to the lower index; it runs
@@ -65,6 +69,18 @@ template <typename T>
 cudaError_t LaunchSnapKv(const SnapKvParams<T>& p, void* workspace, size_t workspace_bytes,
                          cudaStream_t stream);
 
+// The top-k alone, from p.scores (pooled scores as LaunchSnapKv with top_k = false wrote them):
+// p.kv may describe the heads of several layers as one (lengths and keep contiguous across
+// them, scores at stride max_length). Reads lengths, max_length, w, budget; writes keep and
+// keep_counts. cudaErrorInvalidValue without scores, keep or keep_counts, or for w <= 0 or a
+// budget not above w.
+template <typename T>
+cudaError_t LaunchSnapKvTopK(const SnapKvParams<T>& p, cudaStream_t stream);
+
+extern template cudaError_t LaunchSnapKvTopK<float>(const SnapKvParams<float>&, cudaStream_t);
+extern template cudaError_t LaunchSnapKvTopK<__nv_bfloat16>(const SnapKvParams<__nv_bfloat16>&,
+                                                            cudaStream_t);
+extern template cudaError_t LaunchSnapKvTopK<__half>(const SnapKvParams<__half>&, cudaStream_t);
 extern template cudaError_t LaunchSnapKv<float>(const SnapKvParams<float>&, void*, size_t,
                                                 cudaStream_t);
 extern template cudaError_t LaunchSnapKv<__nv_bfloat16>(const SnapKvParams<__nv_bfloat16>&, void*,

@@ -21,6 +21,7 @@
 #include "kernels/convert.cuh"
 #include "kernels/cuda_check.cuh"
 #include "kernels/embedding.cuh"
+#include "kernels/gemv.cuh"
 #include "kernels/kv_append.cuh"
 #include "kernels/qkv_rope.cuh"
 #include "kernels/rmsnorm.cuh"
@@ -165,6 +166,44 @@ TEST_F(KernelsTest, AddRmsNormBf16MatchesCpu) {
   }
 }
 
+// y = W x against a double reference on the same (bf16-exact) inputs, through both the 16-byte
+// path and the element-by-element one (a row size that is not a multiple of 16 bytes, or a
+// misaligned x).
+TEST_F(KernelsTest, GemvMatchesDoubleReference) {
+  struct GemvShape {
+    int64_t out, in;
+    int x_offset;  // elements x starts past an aligned allocation
+  };
+  const GemvShape shapes[] = {{1, 8, 0},       {37, 64, 0},    {1000, 4096, 0},
+                              {129, 14336, 0}, {33, 100, 0},   {7, 4096, 1},
+                              {3, 1, 0},       {4097, 256, 0}, {16, 0, 0}};
+  uint32_t seed = 900;
+  for (const GemvShape& s : shapes) {
+    SCOPED_TRACE(::testing::Message() << "out=" << s.out << " in=" << s.in << " x+" << s.x_offset);
+    const auto w = ToBf16(RandomNormal(s.out * s.in, seed++));
+    const auto x = ToBf16(RandomNormal(s.in + s.x_offset, seed++));
+    const std::vector<float> wf = FromBf16(w), xf = FromBf16(x);
+    std::vector<double> want(s.out);
+    for (int64_t o = 0; o < s.out; ++o) {
+      for (int64_t i = 0; i < s.in; ++i) {
+        want[o] += static_cast<double>(wf[o * s.in + i]) * xf[s.x_offset + i];
+      }
+    }
+    DeviceArray<__nv_bfloat16> d_w(w), d_x(x);
+    DeviceArray<float> d_y(s.out);  // poisoned: every row must be written
+    Finish(LaunchGemv(d_w.get(), s.out, s.in, d_x.get() + s.x_offset, d_y.get(), stream_));
+    const std::vector<float> got = d_y.ToHost();
+    ASSERT_EQ(CountNan(got), 0);
+    double num = 0, den = 0;
+    for (int64_t o = 0; o < s.out; ++o) {
+      num += (got[o] - want[o]) * (got[o] - want[o]);
+      den += want[o] * want[o];
+    }
+    EXPECT_LE(std::sqrt(num), 1e-5 * std::sqrt(den) + 1e-30) << "relative L2 error";
+  }
+  EXPECT_EQ(LaunchGemv<float>(nullptr, -1, 4, nullptr, nullptr, stream_), cudaErrorInvalidValue);
+}
+
 TEST_F(KernelsTest, RopeRotateHalfMatchesCpu) {
   struct RopeShape {
     int64_t n;
@@ -254,8 +293,8 @@ TEST_F(KernelsTest, ResidualRmsNormAddsBiasedResidualThenNorms) {
     RmsNorm(want_x.data(), weight.data(), s.n, s.dim, 1e-5, want.data());
 
     DeviceArray<float> d_x(x), d_res(residual), d_bias(bias), d_w(weight), d_out(s.n * s.dim);
-    Finish(LaunchResidualRmsNorm(d_x.get(), d_res.get(), d_bias.get(), d_w.get(), s.n, s.dim,
-                                 1e-5, d_out.get(), stream_));
+    Finish(LaunchResidualRmsNorm(d_x.get(), d_res.get(), d_bias.get(), d_w.get(), s.n, s.dim, 1e-5,
+                                 d_out.get(), stream_));
     EXPECT_EQ(d_x.ToHost(), want_x);
     EXPECT_LT(RelativeError(d_out.ToHost(), want), 1e-6);
     // Without a residual x is left alone and only normed, here into bf16.
