@@ -179,6 +179,26 @@ class BlockRows : public KvRowSource {
       return absl::OkStatus();
     });
   }
+  // Rows of several heads of a layer, as a session reads them for an upload (ordered by
+  // position, every head of a position side by side in its block).
+  absl::Status ReadLayerRowsBf16(int layer, absl::Span<const KvRowRef> rows, uint16_t* keys,
+                                 uint16_t* values) override {
+    const int hd = c_.head_dim;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const int64_t p = rows[i].position;
+      if (p < 0 || p / kBlock >= static_cast<int64_t>((*blocks_)[layer].size())) {
+        return absl::OutOfRangeError(absl::StrCat("no block holds position ", p));
+      }
+      const KvBlock& block = *(*blocks_)[layer][p / kBlock];
+      if (block.dtype != BlockDType::kBF16) {
+        return absl::FailedPreconditionError("bf16 rows asked of blocks of another type");
+      }
+      const size_t off = ((p % kBlock) * c_.num_kv_heads + rows[i].head) * hd;
+      std::memcpy(keys + i * hd, &block.keys16[off], hd * sizeof(uint16_t));
+      std::memcpy(values + i * hd, &block.values16[off], hd * sizeof(uint16_t));
+    }
+    return absl::OkStatus();
+  }
   absl::Status ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
                             uint16_t* keys, uint16_t* values) override {
     const int hd = c_.head_dim;
