@@ -337,6 +337,7 @@ __device__ __forceinline__ void DecodeSplitBlock(
         sum += w;
       }
       sum = WarpSum(sum);
+      __syncwarp();  // every lane has read s.m[h] before lane 0 rewrites it
       if (lane == 0) {
         const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_old - m_new);  // 0 if m_old = -inf
         s.alpha[h] = alpha;

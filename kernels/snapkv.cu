@@ -336,6 +336,7 @@ __global__ void __launch_bounds__(kTopKThreads)
         if (lane >= off) incl += n;
       }
       int above = incl - sum;
+      __syncwarp();  // every lane has read s_remaining before one rewrites it
       if (above < remaining && remaining <= incl) {
         for (int i = 0; i < 8; ++i) {
           if (above + counts[i] >= remaining) {
