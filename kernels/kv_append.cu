@@ -8,6 +8,23 @@ namespace {
 
 constexpr int kWarps = 8;  // one warp per row, kWarps rows per block
 
+// Copies a row of n elements with the 32 lanes of a warp: 16 bytes per lane per step where
+// both rows are 16-byte aligned and n elements are a multiple of 16 bytes (a decode step's
+// scalar copy, one load then one store after another, took 6.8 us on an H100).
+template <typename T>
+__device__ __forceinline__ void CopyRow(const T* src, T* dst, int n, int lane) {
+  const bool wide = (n * sizeof(T)) % 16 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+  if (wide) {
+    const int pieces = static_cast<int>(n * sizeof(T) / 16);
+    for (int i = lane; i < pieces; i += 32) {
+      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+    }
+  } else {
+    for (int d = lane; d < n; d += 32) dst[d] = src[d];
+  }
+}
+
 template <typename T>
 __global__ void AppendKvKernel(AppendKvParams<T> p) {
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -20,10 +37,8 @@ __global__ void AppendKvKernel(AppendKvParams<T> p) {
   const T* v = p.v + item * p.head_dim;
   T* dk = p.keys[g] + row * p.head_dim;
   T* dv = p.values[g] + row * p.head_dim;
-  for (int d = lane; d < p.head_dim; d += 32) {
-    dk[d] = k[d];
-    dv[d] = v[d];
-  }
+  CopyRow(k, dk, p.head_dim, lane);
+  CopyRow(v, dv, p.head_dim, lane);
   if (lane == 0) {
     const int64_t start =
         p.start_position_device != nullptr ? *p.start_position_device : p.start_position;
