@@ -120,7 +120,8 @@ class OpTable {
     std::printf("| op | ms | share | launches per call |\n| --- | ---: | ---: | ---: |\n");
     for (const CudaOpTime& r : rows_) {
       std::printf("| %s | %.3f | %.3f | %.0f |\n", r.op.c_str(), r.ms / calls,
-                  r.op[0] == '(' ? 0.0 : r.ms / device, static_cast<double>(r.count) / calls);
+                  r.op[0] == '(' || device <= 0 ? 0.0 : r.ms / device,
+                  static_cast<double>(r.count) / calls);
     }
     std::printf("\n");
   }

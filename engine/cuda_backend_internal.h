@@ -107,8 +107,8 @@ struct CudaContext {
 // Per-op device times of passes run op by op (CudaBackendOptions::profile_ops): Begin records
 // an event on the stream, each Mark another, and the time between two events is charged to the
 // later mark's op, so host gaps land on the op that waited for them. End waits for the last
-// event and adds the pass's times to the totals. Marks outside Begin/End (graph capture) are
-// ignored.
+// event and adds the pass's times to the totals. Marks outside Begin/End, or while the stream
+// is being captured into a graph, are ignored.
 class OpProfiler {
  public:
   ~OpProfiler() {
@@ -124,7 +124,10 @@ class OpProfiler {
     Record(nullptr);
   }
   void Mark(const char* op) {
-    if (active_) Record(op);
+    if (!active_) return;
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream_, &capture) != cudaSuccess) cudaGetLastError();
+    if (capture == cudaStreamCaptureStatusNone) Record(op);
   }
   void End() {
     if (!active_) return;
@@ -146,6 +149,11 @@ class OpProfiler {
             .count());
   }
   std::vector<CudaOpTime> Take() { return std::exchange(totals_, {}); }
+  // Calls End when it goes out of scope (a call that returns early ends its pass too).
+  struct EndOnExit {
+    OpProfiler* profiler;
+    ~EndOnExit() { profiler->End(); }
+  };
 
  private:
   void Record(const char* op) {
@@ -543,8 +551,8 @@ class CudaBackend : public Backend, public OpProfileSource {
 
   const ModelConfig config_;
   const CudaBackendOptions options_;
-  OpProfiler prof_;
   std::shared_ptr<CudaContext> ctx_;
+  OpProfiler prof_;
   const uint64_t id_;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;

@@ -79,7 +79,8 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
   // 256 heads of 16K: ~9 ms on one core of an H100 machine): many run on the thread pool.
   int64_t planned_positions = 0;
   for (const Pending& p : pending) {
-    planned_positions += static_cast<int64_t>(dkv.heads[p.index].mirrored.size());
+    planned_positions += static_cast<int64_t>(dkv.heads[p.index].mirrored.size()) +
+                         static_cast<int64_t>(kv.head(p.index / kvh, p.index % kvh).size());
   }
   auto plan_range = [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
@@ -448,6 +449,7 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
   }
   cudaStream_t s = ctx_->stream;
   prof_.Begin(options_.profile_ops, s);
+  const OpProfiler::EndOnExit end_profile{&prof_};
   KVMEM_RETURN_IF_ERROR(SyncHeads(kv, *dkv, 0, L));
   prof_.Mark("snapkv: sync heads");
   int32_t max_length = 0;
@@ -500,7 +502,7 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
   }
   prof_.Mark("snapkv: score, pool (per layer)");
   SnapKvParams<T> all;
-  all.num_heads = c.num_heads * L;
+  all.num_heads = c.num_heads * L;  // not read by the top-k; kept consistent with the heads
   all.w = w;
   all.kv.lengths = tables.lengths;
   all.kv.num_kv_heads = L * kvh;
@@ -526,7 +528,6 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
     const int32_t* k = &host_keep[i * budget];
     result[i].assign(k, k + host_counts[i]);
   }
-  prof_.End();
   return result;
 }
 

@@ -366,7 +366,8 @@ __global__ void __launch_bounds__(kFaWarps * 32, 2)
       mx_hi = fmaxf(mx_hi, __shfl_xor_sync(kFullMask, mx_hi, 1));
       mx_hi = fmaxf(mx_hi, __shfl_xor_sync(kFullMask, mx_hi, 2));
       const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
-      // A row with nothing visible yet keeps m = -inf, weights 0 and alpha 1.
+      // A row with nothing visible yet keeps m = -inf and weights 0 (its alpha is 0, harmless:
+      // its O and l are still 0).
       const float base_lo = new_lo == -INFINITY ? 0.f : new_lo;
       const float base_hi = new_hi == -INFINITY ? 0.f : new_hi;
       const float alpha_lo = exp2f(m_lo - base_lo), alpha_hi = exp2f(m_hi - base_hi);
@@ -582,7 +583,11 @@ cudaError_t LaunchPrefillAttention(const PrefillAttentionParams<T>& p, cudaStrea
 
 template <typename T>
 size_t PrefillAttentionWorkspaceBytes(const PrefillAttentionParams<T>& p) {
-  if (!UsesFlash(p) || p.n <= 0 || p.kv.num_kv_heads <= 0 || p.num_heads % p.kv.num_kv_heads != 0) {
+  // Whatever LaunchPrefillAttention would reject takes no scratch.
+  if (!UsesFlash(p) || p.n <= 0 || p.num_heads <= 0 || p.kv.num_kv_heads <= 0 ||
+      p.num_heads % p.kv.num_kv_heads != 0 || p.kv.row_stride < 0 ||
+      (p.kv.row_stride > 0 && p.kv.row_stride < p.kv.head_dim) ||
+      p.n * (p.num_heads / p.kv.num_kv_heads) > INT32_MAX) {
     return 0;
   }
   const int splits = FlashSplits(p.n, p.num_heads, p.kv.num_kv_heads, p.kv.max_length);

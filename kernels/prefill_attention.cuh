@@ -53,7 +53,9 @@ struct PrefillAttentionParams {
 };
 
 // Scratch the tensor-core kernel uses to split `p`'s entries (0 when it would not split or
-// does not take the call). Reads only the host-side fields of p (shapes, max_length).
+// does not take the call). Reads only the host-side fields of p (shapes, max_length), and the
+// current device's multiprocessor count: launch on the device the size was asked on, or the
+// kernel may find the scratch short and run unsplit (correct, slower).
 template <typename T>
 size_t PrefillAttentionWorkspaceBytes(const PrefillAttentionParams<T>& p);
 

@@ -33,8 +33,9 @@ __device__ float BlockSum(float v) {
 
 // One block of kThreads per row. Each thread re-reads only the x elements it wrote itself.
 template <typename T>
-__global__ void AddRmsNormKernel(T* __restrict__ x, const T* residual, const T* __restrict__ weight,
-                                 int64_t dim, float eps, T* out) {
+__global__ void __launch_bounds__(kThreads)
+    AddRmsNormKernel(T* __restrict__ x, const T* residual, const T* __restrict__ weight,
+                     int64_t dim, float eps, T* out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * dim;
   T* xr = x + row;
   const T* rr = residual + row;
@@ -66,10 +67,10 @@ __device__ double BlockSumF64(double v) {
 }
 
 template <typename TOut>
-__global__ void ResidualRmsNormKernel(float* __restrict__ x, const float* __restrict__ residual,
-                                      const float* __restrict__ bias,
-                                      const float* __restrict__ weight, int64_t dim, double eps,
-                                      TOut* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    ResidualRmsNormKernel(float* __restrict__ x, const float* __restrict__ residual,
+                          const float* __restrict__ bias, const float* __restrict__ weight,
+                          int64_t dim, double eps, TOut* __restrict__ out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * dim;
   float* xr = x + row;
   double sum_sq = 0.0;

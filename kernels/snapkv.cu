@@ -114,7 +114,7 @@ __device__ void RowDots(const SnapKvParams<T>& p, int g, int r0, int rows, const
     dot[i] = 0.f;
   }
   int d = 0;
-  if (hd % 4 == 0) {
+  if (hd % 4 == 0 && reinterpret_cast<uintptr_t>(p.queries) % 16 == 0) {
     for (; d < hd; d += 4) {
       const float k0 = k[d], k1 = k[d + 1], k2 = k[d + 2], k3 = k[d + 3];
 #pragma unroll

@@ -55,7 +55,9 @@ struct SnapKvParams {
 size_t SnapKvWorkspaceBytes(int num_heads, int num_kv_heads, int w, int32_t max_length);
 
 // Queues the selection on `stream` (five kernels: row softmax statistics per key tile, keeping
-// each q . k product, their merge, votes from the kept products, pooling, top-k). workspace: at
+// each q . k product, their merge, votes from the kept products, pooling, then top-k unless
+// top_k is false). The kept products make the workspace num_heads * w * max_length * 4 bytes
+// larger: 128 MiB at 8B shape with w = 32 over 32K entries. workspace: at
 // least SnapKvWorkspaceBytes(...) bytes of device memory, 16-byte aligned, not in use by other
 // work on the stream meanwhile.
 // The top-k is a radix select over the order-preserving 64-bit image of the f64 scores (8
