@@ -408,6 +408,26 @@ TEST_F(KernelsAttentionTest, PrefillAttentionBf16OnCudaCoresMatchesReference) {
   CheckPrefill<__nv_bfloat16>(1e-2, /*tensor_cores=*/false);
 }
 
+// The scratch query agrees with the launcher: nothing for a call it rejects (no division by a
+// zero head count), some for a short turn onto long heads.
+TEST_F(KernelsAttentionTest, PrefillWorkspaceIsZeroForCallsTheLauncherRejects) {
+  const std::vector<HeadKv> heads = RandomHeads<__nv_bfloat16>({5000, 4000}, 128, 6000, 11);
+  DeviceKv<__nv_bfloat16> kv(heads, 128);
+  PrefillAttentionParams<__nv_bfloat16> p;
+  p.kv = kv.view();
+  p.n = 4;
+  p.num_heads = 8;
+  p.scale = 0.1f;
+  EXPECT_GT(PrefillAttentionWorkspaceBytes(p), 0u);
+  p.num_heads = 0;
+  EXPECT_EQ(PrefillAttentionWorkspaceBytes(p), 0u);
+  EXPECT_EQ(LaunchPrefillAttention(p, nullptr), cudaErrorInvalidValue);
+  p.num_heads = 8;
+  p.kv.row_stride = 3;  // below head_dim
+  EXPECT_EQ(PrefillAttentionWorkspaceBytes(p), 0u);
+  EXPECT_EQ(LaunchPrefillAttention(p, nullptr), cudaErrorInvalidValue);
+}
+
 TEST_F(KernelsAttentionTest, PrefillAttentionIsCausalOverNewTokens) {
   // Changing the last new token's K/V must leave every earlier token's output untouched.
   const int hd = 64, n = 12;
