@@ -192,6 +192,7 @@ struct DecodeCase {
   std::vector<int> lengths;  // per KV head
   int split_size;            // 0: the default
   int sliding_window;        // 0: off
+  int max_length = 0;        // the launch's bound on lengths; 0: the longest head's
 };
 
 std::vector<DecodeCase> DecodeCases() {
@@ -204,6 +205,13 @@ std::vector<DecodeCase> DecodeCases() {
       {8, 4, 8, {3, 0, 17, 100}, 0, 0},                                 // stories260K dims
       {8, 2, 64, {700, 1500}, 64, 256},                                 // sliding window
       {6, 3, 96, {1, 257, 255}, 0, 0},                                  // head_dim not 2^k
+      // Shapes the layouts and head groupings choose differently for.
+      {6, 2, 100, {500, 37}, 0, 0},  // group 3; bf16 rows not a multiple of 16 bytes
+      {10, 2, 130, {300, 1}, 0, 0},  // group 5; f32 rows not a multiple of 16 bytes
+      {16, 1, 256, {1200}, 0, 0},    // group 16, head_dim 256
+      {7, 1, 64, {257}, 0, 0},       // group 7
+      // A bound far past every head, as a captured graph launches: most splits are empty.
+      {8, 4, 128, {0, 1, 256, 257}, 0, 0, 4096},
   };
 }
 
@@ -239,8 +247,9 @@ void CheckDecode(double tolerance) {
     p.q_position = q_position;
     p.split_size = c.split_size;
     p.out = d_out.get();
+    if (c.max_length > 0) p.kv.max_length = c.max_length;
     const size_t ws_bytes =
-        DecodeAttentionWorkspaceBytes(c.num_heads, c.head_dim, kv.view().max_length, c.split_size);
+        DecodeAttentionWorkspaceBytes(c.num_heads, c.head_dim, p.kv.max_length, c.split_size);
     DeviceArray<char> ws(ws_bytes);
     Finish(LaunchDecodeAttention(p, ws.get(), ws_bytes, nullptr));
     const std::vector<float> got = ToFloat(d_out.ToHost());
