@@ -389,11 +389,11 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
     const size_t kv_bytes = layer_values * sizeof(T);
     const size_t obs_bytes = static_cast<size_t>(observed) * qd * sizeof(float);
     const size_t per_layer = 2 * align(kv_bytes) + align(obs_bytes);
-    // A soft size: at least two slots, however large a layer's rows (a 32K-token 8B turn pins
-    // about 257 MiB); the buffer is kept for the backend's lifetime.
-    constexpr size_t kStagingCap = size_t{64} << 20;
-    const int slots =
-        static_cast<int>(std::min<size_t>(L, std::max<size_t>(2, kStagingCap / per_layer)));
+    // options_.download_staging_bytes is a soft size: at least two slots, however large a
+    // layer's rows (a 32K-token 8B turn pins about 257 MiB); the buffer is kept for the
+    // backend's lifetime.
+    const int slots = static_cast<int>(
+        std::min<size_t>(L, std::max<size_t>(2, options_.download_staging_bytes / per_layer)));
     if (downloads_.bytes < slots * per_layer) {
       if (downloads_.host != nullptr) cudaFreeHost(downloads_.host);
       downloads_.host = nullptr;

@@ -50,6 +50,9 @@ struct CudaBackendOptions {
   // Default: 0. Benchmarks only: with no host weights, fill the device weights with uniform
   // values of this seed (scaled so activations stay finite) instead of uploading.
   uint64_t random_weights_seed = 0;
+  // Default: 64 MiB. Pinned host memory through which a multi-token pass's new rows and
+  // observed queries leave, layer by layer; a soft size, at least two layers' worth.
+  size_t download_staging_bytes = size_t{64} << 20;
   // Default: false. Diagnostics: time each op of every pass with CUDA events (a graphed decode
   // step counts as one op) and of device SnapKV selection; read with TakeCudaOpProfile.
   bool profile_ops = false;

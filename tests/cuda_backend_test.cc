@@ -466,6 +466,43 @@ INSTANTIATE_TEST_SUITE_P(
              DeviceDtype::kBF16}),
     [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
 
+// A multi-token pass's rows leave through a ring of pinned slots, one layer per slot: with two
+// slots for five layers every slot is reused, and the host must still get every row, query and
+// logit exactly as with a slot per layer.
+TEST(CudaBackendTest, DownloadRingReusingItsSlotsLosesNothing) {
+  SKIP_WITHOUT_CUDA();
+  TempDir dir;
+  RandomModelSpec spec;
+  spec.layers = 5;
+  spec.dtype = DType::kBF16;
+  testing::WriteRandomModel(dir.path(), spec);
+  auto model = Model::Load(dir.path(), {.require_tokenizer = false});
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto roomy = CreateCudaBackend(**model, {});
+  auto tight = CreateCudaBackend(**model, {.download_staging_bytes = 1});
+  ASSERT_TRUE(roomy.ok()) << roomy.status();
+  ASSERT_TRUE(tight.ok()) << tight.status();
+  const ModelConfig& c = (*model)->config();
+  const auto tokens = RandomTokens(37, c.vocab_size, 21);
+  auto run = [&](Backend& backend, ForwardResult* result) {
+    KvCache kv(c.num_layers, c.num_kv_heads, c.head_dim);
+    EXPECT_TRUE(
+        backend.Forward(tokens, 0, &kv, {.all_logits = true, .observe_last = 6}, result).ok());
+    return kv;
+  };
+  ForwardResult want, got;
+  const KvCache want_kv = run(**roomy, &want), got_kv = run(**tight, &got);
+  EXPECT_EQ(got.logits, want.logits);
+  EXPECT_EQ(got.observed_queries, want.observed_queries);
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (int g = 0; g < c.num_kv_heads; ++g) {
+      EXPECT_EQ(got_kv.head(l, g).positions, want_kv.head(l, g).positions) << l << "/" << g;
+      EXPECT_EQ(got_kv.head(l, g).keys, want_kv.head(l, g).keys) << l << "/" << g;
+      EXPECT_EQ(got_kv.head(l, g).values, want_kv.head(l, g).values) << l << "/" << g;
+    }
+  }
+}
+
 TEST(CudaBackendTest, RejectsBadTokensAndPositionsLikeTheCpu) {
   SKIP_WITHOUT_CUDA();
   TempDir dir;
