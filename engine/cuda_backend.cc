@@ -374,11 +374,6 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
   std::vector<Download> downloads = {
       {result->logits.data(), b.logits, result->logits.size() * sizeof(float)},
       {obs.data(), b.observed_q, obs.size() * sizeof(float)}};
-  std::vector<Download> rows;  // the new K and V of each layer
-  for (int l = 0; l < L; ++l) {
-    rows.push_back({dst_k[l], b.new_k + l * layer_values, layer_values * sizeof(T)});
-    rows.push_back({dst_v[l], b.new_v + l * layer_values, layer_values * sizeof(T)});
-  }
   // Each layer's K, V and observed queries, copied on the download stream once the pass has
   // written them (b.layer_ready) into a ring of pinned slots, which the host empties in layer
   // order on the thread pool: the copies overlap the later layers' work. (Copies straight to
@@ -467,6 +462,11 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
   auto download = [&]() -> absl::Status {
     if (b.layer_ready != nullptr) return download_by_layer();
     if (pinned == nullptr) {
+      std::vector<Download> rows;  // the new K and V of each layer
+      for (int l = 0; l < L; ++l) {
+        rows.push_back({dst_k[l], b.new_k + l * layer_values, layer_values * sizeof(T)});
+        rows.push_back({dst_v[l], b.new_v + l * layer_values, layer_values * sizeof(T)});
+      }
       for (const std::vector<Download>* list : {&downloads, &rows}) {
         for (const Download& d : *list) {
           if (d.bytes == 0) continue;
