@@ -34,6 +34,7 @@
 #include "engine/cuda_backend.h"
 #include "engine/kv_blocks.h"
 #include "engine/kv_store.h"
+#include "engine/malloc_arenas.h"
 #include "engine/model_config.h"
 #include "tiers/cold_store.h"
 
@@ -542,4 +543,7 @@ int Run(int argc, char** argv) {
 }  // namespace
 }  // namespace kvmem
 
-int main(int argc, char** argv) { return kvmem::Run(argc, argv); }
+int main(int argc, char** argv) {
+  kvmem::ShareOneMallocArena();  // as kvmemd does
+  return kvmem::Run(argc, argv);
+}

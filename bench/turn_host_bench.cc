@@ -24,8 +24,10 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "bench/model_shapes.h"
 #include "engine/backend.h"
+#include "engine/malloc_arenas.h"
 #include "engine/model.h"
 #include "engine/status_macros.h"
 #include "engine/thread_pool.h"
@@ -212,6 +214,26 @@ double Ms(std::chrono::steady_clock::time_point start) {
       .count();
 }
 
+// The bytes under a store: its RocksDB log files, its RocksDB tables and its block files, in MB.
+std::string StoreSizes(const std::string& dir) {
+  double log = 0, table = 0, blocks = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir, ec)) {
+    if (!e.is_regular_file(ec)) continue;
+    const double mb = static_cast<double>(e.file_size(ec)) / (1 << 20);
+    const std::string name = e.path().filename().string();
+    if (e.path().parent_path().filename() == "kvblocks") {
+      blocks += mb;
+    } else if (name.ends_with(".log")) {
+      log += mb;
+    } else if (name.ends_with(".sst")) {
+      table += mb;
+    }
+  }
+  return absl::StrFormat("%.0f MB of log, %.0f MB of tables, %.0f MB of block files", log, table,
+                         blocks);
+}
+
 int Run(int argc, char** argv) {
   std::string shape = "8b", data;
   int64_t history = 16384;
@@ -335,8 +357,13 @@ int Run(int argc, char** argv) {
   // checked for the device's first upload), as after a crash or for a paged-out session whose
   // blocks have left warm.
   manager->reset();
+  const std::string closed_sizes = StoreSizes(data);
+  const auto reopen = std::chrono::steady_clock::now();
   manager = SessionManager::Open(*model, backend, options);
   if (!manager.ok()) return std::fprintf(stderr, "%s\n", manager.status().ToString().c_str()), 1;
+  const double reopen_ms = Ms(reopen);
+  std::printf("reopen of the store after a restart: %.1f ms; the closed store held %s\n", reopen_ms,
+              closed_sizes.c_str());
   const auto restore = std::chrono::steady_clock::now();
   auto info = (*manager)->GetSession("", "bench");
   if (!info.ok()) return std::fprintf(stderr, "%s\n", info.status().ToString().c_str()), 1;
@@ -375,4 +402,7 @@ int Run(int argc, char** argv) {
 }  // namespace
 }  // namespace kvmem
 
-int main(int argc, char** argv) { return kvmem::Run(argc, argv); }
+int main(int argc, char** argv) {
+  kvmem::ShareOneMallocArena();  // as kvmemd does
+  return kvmem::Run(argc, argv);
+}

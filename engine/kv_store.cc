@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "engine/status_macros.h"
 
 namespace kvmem {
 
@@ -54,10 +55,21 @@ absl::StatusOr<std::shared_ptr<const KvBlock>> MemoryBlockStore::ReadBlock(const
   if (from_cold != nullptr) *from_cold = false;
   auto it = blocks_.find(key);
   if (it == blocks_.end()) {
-    return absl::NotFoundError(absl::StrCat("no KV block (owner ", key.owner, ", layer ",
-                                            key.layer, ", index ", key.index, ")"));
+    return absl::NotFoundError(absl::StrCat("no KV block (owner ", key.owner, ", layer ", key.layer,
+                                            ", index ", key.index, ")"));
   }
   return it->second;
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> BlockSource::ReadDigests(
+    absl::Span<const BlockKey> keys) {
+  std::vector<std::vector<float>> out;
+  out.reserve(keys.size());
+  for (const BlockKey& key : keys) {
+    KVMEM_ASSIGN_OR_RETURN(std::vector<float> digest, ReadDigest(key));
+    out.push_back(std::move(digest));
+  }
+  return out;
 }
 
 absl::StatusOr<std::vector<float>> MemoryBlockStore::ReadDigest(const BlockKey& key) {

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "engine/kv_blocks.h"
 
 namespace kvmem {
@@ -27,7 +28,7 @@ namespace kvmem {
 struct BlockKey {
   uint64_t owner = 0;  // uid of the session that wrote the block
   int layer = 0;
-  int64_t index = 0;   // positions [index * B, (index + 1) * B)
+  int64_t index = 0;  // positions [index * B, (index + 1) * B)
   bool operator<(const BlockKey& o) const {
     return std::tie(owner, layer, index) < std::tie(o.owner, o.layer, o.index);
   }
@@ -57,8 +58,8 @@ struct TurnCommit {
   const std::string* text = nullptr;
   const std::vector<int32_t>* tokens = nullptr;
   int64_t first_position = 0;
-  int64_t position = 0;                    // absolute position after the turn
-  std::vector<BlockWrite> blocks;          // new or rewritten blocks of this session
+  int64_t position = 0;            // absolute position after the turn
+  std::vector<BlockWrite> blocks;  // new or rewritten blocks of this session
   // Which session owns each block index: (first block index, owner uid), ascending.
   const std::vector<std::pair<int64_t, uint64_t>>* owners = nullptr;
   // Hot positions after the memory policy, (layer * num_kv_heads + head) -> ascending; the
@@ -77,6 +78,10 @@ class BlockSource {
   virtual absl::StatusOr<std::shared_ptr<const KvBlock>> ReadBlock(const BlockKey& key,
                                                                    bool* from_cold) = 0;
   virtual absl::StatusOr<std::vector<float>> ReadDigest(const BlockKey& key) = 0;
+  // The digests of `keys`, in their order: what a restore reads for every block of a layer.
+  // The same errors as ReadDigest; this one reads them one by one.
+  virtual absl::StatusOr<std::vector<std::vector<float>>> ReadDigests(
+      absl::Span<const BlockKey> keys);
 };
 
 class CommitSink {

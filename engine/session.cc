@@ -108,12 +108,13 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Create(const Model& model, Bac
     return absl::InvalidArgumentError("max_turn_tokens must be positive");
   }
   if (options.recall_blocks < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("recall_blocks must be >= 0 (0 disables recall), got ", options.recall_blocks));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "recall_blocks must be >= 0 (0 disables recall), got ", options.recall_blocks));
   }
   KVMEM_ASSIGN_OR_RETURN(auto policy, MakeMemoryPolicy(options.memory));
-  KVMEM_ASSIGN_OR_RETURN(auto chat_template, ChatTemplate::Make(options.chat_template,
-                                                                *model.tokenizer(), model.config()));
+  KVMEM_ASSIGN_OR_RETURN(
+      auto chat_template,
+      ChatTemplate::Make(options.chat_template, *model.tokenizer(), model.config()));
   if (storage.source == nullptr || storage.sink == nullptr) {
     auto store = std::make_shared<MemoryBlockStore>();
     storage.source = store;
@@ -159,12 +160,23 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Restore(const Model& model, Ba
   s->last_logits_ = std::move(snapshot.last_logits);
   s->owners_ = std::move(snapshot.owners);
   const int64_t blocks = (s->position_ + B - 1) / B;
-  for (int l = 0; l < c.num_layers; ++l) {
-    // Digests of every block, for recall.
-    s->digests_[l].resize(blocks);
-    for (int64_t b = 0; b < blocks; ++b) {
-      KVMEM_ASSIGN_OR_RETURN(s->digests_[l][b], s->storage_.source->ReadDigest(s->KeyOf(l, b)));
+  // Digests of every block, for recall: a batched read per layer, the layers in parallel.
+  std::vector<absl::Status> digest_errors(c.num_layers);
+  SharedThreadPool().ParallelFor(c.num_layers, [&](int64_t begin, int64_t end) {
+    std::vector<BlockKey> keys(blocks);
+    for (int64_t l = begin; l < end; ++l) {
+      for (int64_t b = 0; b < blocks; ++b) keys[b] = s->KeyOf(static_cast<int>(l), b);
+      absl::StatusOr<std::vector<std::vector<float>>> digests =
+          s->storage_.source->ReadDigests(keys);
+      if (digests.ok()) {
+        s->digests_[l] = std::move(*digests);
+      } else {
+        digest_errors[l] = digests.status();
+      }
     }
+  });
+  for (const absl::Status& e : digest_errors) KVMEM_RETURN_IF_ERROR(e);
+  for (int l = 0; l < c.num_layers; ++l) {
     // The partial last block, truncated to this session's positions (a fork may still read
     // its parent's tail block, which the parent keeps filling).
     if (s->position_ % B != 0) {
@@ -251,11 +263,13 @@ absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view tex
   ForwardOptions forward_options{.all_logits = append_options.return_logits,
                                  .observe_last = observe};
   if (options_.recall_blocks > 0 && committed_ > 0) {
-    forward_options.before_attention = [&](int layer, const float* q, int64_t count,
-                                           KvCache*) { return Recall(layer, q, count, &result); };
+    forward_options.before_attention = [&](int layer, const float* q, int64_t count, KvCache*) {
+      return Recall(layer, q, count, &result);
+    };
     forward_options.hook_query_rows = std::max(1, options_.memory.window);  // what Recall reads
   }
-  absl::Status forward_status = backend_.Forward(tokens, position_, &hot_, forward_options, &forward);
+  absl::Status forward_status =
+      backend_.Forward(tokens, position_, &hot_, forward_options, &forward);
   blocks_in_flight_.clear();  // recall's blocks: the backend has its rows now
   if (!forward_status.ok()) {
     // Recall may have changed the hot set before failing: the session must be restored.
@@ -526,8 +540,8 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
   request.forward_options.observe_last = window > 0 ? 1 : 0;
   request.on_forward = [&](const ForwardResult& f) { queries.Add(f.observed_queries); };
   request.cancelled = options.cancelled;
-  auto generated = DecodeTokens(model_, backend_, &hot_, std::move(request), options.sampling,
-                                on_text);
+  auto generated =
+      DecodeTokens(model_, backend_, &hot_, std::move(request), options.sampling, on_text);
   if (!generated.ok()) {
     roll_back();
     return generated.status();
@@ -572,8 +586,8 @@ absl::StatusOr<GenerateResult> Session::Generate(const GenerateOptions& options,
   result.evicted = *evicted;
   result.select_ms = MillisSince(start);
   last_logits_ = std::move(final_logits);
-  turns_.push_back({Role::kAssistant, result.generation.text, std::move(turn_tokens),
-                    position_before});
+  turns_.push_back(
+      {Role::kAssistant, result.generation.text, std::move(turn_tokens), position_before});
   KVMEM_RETURN_IF_ERROR(Commit(turns_.back(), std::move(blocks)));
   result.turn_index = static_cast<int64_t>(turns_.size()) - 1;
   return result;
@@ -723,22 +737,49 @@ absl::Status Session::PrefetchHotBlocks() {
   if (hot_.host_rows() || hot_.attachment() != nullptr) return absl::OkStatus();
   const ModelConfig& c = model_.config();
   const int B = options_.block_size;
+  const int64_t blocks = (committed_ + B - 1) / B;
+  // Each block the hot positions lie in, with the last slot of it they need.
+  struct Wanted {
+    int layer;
+    int64_t index;
+    int last_slot;
+  };
+  std::vector<Wanted> wanted;
+  std::vector<int> last_slot(blocks);
   for (int l = 0; l < c.num_layers; ++l) {
+    std::fill(last_slot.begin(), last_slot.end(), -1);
     for (int g = 0; g < c.num_kv_heads; ++g) {
-      std::shared_ptr<const KvBlock> block;  // of the previous position (positions ascend)
       for (int64_t p : std::as_const(hot_).head(l, g).positions) {
         if (p >= committed_) break;  // fresh rows: the host holds them
-        if (block == nullptr || block->index != p / B) {
-          KVMEM_ASSIGN_OR_RETURN(block, FindBlock(l, p / B));  // kept in flight
-        }
-        if (block->index != p / B || p % B >= block->filled) {
-          return absl::DataLossError(
-              absl::StrCat("stored block ", p / B, " of layer ", l, " lacks position ", p));
-        }
+        last_slot[p / B] = std::max(last_slot[p / B], static_cast<int>(p % B));
       }
     }
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (last_slot[b] >= 0) wanted.push_back({l, b, last_slot[b]});
+    }
   }
-  return absl::OkStatus();
+  // Read on the thread pool: a restore or page-in reads thousands of blocks (FindBlock keeps
+  // each one in flight once, and is safe to call from several threads).
+  std::mutex error_mu;
+  absl::Status error;
+  SharedThreadPool().ParallelFor(
+      static_cast<int64_t>(wanted.size()), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const Wanted& w = wanted[i];
+          absl::StatusOr<std::shared_ptr<const KvBlock>> block = FindBlock(w.layer, w.index);
+          absl::Status s = block.status();
+          if (s.ok() && ((*block)->index != w.index || w.last_slot >= (*block)->filled)) {
+            s = absl::DataLossError(absl::StrCat("stored block ", w.index, " of layer ", w.layer,
+                                                 " lacks position ", w.index * B + w.last_slot));
+          }
+          if (!s.ok()) {
+            std::lock_guard<std::mutex> lock(error_mu);
+            if (error.ok()) error = std::move(s);
+            return;
+          }
+        }
+      });
+  return error;
 }
 
 template <typename RowAt, typename E>
@@ -813,10 +854,11 @@ absl::Status Session::ReadPosition(int layer, int64_t position, int kv_head, flo
     tail->ReadValues(off, c.head_dim, v);
     return absl::OkStatus();
   }
-  KVMEM_ASSIGN_OR_RETURN(auto block, storage_.source->ReadBlock(KeyOf(layer, position / B), nullptr));
+  KVMEM_ASSIGN_OR_RETURN(auto block,
+                         storage_.source->ReadBlock(KeyOf(layer, position / B), nullptr));
   if (block->index != position / B || position % B >= block->filled) {
-    return absl::DataLossError(absl::StrCat("stored block ", position / B, " lacks position ",
-                                            position));
+    return absl::DataLossError(
+        absl::StrCat("stored block ", position / B, " lacks position ", position));
   }
   block->ReadKeys(off, c.head_dim, k);
   block->ReadValues(off, c.head_dim, v);
@@ -876,7 +918,8 @@ SessionStats Session::Stats() const {
   s.recalled_blocks = recalled_blocks_;
   s.turns = static_cast<int64_t>(turns_.size());
   for (int l = 0; l < c.num_layers; ++l) {
-    for (int g = 0; g < c.num_kv_heads; ++g) s.hot_tokens_per_head.push_back(hot_.head(l, g).size());
+    for (int g = 0; g < c.num_kv_heads; ++g)
+      s.hot_tokens_per_head.push_back(hot_.head(l, g).size());
   }
   s.hot_tokens = hot_.TotalEntries();
   s.hot_bytes = s.hot_tokens * backend_.HotEntryBytes(c.head_dim);

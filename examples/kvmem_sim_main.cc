@@ -18,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "engine/cpu_backend.h"
+#include "engine/malloc_arenas.h"
 #include "engine/model.h"
 #include "examples/sim_report.h"
 #include "examples/sim_scenario.h"
@@ -180,6 +181,7 @@ std::string CommandLine(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  kvmem::ShareOneMallocArena();  // as kvmemd does
   using namespace kvmem;
   using namespace kvmem::sim;
   Flags flags;

@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/cpu_backend.h"
 #include "engine/cuda_backend.h"
+#include "engine/malloc_arenas.h"
 #include "engine/model.h"
 #include "service/agent_memory_service.h"
 #include "service/auth_tokens.h"
@@ -154,6 +155,7 @@ void OnStopSignal(int signal_number) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  kvmem::ShareOneMallocArena();  // before any thread starts
   if (pipe(stop_pipe) != 0) {
     std::perror("kvmemd: pipe");
     return 1;

@@ -2,10 +2,10 @@
 
 #include <algorithm>
 #include <cctype>
-#include <list>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <list>
 #include <mutex>
 #include <random>
 
@@ -29,8 +29,8 @@ absl::Status ValidateSessionId(const std::string& id) {
   }
   for (char c : id) {
     if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-')) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "session id \"", id, "\" has a character outside [A-Za-z0-9._-]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("session id \"", id, "\" has a character outside [A-Za-z0-9._-]"));
     }
   }
   return absl::OkStatus();
@@ -94,8 +94,8 @@ class TieredBlockSource : public BlockSource {
       if (from_cold != nullptr) *from_cold = false;
       return block;
     }
-    KVMEM_ASSIGN_OR_RETURN(auto block,
-                           cold_->ReadBlock(key, block_size_, config_.num_kv_heads, config_.head_dim));
+    KVMEM_ASSIGN_OR_RETURN(
+        auto block, cold_->ReadBlock(key, block_size_, config_.num_kv_heads, config_.head_dim));
     if (after_cold_read_) after_cold_read_(key);
     warm_->Offer(key, block, block_size_, block->bytes());
     if (from_cold != nullptr) *from_cold = true;
@@ -103,6 +103,10 @@ class TieredBlockSource : public BlockSource {
   }
   absl::StatusOr<std::vector<float>> ReadDigest(const BlockKey& key) override {
     return cold_->ReadDigest(key);
+  }
+  absl::StatusOr<std::vector<std::vector<float>>> ReadDigests(
+      absl::Span<const BlockKey> keys) override {
+    return cold_->ReadDigests(keys);
   }
 
  private:
@@ -161,7 +165,7 @@ class FifoMutex {
 
 struct Entry {
   FifoMutex mu;  // held for the whole of every call on this session, so calls apply in order
-  SessionRecord record;              // as last committed
+  SessionRecord record;  // as last committed
   std::mutex record_mu;  // guards writes of `record`, and its reads without `mu` (listing)
   std::unique_ptr<Session> session;  // null while paged out
   std::shared_ptr<EntryCommitSink> sink;
@@ -290,12 +294,11 @@ class DurableSessionManager : public SessionManager {
     KVMEM_RETURN_IF_ERROR(Load(*entry));
     if (options_.max_session_tokens > 0 &&
         entry->session->position() >= options_.max_session_tokens) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "session holds ", entry->session->position(), " tokens, the limit is ",
-          options_.max_session_tokens, ": fork or start a new session"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("session holds ", entry->session->position(), " tokens, the limit is ",
+                       options_.max_session_tokens, ": fork or start a new session"));
     }
-    entry->sink->request_id =
-        request.request_id.empty() ? "" : kAppendTag + request.request_id;
+    entry->sink->request_id = request.request_id.empty() ? "" : kAppendTag + request.request_id;
     auto result = entry->session->AppendTurn(request.role, request.content);
     entry->sink->request_id.clear();
     AfterCall(*entry);
@@ -339,13 +342,12 @@ class DurableSessionManager : public SessionManager {
     if (options_.max_session_tokens > 0 &&
         entry->session->position() + request.options.sampling.max_tokens >
             options_.max_session_tokens) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "session holds ", entry->session->position(), " tokens; ",
-          request.options.sampling.max_tokens, " more would pass the limit of ",
-          options_.max_session_tokens, ": fork a new session or lower max_tokens"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("session holds ", entry->session->position(), " tokens; ",
+                       request.options.sampling.max_tokens, " more would pass the limit of ",
+                       options_.max_session_tokens, ": fork a new session or lower max_tokens"));
     }
-    entry->sink->request_id =
-        request.request_id.empty() ? "" : kGenerateTag + request.request_id;
+    entry->sink->request_id = request.request_id.empty() ? "" : kGenerateTag + request.request_id;
     auto result = entry->session->Generate(request.options, on_text);
     entry->sink->request_id.clear();
     AfterCall(*entry);
@@ -478,8 +480,8 @@ class DurableSessionManager : public SessionManager {
     auto entry = std::make_shared<Entry>();
     entry->foreign = record.fingerprint != model_.fingerprint();
     entry->record = std::move(record);
-    entry->sink = std::make_shared<EntryCommitSink>(entry.get(), cold_.get(), &warm_,
-                                                    model_.config());
+    entry->sink =
+        std::make_shared<EntryCommitSink>(entry.get(), cold_.get(), &warm_, model_.config());
     return entry;
   }
 

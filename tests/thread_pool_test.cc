@@ -1,13 +1,19 @@
 // ThreadPool: ParallelFor covers its range exactly once, and the process-wide pool also works
-// in a forked child (which has none of its parent's threads).
+// in a forked child (which has none of its parent's threads). ShareOneMallocArena keeps new
+// threads in one arena.
 #include "engine/thread_pool.h"
 
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
 #include <vector>
 
+#include "engine/malloc_arenas.h"
 #include "gtest/gtest.h"
 
 namespace kvmem {
@@ -46,6 +52,44 @@ TEST(ThreadPoolTest, SharedPoolWorksInAForkedChild) {
   ASSERT_TRUE(WIFEXITED(status)) << "the child did not exit (signal "
                                  << (WIFSIGNALED(status) ? WTERMSIG(status) : 0) << ")";
   EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
+// In a child process (a fresh start for the allocator's arenas): the arenas made while four
+// threads allocate at the same time, after ShareOneMallocArena or without it.
+int ArenasMadeByFourThreads(bool share) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    if (share) ShareOneMallocArena();
+    const int before = CountMallocArenas();
+    std::atomic<int> ready{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&] {
+        ready.fetch_add(1);
+        while (ready.load() < 4) {
+        }
+        std::vector<void*> blocks;
+        for (int i = 0; i < 64; ++i) {
+          blocks.push_back(std::malloc(32 << 10));
+          std::memset(blocks.back(), i, 32 << 10);
+        }
+        for (void* b : blocks) std::free(b);
+      });
+    }
+    for (auto& t : threads) t.join();
+    _exit(std::clamp(CountMallocArenas() - before, 0, 100));
+  }
+  int status = 0;
+  if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return -1;
+  return WEXITSTATUS(status);
+}
+
+TEST(MallocArenasTest, SharedArenaKeepsNewThreadsInIt) {
+  if (CountMallocArenas() < 1) GTEST_SKIP() << "malloc_info is glibc's; this libc has none";
+  // glibc gives threads that allocate at once arenas of their own by default...
+  EXPECT_GT(ArenasMadeByFourThreads(false), 0);
+  // ...and none once the process shares one.
+  EXPECT_EQ(ArenasMadeByFourThreads(true), 0);
 }
 
 }  // namespace

@@ -61,7 +61,7 @@ TEST(WarmStoreTest, KeepsItsByteBudgetExactlyAndEvictsLeastRecentlyUsed) {
   WarmStore warm(1000);
   for (int i = 0; i < 4; ++i) warm.Put({1, 0, i}, RandomBlock(i, 1, i), 250);
   EXPECT_EQ(warm.bytes(), 1000);
-  EXPECT_NE(warm.Get({1, 0, 0}), nullptr);  // block 0 becomes most recently used
+  EXPECT_NE(warm.Get({1, 0, 0}), nullptr);         // block 0 becomes most recently used
   warm.Put({1, 0, 4}, RandomBlock(4, 1, 4), 300);  // must evict 1 and 2 (250 each)
   EXPECT_LE(warm.bytes(), 1000);
   EXPECT_EQ(warm.bytes(), 250 + 250 + 300);
@@ -768,6 +768,97 @@ TEST(ColdStoreTest, FullBlocksGoToTheOwnersFilePartialOnesStayInRocksDb) {
   ASSERT_TRUE((*cold)->DeleteSession(record, &freed).ok());
   EXPECT_EQ(freed, std::vector<uint64_t>{record.uid});
   EXPECT_FALSE(std::filesystem::exists(file));
+}
+
+// The bytes of the store's RocksDB log files.
+uint64_t LogBytes(const std::string& dir) {
+  uint64_t bytes = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    if (e.path().extension() == ".log") bytes += e.file_size();
+  }
+  return bytes;
+}
+
+TEST(ColdStoreTest, LogStaysNearItsBoundAndLosesNothing) {
+  testing::TempDir dir;
+  SessionRecord record;
+  record.session_id = "a";
+  // A partial block (kept in RocksDB, so written through its log; f32, 1 MB).
+  auto partial = std::make_shared<KvBlock>(MakeEmptyBlock(0, 256, 8, 64));
+  partial->filled = 50;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  for (size_t i = 0; i < 50 * 8 * 64; ++i) {
+    partial->keys[i] = normal(rng);
+    partial->values[i] = normal(rng);
+  }
+  const int kTurns = 60;
+  {
+    auto cold = ColdStore::Open({.path = dir.path(), .max_log_bytes = 1 << 20});
+    ASSERT_TRUE(cold.ok()) << cold.status();
+    ASSERT_TRUE((*cold)->CreateSession(&record).ok());
+    std::vector<float> logits = {0.5f};
+    std::vector<std::pair<int64_t, uint64_t>> owners = record.owners;
+    uint64_t most = 0;
+    for (int t = 0; t < kTurns; ++t) {
+      TurnCommit commit;
+      commit.last_logits = &logits;
+      commit.owners = &owners;
+      commit.blocks.push_back({{record.uid, 0, 0}, partial, std::vector<float>(8 * 128, 1.0f)});
+      ASSERT_TRUE((*cold)->CommitTurn(record, commit, "", 8, 64).ok());
+      most = std::max(most, LogBytes(dir.path()));
+    }
+    // Each turn wrote about 1 MB through the log; RocksDB's own limit (from its memtables)
+    // would have kept every byte. Flushes run in the background, so the log passes its bound
+    // by several turns' writes (up to 11 MB on the 2-core VM), but not by half of the total.
+    EXPECT_LT(most, uint64_t{kTurns} << 19) << "the log grew to " << most << " bytes";
+  }
+  // What the flushes moved into tables and the flush at close are all read back.
+  auto cold = ColdStore::Open({.path = dir.path()});
+  ASSERT_TRUE(cold.ok()) << cold.status();
+  auto got = (*cold)->ReadBlock({record.uid, 0, 0}, 256, 8, 64);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ((*got)->filled, 50);
+  EXPECT_EQ(0, std::memcmp((*got)->keys.data(), partial->keys.data(), partial->keys.size() * 4));
+  EXPECT_EQ(0,
+            std::memcmp((*got)->values.data(), partial->values.data(), partial->values.size() * 4));
+}
+
+TEST(ColdStoreTest, BatchedDigestReadsKeepTheKeysOrderAndNameAMissingOne) {
+  testing::TempDir dir;
+  SessionRecord record;
+  record.session_id = "a";
+  auto cold = ColdStore::Open({.path = dir.path()});
+  ASSERT_TRUE(cold.ok()) << cold.status();
+  ASSERT_TRUE((*cold)->CreateSession(&record).ok());
+  TurnCommit commit;
+  std::vector<float> logits = {0.5f};
+  std::vector<std::pair<int64_t, uint64_t>> owners = record.owners;
+  commit.last_logits = &logits;
+  commit.owners = &owners;
+  for (int layer = 0; layer < 2; ++layer) {
+    for (int index = 0; index < 3; ++index) {
+      commit.blocks.push_back({{record.uid, layer, index},
+                               RandomBlock(index, 16, 10 * layer + index),
+                               std::vector<float>(64, static_cast<float>(10 * layer + index))});
+    }
+  }
+  ASSERT_TRUE((*cold)->CommitTurn(record, commit, "", 4, 8).ok());
+  const std::vector<BlockKey> keys = {
+      {record.uid, 1, 2}, {record.uid, 0, 0}, {record.uid, 1, 0}, {record.uid, 0, 2}};
+  auto digests = (*cold)->ReadDigests(keys);
+  ASSERT_TRUE(digests.ok()) << digests.status();
+  ASSERT_EQ(digests->size(), keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    auto one = (*cold)->ReadDigest(keys[i]);
+    ASSERT_TRUE(one.ok()) << one.status();
+    EXPECT_EQ((*digests)[i], *one);
+    EXPECT_EQ((*digests)[i][0], static_cast<float>(10 * keys[i].layer + keys[i].index));
+  }
+  auto missing = (*cold)->ReadDigests({{record.uid, 0, 1}, {record.uid, 1, 7}});
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(missing.status().message().find("layer 1, index 7"), std::string::npos)
+      << missing.status();
 }
 
 TEST(ColdStoreTest, SixteenBitBlocksComeBackFromTheirFileBitForBit) {

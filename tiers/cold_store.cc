@@ -17,8 +17,8 @@ namespace kvmem {
 namespace {
 
 enum Cf { kDefault, kSessions, kTurns, kBlocks, kDigests, kHot, kRefs, kRequests, kNumCfs };
-const char* const kCfNames[] = {"default", "sessions", "turns", "blocks",
-                                "digests", "hot_index", "refs", "requests"};
+const char* const kCfNames[] = {"default", "sessions",  "turns", "blocks",
+                                "digests", "hot_index", "refs",  "requests"};
 
 void PutBE(std::string* s, uint64_t v, int bytes) {
   for (int i = bytes - 1; i >= 0; --i) s->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
@@ -77,6 +77,7 @@ absl::StatusOr<std::unique_ptr<ColdStore>> ColdStore::Open(const ColdStoreOption
   db_options.create_if_missing = true;
   db_options.create_missing_column_families = true;
   db_options.max_background_jobs = 2;
+  db_options.max_total_wal_size = options.max_log_bytes;
   std::string path = options.path;
   if (path.empty()) {
     store->mem_env_.reset(rocksdb::NewMemEnv(rocksdb::Env::Default()));
@@ -110,6 +111,17 @@ absl::StatusOr<std::unique_ptr<ColdStore>> ColdStore::Open(const ColdStoreOption
 
 ColdStore::~ColdStore() {
   if (db_ == nullptr) return;
+  // Everything into tables, so that the next open replays no log. A failure here loses
+  // nothing: the log still holds every write.
+  if (mem_env_ == nullptr) {
+    rocksdb::FlushOptions flush;
+    flush.allow_write_stall = true;
+    if (db_->Flush(flush, handles_).ok()) {
+      // Deletes the logs the flush made obsolete now rather than in the background work that
+      // Close cancels (it never disabled deletions, so this only runs that purge).
+      db_->EnableFileDeletions(/*force=*/true).PermitUncheckedError();
+    }
+  }
   for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
   db_->Close().PermitUncheckedError();
   delete db_;
@@ -269,8 +281,8 @@ void ColdStore::SettleBlockFile(uint64_t owner) {
   block_files_->CutBack(owner, end).IgnoreError();
 }
 
-absl::StatusOr<SessionSnapshot> ColdStore::LoadSnapshot(const SessionRecord& record,
-                                                        int num_layers, int num_kv_heads) {
+absl::StatusOr<SessionSnapshot> ColdStore::LoadSnapshot(const SessionRecord& record, int num_layers,
+                                                        int num_kv_heads) {
   SettleBlockFile(record.uid);
   SessionSnapshot snap;
   snap.position = record.position;
@@ -370,6 +382,31 @@ absl::StatusOr<std::vector<float>> ColdStore::ReadDigest(const BlockKey& key) {
   if (s.IsNotFound()) return absl::NotFoundError("block digest is missing from the cold store");
   KVMEM_RETURN_IF_ERROR(FromRocks(s, "reading a digest"));
   return DecodeFloats(value, "block digest");
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> ColdStore::ReadDigests(
+    absl::Span<const BlockKey> keys) {
+  const size_t n = keys.size();
+  std::vector<std::string> key_bytes(n);
+  std::vector<rocksdb::Slice> slices(n);
+  for (size_t i = 0; i < n; ++i) {
+    key_bytes[i] = BlockKeyBytes(keys[i]);
+    slices[i] = key_bytes[i];
+  }
+  std::vector<rocksdb::PinnableSlice> values(n);
+  std::vector<rocksdb::Status> statuses(n);
+  db_->MultiGet({}, handles_[kDigests], n, slices.data(), values.data(), statuses.data());
+  std::vector<std::vector<float>> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (statuses[i].IsNotFound()) {
+      return absl::NotFoundError(absl::StrCat("the digest of KV block (layer ", keys[i].layer,
+                                              ", index ", keys[i].index,
+                                              ") is missing from the cold store"));
+    }
+    KVMEM_RETURN_IF_ERROR(FromRocks(statuses[i], "reading a digest"));
+    KVMEM_ASSIGN_OR_RETURN(out[i], DecodeFloats(values[i].ToStringView(), "block digest"));
+  }
+  return out;
 }
 
 absl::Status ColdStore::AddRefs(const std::vector<uint64_t>& owners, int delta, void* batch_ptr,
