@@ -27,8 +27,11 @@ constexpr int kCombineThreads = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
 int SplitSize(int split_size) { return split_size > 0 ? split_size : kDefaultSplit; }
+// In 64 bits: a launch bound near INT32_MAX (a captured graph's) must not wrap.
 int NumSplits(int32_t max_length, int split_size) {
-  return max_length <= 0 ? 1 : (max_length + SplitSize(split_size) - 1) / SplitSize(split_size);
+  if (max_length <= 0) return 1;
+  const int64_t split = SplitSize(split_size);
+  return static_cast<int>((int64_t{max_length} + split - 1) / split);
 }
 
 // kVec consecutive elements of a row as loaded: one T, or 16 bytes as a uint4.
@@ -593,6 +596,11 @@ cudaError_t DispatchLayout(const DecodeAttentionParams<T>& p, int split_size, in
 
 size_t DecodeAttentionWorkspaceBytes(int num_heads, int head_dim, int32_t max_length,
                                      int split_size) {
+  // Nothing for a call the launcher rejects.
+  if (num_heads <= 0 || head_dim <= 0 || head_dim > kMaxHeadDim || split_size < 0 ||
+      max_length < 0) {
+    return 0;
+  }
   const int splits = NumSplits(max_length, split_size);
   if (splits <= 1) return 0;
   return static_cast<size_t>(num_heads) * splits * (head_dim + 2) * sizeof(float);

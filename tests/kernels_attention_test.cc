@@ -187,6 +187,22 @@ class KernelsAttentionTest : public ::testing::Test {
 // ---------------------------------------------------------------------------------------------
 // Decode attention
 
+// The scratch query is host code: it runs without a device. It agrees with the launcher
+// (nothing for a call it rejects) and does not wrap for a launch bound near INT32_MAX.
+TEST(DecodeAttentionWorkspaceTest, IsZeroForRejectedCallsAndCountsLongBoundsIn64Bits) {
+  // 8 heads of 128 over 4096 entries in splits of 256: 16 splits of 128 outputs + max + sum.
+  EXPECT_EQ(DecodeAttentionWorkspaceBytes(8, 128, 4096, 256), size_t{8} * 16 * 130 * 4);
+  EXPECT_EQ(DecodeAttentionWorkspaceBytes(8, 128, 256, 256), 0u);  // one split: no combine
+  EXPECT_EQ(DecodeAttentionWorkspaceBytes(0, 128, 4096, 256), 0u);
+  EXPECT_EQ(DecodeAttentionWorkspaceBytes(8, 0, 4096, 256), 0u);
+  EXPECT_EQ(DecodeAttentionWorkspaceBytes(8, 512, 4096, 256), 0u);
+  EXPECT_EQ(DecodeAttentionWorkspaceBytes(8, 128, -1, 256), 0u);
+  EXPECT_EQ(DecodeAttentionWorkspaceBytes(8, 128, 4096, -1), 0u);
+  const int32_t most = std::numeric_limits<int32_t>::max();
+  const size_t splits = (size_t{static_cast<uint32_t>(most)} + 255) / 256;
+  EXPECT_EQ(DecodeAttentionWorkspaceBytes(1, 4, most, 0), splits * 6 * 4);
+}
+
 struct DecodeCase {
   int num_heads, num_kv_heads, head_dim;
   std::vector<int> lengths;  // per KV head
