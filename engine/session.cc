@@ -393,16 +393,43 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
       SharedThreadPool().ParallelFor(kvh * blocks, score);
     }
   }
-  // 3. Per head, load the top blocks and merge their missing positions in.
-  std::map<int64_t, std::shared_ptr<const KvBlock>> loaded;  // this layer's reads, by index
+  // 3. Per head, the top blocks. Every block a head chose is read once, on the thread pool
+  // (with the warm tier full, most come from cold: 64 reads a layer at 8B shape).
+  std::vector<std::vector<std::pair<float, int64_t>>> top(kvh);  // (-score, block index)
+  std::vector<int64_t> to_read;
   for (int g = 0; g < kvh; ++g) {
-    std::vector<std::pair<float, int64_t>> scored;  // (-score, block index)
+    std::vector<std::pair<float, int64_t>>& scored = top[g];
     for (int64_t b = 0; b < blocks; ++b) {
       const size_t item = static_cast<size_t>(g) * blocks + b;
       if (open[item]) scored.push_back({-scores[item], b});
     }
     const size_t take = std::min<size_t>(options_.recall_blocks, scored.size());
     std::partial_sort(scored.begin(), scored.begin() + take, scored.end());
+    scored.resize(take);
+    for (const auto& [score, b] : scored) to_read.push_back(b);
+  }
+  std::sort(to_read.begin(), to_read.end());
+  to_read.erase(std::unique(to_read.begin(), to_read.end()), to_read.end());
+  std::vector<absl::StatusOr<std::shared_ptr<const KvBlock>>> read(to_read.size());
+  std::vector<char> read_cold(to_read.size(), 0);
+  SharedThreadPool().ParallelFor(
+      static_cast<int64_t>(to_read.size()), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          bool cold = false;
+          read[i] = storage_.source->ReadBlock(KeyOf(layer, to_read[i]), &cold);
+          read_cold[i] = cold;
+        }
+      });
+  std::map<int64_t, std::shared_ptr<const KvBlock>> loaded;  // this layer's reads, by index
+  for (size_t i = 0; i < to_read.size(); ++i) {
+    KVMEM_RETURN_IF_ERROR(read[i].status());
+    (read_cold[i] ? stats->cold_reads : stats->warm_hits)++;
+    loaded.emplace(to_read[i], std::move(*read[i]));
+  }
+  // 4. Per head, merge the chosen blocks' missing positions in.
+  for (int g = 0; g < kvh; ++g) {
+    const std::vector<std::pair<float, int64_t>>& scored = top[g];
+    const size_t take = scored.size();
     // Merge the chosen blocks' missing positions into the head, keeping it sorted. The head is
     // only touched mutably when it changes (a device backend re-syncs changed heads).
     const HeadKv& head = std::as_const(hot_).head(layer, g);
@@ -415,13 +442,7 @@ absl::Status Session::Recall(int layer, const float* q, int64_t n, AppendResult*
     std::vector<Extra> extra;
     for (size_t t = 0; t < take; ++t) {
       const int64_t b = scored[t].second;
-      auto it = loaded.find(b);
-      if (it == loaded.end()) {
-        bool cold = false;
-        KVMEM_ASSIGN_OR_RETURN(auto block, storage_.source->ReadBlock(KeyOf(layer, b), &cold));
-        (cold ? stats->cold_reads : stats->warm_hits)++;
-        it = loaded.emplace(b, std::move(block)).first;
-      }
+      const auto it = loaded.find(b);  // every chosen block was read above
       const KvBlock& block = *it->second;
       if (block.index != b || block.filled < std::min<int64_t>(B, committed_ - b * B)) {
         return absl::DataLossError(absl::StrCat("stored block ", b, " of layer ", layer,
