@@ -220,7 +220,9 @@ std::string StoreSizes(const std::string& dir) {
   std::error_code ec;
   for (const auto& e : std::filesystem::recursive_directory_iterator(dir, ec)) {
     if (!e.is_regular_file(ec)) continue;
-    const double mb = static_cast<double>(e.file_size(ec)) / (1 << 20);
+    const uintmax_t bytes = e.file_size(ec);
+    if (ec) continue;
+    const double mb = static_cast<double>(bytes) / (1 << 20);
     const std::string name = e.path().filename().string();
     if (e.path().parent_path().filename() == "kvblocks") {
       blocks += mb;

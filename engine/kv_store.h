@@ -80,6 +80,9 @@ class BlockSource {
   virtual absl::StatusOr<std::vector<float>> ReadDigest(const BlockKey& key) = 0;
   // The digests of `keys`, in their order: what a restore reads for every block of a layer.
   // The same errors as ReadDigest; this one reads them one by one.
+  //
+  // A session calls all three from several threads of the shared pool at once (a restore, a
+  // page-in, recall): implementations must be safe for that.
   virtual absl::StatusOr<std::vector<std::vector<float>>> ReadDigests(
       absl::Span<const BlockKey> keys);
 };

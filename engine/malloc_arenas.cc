@@ -12,6 +12,12 @@ namespace kvmem {
 
 void ShareOneMallocArena() {
 #if defined(__GLIBC__)
+  // An operator's own setting wins.
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  if (std::getenv("MALLOC_ARENA_MAX") != nullptr ||
+      (tunables != nullptr && std::strstr(tunables, "glibc.malloc.arena_max") != nullptr)) {
+    return;
+  }
   mallopt(M_ARENA_MAX, 1);
 #endif
 }

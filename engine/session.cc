@@ -780,26 +780,38 @@ absl::Status Session::PrefetchHotBlocks() {
     }
   }
   // Read on the thread pool: a restore or page-in reads thousands of blocks (FindBlock keeps
-  // each one in flight once, and is safe to call from several threads).
+  // each one in flight once, and is safe to call from several threads). One batch per layer,
+  // so that other sessions' work on the shared pool (commits, recall, a device's uploads) gets
+  // in between. The error is the first in (layer, block) order, as a serial read's would be.
   std::mutex error_mu;
+  size_t error_at = wanted.size();
   absl::Status error;
-  SharedThreadPool().ParallelFor(
-      static_cast<int64_t>(wanted.size()), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const Wanted& w = wanted[i];
-          absl::StatusOr<std::shared_ptr<const KvBlock>> block = FindBlock(w.layer, w.index);
-          absl::Status s = block.status();
-          if (s.ok() && ((*block)->index != w.index || w.last_slot >= (*block)->filled)) {
-            s = absl::DataLossError(absl::StrCat("stored block ", w.index, " of layer ", w.layer,
-                                                 " lacks position ", w.index * B + w.last_slot));
-          }
-          if (!s.ok()) {
+  std::atomic<bool> failed{false};
+  for (size_t first = 0; first < wanted.size() && !failed.load();) {
+    size_t last = first;
+    while (last < wanted.size() && wanted[last].layer == wanted[first].layer) ++last;
+    SharedThreadPool().ParallelFor(
+        static_cast<int64_t>(last - first), [&](int64_t begin, int64_t end) {
+          for (size_t i = first + begin; i < first + end && !failed.load(); ++i) {
+            const Wanted& w = wanted[i];
+            absl::StatusOr<std::shared_ptr<const KvBlock>> block = FindBlock(w.layer, w.index);
+            absl::Status s = block.status();
+            if (s.ok() && ((*block)->index != w.index || w.last_slot >= (*block)->filled)) {
+              s = absl::DataLossError(absl::StrCat("stored block ", w.index, " of layer ", w.layer,
+                                                   " lacks position ", w.index * B + w.last_slot));
+            }
+            if (s.ok()) continue;
             std::lock_guard<std::mutex> lock(error_mu);
-            if (error.ok()) error = std::move(s);
+            if (i < error_at) {
+              error_at = i;
+              error = std::move(s);
+            }
+            failed.store(true);
             return;
           }
-        }
-      });
+        });
+    first = last;
+  }
   return error;
 }
 

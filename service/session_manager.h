@@ -52,8 +52,8 @@ struct SessionManagerOptions {
   // tier and has read `key` from cold, before the block is offered to the warm tier, so a test
   // can run other calls (commits, evictions) exactly inside that window. With a backend that
   // keeps the hot rows (the GPU), reads made for its uploads run on the shared thread pool while
-  // the backend holds its device lock: a hook that calls back into the manager must not run
-  // there.
+  // the backend holds its device lock, and a restore's, a page-in's and recall's reads run on the
+  // shared pool too: a hook that calls back into the manager must not run there.
   std::function<void(const BlockKey& key)> after_cold_block_read;
 };
 
@@ -117,7 +117,7 @@ struct ListSessionsRequest {
   std::string tenant;
   // Default: 100. At most this many sessions per page (capped at 1000).
   int page_size = 100;
-  std::string page_token;  // from the previous page; "" for the first
+  std::string page_token;                           // from the previous page; "" for the first
   std::map<std::string, std::string> label_filter;  // every pair must match
 };
 
@@ -129,8 +129,7 @@ struct ListSessionsResult {
 class SessionManager {
  public:
   // `model` and `backend` must outlive the manager.
-  static absl::StatusOr<std::unique_ptr<SessionManager>> Open(const Model& model,
-                                                              Backend& backend,
+  static absl::StatusOr<std::unique_ptr<SessionManager>> Open(const Model& model, Backend& backend,
                                                               const SessionManagerOptions& options);
   virtual ~SessionManager() = default;
 
@@ -150,8 +149,7 @@ class SessionManager {
   virtual absl::StatusOr<SessionInfo> ForkSession(const std::string& tenant,
                                                   const std::string& session_id,
                                                   const std::string& new_session_id) = 0;
-  virtual absl::Status DeleteSession(const std::string& tenant,
-                                     const std::string& session_id) = 0;
+  virtual absl::Status DeleteSession(const std::string& tenant, const std::string& session_id) = 0;
 };
 
 }  // namespace kvmem

@@ -770,11 +770,14 @@ TEST(ColdStoreTest, FullBlocksGoToTheOwnersFilePartialOnesStayInRocksDb) {
   EXPECT_FALSE(std::filesystem::exists(file));
 }
 
-// The bytes of the store's RocksDB log files.
+// The bytes of the store's RocksDB log files (RocksDB may delete one while this looks).
 uint64_t LogBytes(const std::string& dir) {
   uint64_t bytes = 0;
-  for (const auto& e : std::filesystem::directory_iterator(dir)) {
-    if (e.path().extension() == ".log") bytes += e.file_size();
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    if (e.path().extension() != ".log") continue;
+    const uint64_t size = e.file_size(ec);
+    if (!ec) bytes += size;
   }
   return bytes;
 }
@@ -783,16 +786,16 @@ TEST(ColdStoreTest, LogStaysNearItsBoundAndLosesNothing) {
   testing::TempDir dir;
   SessionRecord record;
   record.session_id = "a";
-  // A partial block (kept in RocksDB, so written through its log; f32, 1 MB).
+  // A partial block (kept in RocksDB, so written through its log; f32, 1 MB), filling by one
+  // position a turn.
+  const int kTurns = 60;
   auto partial = std::make_shared<KvBlock>(MakeEmptyBlock(0, 256, 8, 64));
-  partial->filled = 50;
   std::mt19937 rng(7);
   std::normal_distribution<float> normal;
-  for (size_t i = 0; i < 50 * 8 * 64; ++i) {
+  for (size_t i = 0; i < kTurns * 8 * 64; ++i) {
     partial->keys[i] = normal(rng);
     partial->values[i] = normal(rng);
   }
-  const int kTurns = 60;
   {
     auto cold = ColdStore::Open({.path = dir.path(), .max_log_bytes = 1 << 20});
     ASSERT_TRUE(cold.ok()) << cold.status();
@@ -804,21 +807,25 @@ TEST(ColdStoreTest, LogStaysNearItsBoundAndLosesNothing) {
       TurnCommit commit;
       commit.last_logits = &logits;
       commit.owners = &owners;
-      commit.blocks.push_back({{record.uid, 0, 0}, partial, std::vector<float>(8 * 128, 1.0f)});
+      auto turn_block = std::make_shared<KvBlock>(*partial);
+      turn_block->filled = t + 1;
+      turn_block->ZeroFrom(static_cast<size_t>(t + 1) * 8 * 64);
+      commit.blocks.push_back({{record.uid, 0, 0}, turn_block, std::vector<float>(8 * 128, 1.0f)});
       ASSERT_TRUE((*cold)->CommitTurn(record, commit, "", 8, 64).ok());
       most = std::max(most, LogBytes(dir.path()));
     }
     // Each turn wrote about 1 MB through the log; RocksDB's own limit (from its memtables)
     // would have kept every byte. Flushes run in the background, so the log passes its bound
-    // by several turns' writes (up to 11 MB on the 2-core VM), but not by half of the total.
-    EXPECT_LT(most, uint64_t{kTurns} << 19) << "the log grew to " << most << " bytes";
+    // by one turn for each turn a flush takes (7-28 MB on the 2-core VM, loaded or not), but
+    // stays well below the total.
+    EXPECT_LT(most, uint64_t{kTurns} * 3 << 18) << "the log grew to " << most << " bytes";
   }
-  // What the flushes moved into tables and the flush at close are all read back.
+  // The last turn's block is read back, through the flushes and the one at close.
   auto cold = ColdStore::Open({.path = dir.path()});
   ASSERT_TRUE(cold.ok()) << cold.status();
   auto got = (*cold)->ReadBlock({record.uid, 0, 0}, 256, 8, 64);
   ASSERT_TRUE(got.ok()) << got.status();
-  EXPECT_EQ((*got)->filled, 50);
+  EXPECT_EQ((*got)->filled, kTurns);
   EXPECT_EQ(0, std::memcmp((*got)->keys.data(), partial->keys.data(), partial->keys.size() * 4));
   EXPECT_EQ(0,
             std::memcmp((*got)->values.data(), partial->values.data(), partial->values.size() * 4));

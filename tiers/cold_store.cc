@@ -116,11 +116,7 @@ ColdStore::~ColdStore() {
   if (mem_env_ == nullptr) {
     rocksdb::FlushOptions flush;
     flush.allow_write_stall = true;
-    if (db_->Flush(flush, handles_).ok()) {
-      // Deletes the logs the flush made obsolete now rather than in the background work that
-      // Close cancels (it never disabled deletions, so this only runs that purge).
-      db_->EnableFileDeletions(/*force=*/true).PermitUncheckedError();
-    }
+    db_->Flush(flush, handles_).PermitUncheckedError();
   }
   for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
   db_->Close().PermitUncheckedError();

@@ -57,7 +57,8 @@ struct ColdStoreOptions {
   // writes it holds are flushed, which bounds what a restart after a crash replays. (RocksDB's
   // own limit follows its memtables: each turn's digests, partial blocks and hot index went
   // into the log, and at the Llama-3-8B shape a 16K-token session left 355 MB of it, replayed
-  // in 0.8-1.4 s at every start.) A clean close flushes everything and leaves no log to replay.
+  // in 0.7-1.4 s at every start.) 0 leaves RocksDB's own limit. A clean close flushes every
+  // column family, so that the next open has no log to replay.
   uint64_t max_log_bytes = 64 << 20;
 };
 
