@@ -506,6 +506,20 @@ TEST(RecordCodecTest, SessionRecordsAndTurnsRoundTrip) {
   EXPECT_EQ(tb->first_position, 17);
 }
 
+// A turn's commit with no text or tokens (blocks alone), and what it points at: keep it alive
+// until the commit is written.
+struct BareTurn {
+  explicit BareTurn(const SessionRecord& record) : owners(record.owners) {
+    commit.last_logits = &logits;
+    commit.owners = &owners;
+  }
+  BareTurn(const BareTurn&) = delete;
+  BareTurn& operator=(const BareTurn&) = delete;
+  std::vector<float> logits = {0.5f};
+  std::vector<std::pair<int64_t, uint64_t>> owners;
+  TurnCommit commit;
+};
+
 TEST(ColdStoreTest, BlocksRoundTripBitExactAcrossReopen) {
   testing::TempDir dir;
   SessionRecord record;
@@ -738,11 +752,8 @@ TEST(ColdStoreTest, FullBlocksGoToTheOwnersFilePartialOnesStayInRocksDb) {
     auto cold = ColdStore::Open({.path = dir.path()});
     ASSERT_TRUE(cold.ok()) << cold.status();
     ASSERT_TRUE((*cold)->CreateSession(&record).ok());
-    TurnCommit commit;
-    std::vector<float> logits = {0.5f};
-    std::vector<std::pair<int64_t, uint64_t>> owners = record.owners;
-    commit.last_logits = &logits;
-    commit.owners = &owners;
+    BareTurn turn(record);
+    TurnCommit& commit = turn.commit;
     commit.blocks.push_back({{record.uid, 0, 0}, full, std::vector<float>(64, 1.0f)});
     commit.blocks.push_back({{record.uid, 0, 1}, partial, std::vector<float>(64, 2.0f)});
     ASSERT_TRUE((*cold)->CommitTurn(record, commit, "", 4, 8).ok());
@@ -800,13 +811,10 @@ TEST(ColdStoreTest, LogStaysNearItsBoundAndLosesNothing) {
     auto cold = ColdStore::Open({.path = dir.path(), .max_log_bytes = 1 << 20});
     ASSERT_TRUE(cold.ok()) << cold.status();
     ASSERT_TRUE((*cold)->CreateSession(&record).ok());
-    std::vector<float> logits = {0.5f};
-    std::vector<std::pair<int64_t, uint64_t>> owners = record.owners;
     uint64_t most = 0;
     for (int t = 0; t < kTurns; ++t) {
-      TurnCommit commit;
-      commit.last_logits = &logits;
-      commit.owners = &owners;
+      BareTurn turn(record);
+      TurnCommit& commit = turn.commit;
       auto turn_block = std::make_shared<KvBlock>(*partial);
       turn_block->filled = t + 1;
       turn_block->ZeroFrom(static_cast<size_t>(t + 1) * 8 * 64);
@@ -838,11 +846,8 @@ TEST(ColdStoreTest, BatchedDigestReadsKeepTheKeysOrderAndNameAMissingOne) {
   auto cold = ColdStore::Open({.path = dir.path()});
   ASSERT_TRUE(cold.ok()) << cold.status();
   ASSERT_TRUE((*cold)->CreateSession(&record).ok());
-  TurnCommit commit;
-  std::vector<float> logits = {0.5f};
-  std::vector<std::pair<int64_t, uint64_t>> owners = record.owners;
-  commit.last_logits = &logits;
-  commit.owners = &owners;
+  BareTurn turn(record);
+  TurnCommit& commit = turn.commit;
   for (int layer = 0; layer < 2; ++layer) {
     for (int index = 0; index < 3; ++index) {
       commit.blocks.push_back({{record.uid, layer, index},
@@ -878,11 +883,8 @@ TEST(ColdStoreTest, SixteenBitBlocksComeBackFromTheirFileBitForBit) {
     auto cold = ColdStore::Open({.path = dir.path()});
     ASSERT_TRUE(cold.ok()) << cold.status();
     ASSERT_TRUE((*cold)->CreateSession(&record).ok());
-    TurnCommit commit;
-    std::vector<float> logits = {0.5f};
-    std::vector<std::pair<int64_t, uint64_t>> owners = record.owners;
-    commit.last_logits = &logits;
-    commit.owners = &owners;
+    BareTurn turn(record);
+    TurnCommit& commit = turn.commit;
     for (int64_t i = 0; i < 2; ++i) {
       commit.blocks.push_back({{record.uid, 0, i}, blocks[i], std::vector<float>(64, 1.0f)});
     }
@@ -923,11 +925,8 @@ TEST(ColdStoreTest, SixteenBitBlocksComeBackFromTheirFileBitForBit) {
 // A commit of full blocks [first, first + count) of session `record` to `cold`.
 absl::Status CommitFullBlocks(ColdStore& cold, const SessionRecord& record, int64_t first,
                               int64_t count) {
-  TurnCommit commit;
-  std::vector<float> logits = {0.5f};
-  std::vector<std::pair<int64_t, uint64_t>> owners = record.owners;
-  commit.last_logits = &logits;
-  commit.owners = &owners;
+  BareTurn turn(record);
+  TurnCommit& commit = turn.commit;
   for (int64_t i = first; i < first + count; ++i) {
     commit.blocks.push_back(
         {{record.uid, 0, i}, RandomBlock(i, 16, 40 + i), std::vector<float>(64, 1.0f)});
