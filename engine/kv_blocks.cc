@@ -16,7 +16,7 @@ uint32_t BitsOf(float v) {
   return bits;
 }
 
-void Read(const KvBlock& b, const std::vector<float>& f32, const std::vector<uint16_t>& h,
+void Read(const KvBlock& b, const BlockVector<float>& f32, const BlockVector<uint16_t>& h,
           size_t off, size_t n, float* out) {
   switch (b.dtype) {
     case BlockDType::kF32:
@@ -38,7 +38,7 @@ void Read(const KvBlock& b, const std::vector<float>& f32, const std::vector<uin
   }
 }
 
-void Write(BlockDType dtype, std::vector<float>& f32, std::vector<uint16_t>& h, size_t off,
+void Write(BlockDType dtype, BlockVector<float>& f32, BlockVector<uint16_t>& h, size_t off,
            const float* in, size_t n) {
   switch (dtype) {
     case BlockDType::kF32:
@@ -86,7 +86,7 @@ void KvBlock::ZeroFrom(size_t off) {
 
 namespace {
 
-void ReadBf16(const KvBlock& b, const std::vector<float>& f32, const std::vector<uint16_t>& h,
+void ReadBf16(const KvBlock& b, const BlockVector<float>& f32, const BlockVector<uint16_t>& h,
               size_t off, size_t n, uint16_t* out) {
   if (b.dtype == BlockDType::kBF16) {
     std::memcpy(out, h.data() + off, n * sizeof(uint16_t));
@@ -158,6 +158,17 @@ void* KvBlock::ValuesAt(size_t off) {
   return dtype == BlockDType::kF32 ? static_cast<void*>(values.data() + off)
                                    : static_cast<void*>(values16.data() + off);
 }
+
+const void* KvBlock::KeysAt(size_t off) const {
+  return dtype == BlockDType::kF32 ? static_cast<const void*>(keys.data() + off)
+                                   : static_cast<const void*>(keys16.data() + off);
+}
+const void* KvBlock::ValuesAt(size_t off) const {
+  return dtype == BlockDType::kF32 ? static_cast<const void*>(values.data() + off)
+                                   : static_cast<const void*>(values16.data() + off);
+}
+
+size_t BlockValueBytes(BlockDType dtype) { return dtype == BlockDType::kF32 ? 4 : 2; }
 
 KvBlock WidenedBlock(const KvBlock& b) {
   if (b.dtype == BlockDType::kF32) return b;

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <vector>
 
+#include "engine/block_memory.h"
+
 namespace kvmem {
 
 // How a block holds its values: f32, or the bit patterns of bf16 or f16. A session's blocks take
@@ -22,10 +24,12 @@ struct KvBlock {
   // (B, num_kv_heads, head_dim), keys with RoPE applied: `keys`/`values` for f32 blocks,
   // `keys16`/`values16` (empty otherwise) for 16-bit ones. Read and write through the functions
   // below unless the type is known.
-  std::vector<float> keys;
-  std::vector<float> values;
-  std::vector<uint16_t> keys16;
-  std::vector<uint16_t> values16;
+  // Their memory comes from engine/block_memory.h: pinned, device-readable memory once a GPU
+  // backend installs its pool.
+  BlockVector<float> keys;
+  BlockVector<float> values;
+  BlockVector<uint16_t> keys16;
+  BlockVector<uint16_t> values16;
 
   // Values in K (the same in V): B * num_kv_heads * head_dim.
   size_t size() const { return dtype == BlockDType::kF32 ? keys.size() : keys16.size(); }
@@ -66,7 +70,12 @@ struct KvBlock {
   void EraseFront(size_t n);
   void* KeysAt(size_t off);
   void* ValuesAt(size_t off);
+  const void* KeysAt(size_t off) const;
+  const void* ValuesAt(size_t off) const;
 };
+
+// Bytes of one stored K (or V) value: 4 for f32, 2 for the 16-bit types.
+size_t BlockValueBytes(BlockDType dtype);
 
 // `b` with its values as f32 (exact for every type).
 KvBlock WidenedBlock(const KvBlock& b);

@@ -307,6 +307,46 @@ absl::Status KvCache::ReadLayerRowsBf16(int layer, absl::Span<const KvRowRef> ro
   return ReadLayerRowsAs(layer, rows, keys, values);
 }
 
+absl::Status KvRowSource::LocateLayerRows(int, absl::Span<const KvRowRef> rows, BlockDType,
+                                          const void** keys, const void** values,
+                                          std::vector<std::shared_ptr<const KvBlock>>*) {
+  std::fill_n(keys, rows.size(), nullptr);
+  std::fill_n(values, rows.size(), nullptr);
+  return absl::OkStatus();
+}
+
+absl::Status KvCache::LocateLayerRows(int layer, absl::Span<const KvRowRef> rows, BlockDType dtype,
+                                      const void** keys, const void** values,
+                                      std::vector<std::shared_ptr<const KvBlock>>* holds) const {
+  KVMEM_CHECK(layer >= 0 && layer < num_layers_);
+  std::fill_n(keys, rows.size(), nullptr);
+  std::fill_n(values, rows.size(), nullptr);
+  if (row_home_ == RowHome::kHost || row_source_ == nullptr) return absl::OkStatus();
+  const FreshRows& f = fresh_[layer];
+  const int64_t fresh_end = f.first + fresh_size(layer);
+  std::vector<KvRowRef> older;
+  std::vector<size_t> older_at;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    KVMEM_CHECK(rows[i].head >= 0 && rows[i].head < num_kv_heads_);
+    const int64_t p = rows[i].position;
+    if (p >= f.first && p < fresh_end) continue;
+    older.push_back(rows[i]);
+    older_at.push_back(i);
+  }
+  if (older.empty()) return absl::OkStatus();
+  if (older.size() == rows.size()) {
+    return row_source_->LocateLayerRows(layer, rows, dtype, keys, values, holds);
+  }
+  std::vector<const void*> k(older.size()), v(older.size());
+  KVMEM_RETURN_IF_ERROR(
+      row_source_->LocateLayerRows(layer, older, dtype, k.data(), v.data(), holds));
+  for (size_t j = 0; j < older.size(); ++j) {
+    keys[older_at[j]] = k[j];
+    values[older_at[j]] = v[j];
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<KvCache> KvCache::WithHostRows() const {
   if (row_home_ == RowHome::kHost) return *this;
   KvCache out(num_layers_, num_kv_heads_, head_dim_, RowHome::kHost);

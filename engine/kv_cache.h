@@ -19,8 +19,8 @@ namespace kvmem {
 struct HeadKv {
   std::vector<int64_t> positions;  // (n) absolute positions, strictly increasing
   // Empty when the cache's rows live with the backend (KvCache::RowHome::kBackend).
-  std::vector<float> keys;         // (n, head_dim)
-  std::vector<float> values;       // (n, head_dim)
+  std::vector<float> keys;    // (n, head_dim)
+  std::vector<float> values;  // (n, head_dim)
 
   int64_t size() const { return static_cast<int64_t>(positions.size()); }
   // Appends one entry; `position` must exceed every position already held.
@@ -55,6 +55,16 @@ class KvRowSource {
                                      float* values);
   virtual absl::Status ReadLayerRowsBf16(int layer, absl::Span<const KvRowRef> rows, uint16_t* keys,
                                          uint16_t* values);
+  // Where rows of one layer lie in blocks of type `dtype`, for a device that reads them in
+  // place (from pinned host memory, engine/block_memory.h): keys[i] and values[i] point at row
+  // rows[i]'s head_dim values, or are null where the row is not in such a block (the caller
+  // reads those through ReadLayerRows). Every block pointed into is appended to *holds, which
+  // keeps it alive, and its filled rows unchanged, while the caller holds it. DATA_LOSS or
+  // NOT_FOUND as ReadLayerRows. The default locates nothing. May be called from several threads
+  // at once, as ReadRows.
+  virtual absl::Status LocateLayerRows(int layer, absl::Span<const KvRowRef> rows, BlockDType dtype,
+                                       const void** keys, const void** values,
+                                       std::vector<std::shared_ptr<const KvBlock>>* holds);
 };
 
 // A device backend keeps its own copy of the entries beside the cache (the attachment) and
@@ -145,6 +155,11 @@ class KvCache {
                              float* values) const;
   absl::Status ReadLayerRowsBf16(int layer, absl::Span<const KvRowRef> rows, uint16_t* keys,
                                  uint16_t* values) const;
+  // KvRowSource::LocateLayerRows through the row source, for rows of a kBackend cache that
+  // are not fresh (fresh rows, and every row of a kHost cache, are left null: read them).
+  absl::Status LocateLayerRows(int layer, absl::Span<const KvRowRef> rows, BlockDType dtype,
+                               const void** keys, const void** values,
+                               std::vector<std::shared_ptr<const KvBlock>>* holds) const;
   // A kHost copy of every head (itself when already kHost).
   absl::StatusOr<KvCache> WithHostRows() const;
 
@@ -166,7 +181,7 @@ class KvCache {
   int num_layers_;
   int num_kv_heads_;
   int head_dim_;
-  std::vector<HeadKv> heads_;  // (layer, kv_head)
+  std::vector<HeadKv> heads_;       // (layer, kv_head)
   std::vector<uint64_t> versions_;  // (layer, kv_head)
   RowHome row_home_;
   std::vector<FreshRows> fresh_;  // (layer), kBackend only

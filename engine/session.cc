@@ -140,6 +140,10 @@ Session::Session(const Model& model, Backend& backend, const SessionOptions& opt
       tails_(model.config().num_layers),
       digests_(model.config().num_layers) {
   hot_.set_row_source(this);
+  // A device backend's pinned pool serves this session's blocks (each K or V is one piece).
+  const ModelConfig& c = model.config();
+  RegisterBlockBytes(static_cast<size_t>(options_.block_size) * c.num_kv_heads * c.head_dim *
+                     BlockValueBytes(backend.KvDType()));
 }
 
 absl::StatusOr<std::unique_ptr<Session>> Session::Restore(const Model& model, Backend& backend,
@@ -836,6 +840,39 @@ absl::Status Session::ReadRowsAt(int layer, size_t n, const RowAt& row_at, E* ke
     }
     block->ReadKv((static_cast<size_t>(p % B) * c.num_kv_heads + r.head) * hd, hd, keys + i * hd,
                   values + i * hd);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Session::LocateLayerRows(int layer, absl::Span<const KvRowRef> rows, BlockDType dtype,
+                                      const void** keys, const void** values,
+                                      std::vector<std::shared_ptr<const KvBlock>>* holds) {
+  const ModelConfig& c = model_.config();
+  const int B = options_.block_size, hd = c.head_dim;
+  std::shared_ptr<const KvBlock> block;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const int64_t p = rows[i].position;
+    if (p < 0 || p >= committed_) {
+      return absl::InternalError(absl::StrCat("row of position ", p, " was asked for but only ",
+                                              committed_, " positions are in blocks"));
+    }
+    if (block == nullptr || block->index != p / B) {
+      KVMEM_ASSIGN_OR_RETURN(block, FindBlock(layer, p / B));
+      if (block->dtype == dtype && (holds->empty() || holds->back() != block)) {
+        holds->push_back(block);
+      }
+    }
+    if (block->index != p / B || p % B >= block->filled) {
+      return absl::DataLossError(
+          absl::StrCat("stored block ", p / B, " of layer ", layer, " lacks position ", p));
+    }
+    if (block->dtype != dtype) {
+      keys[i] = values[i] = nullptr;
+      continue;
+    }
+    const size_t off = (static_cast<size_t>(p % B) * c.num_kv_heads + rows[i].head) * hd;
+    keys[i] = block->KeysAt(off);
+    values[i] = block->ValuesAt(off);
   }
   return absl::OkStatus();
 }

@@ -67,9 +67,9 @@ struct AppendOptions {
 struct AppendResult {
   int64_t turn_index = 0;
   int64_t turn_tokens = 0;
-  int64_t total_tokens = 0;  // absolute position after the turn
-  int64_t hot_tokens = 0;    // summed over (layer, KV head)
-  int64_t evicted = 0;       // entries that left hot at this turn boundary
+  int64_t total_tokens = 0;     // absolute position after the turn
+  int64_t hot_tokens = 0;       // summed over (layer, KV head)
+  int64_t evicted = 0;          // entries that left hot at this turn boundary
   int64_t recalled_blocks = 0;  // (layer, KV head, block) recalls into this turn
   int64_t warm_hits = 0;        // block reads served from memory
   int64_t cold_reads = 0;       // block reads that went to the cold tier
@@ -93,9 +93,9 @@ struct GenerateOptions {
 
 struct GenerateResult {
   GenerationResult generation;
-  int64_t turn_index = -1;  // the kept assistant turn, or -1
+  int64_t turn_index = -1;     // the kept assistant turn, or -1
   int64_t start_position = 0;  // the session's position when the call began
-  int64_t hot_attended = 0; // hot entries (all heads, all layers) when decoding began
+  int64_t hot_attended = 0;    // hot entries (all heads, all layers) when decoding began
   int64_t evicted = 0;
   double decode_ms = 0;
   double select_ms = 0;
@@ -124,8 +124,8 @@ struct SessionSnapshot {
   std::vector<TurnRecord> turns;
   int64_t position = 0;
   std::vector<float> last_logits;
-  std::vector<std::vector<int64_t>> hot_positions;  // (layer * num_kv_heads + head)
-  std::vector<std::vector<double>> policy_scores;   // MemoryPolicy::SaveState() (may be empty)
+  std::vector<std::vector<int64_t>> hot_positions;   // (layer * num_kv_heads + head)
+  std::vector<std::vector<double>> policy_scores;    // MemoryPolicy::SaveState() (may be empty)
   std::vector<std::pair<int64_t, uint64_t>> owners;  // (first block index, owner uid)
 };
 
@@ -198,6 +198,10 @@ class Session : private KvRowSource {
                              float* values) override;
   absl::Status ReadLayerRowsBf16(int layer, absl::Span<const KvRowRef> rows, uint16_t* keys,
                                  uint16_t* values) override;
+  // Pointers into the blocks (live tail, in flight or read from storage) of `dtype`.
+  absl::Status LocateLayerRows(int layer, absl::Span<const KvRowRef> rows, BlockDType dtype,
+                               const void** keys, const void** values,
+                               std::vector<std::shared_ptr<const KvBlock>>* holds) override;
   // Reads row i = row_at(i) (a KvRowRef) of `layer` into keys and values + i * head_dim, for i
   // in [0, n): as f32 or as bf16 bits (E), from the blocks.
   template <typename RowAt, typename E>
@@ -222,8 +226,8 @@ class Session : private KvRowSource {
   KvCache hot_;
   std::vector<TurnRecord> turns_;
   int64_t position_ = 0;
-  int64_t committed_ = 0;           // positions held in blocks
-  std::vector<float> last_logits_;  // (vocab) after the last committed token
+  int64_t committed_ = 0;                             // positions held in blocks
+  std::vector<float> last_logits_;                    // (vocab) after the last committed token
   std::vector<std::pair<int64_t, uint64_t>> owners_;  // (first block index, owner uid)
   std::vector<std::shared_ptr<KvBlock>> tails_;       // (layer) partial last block or null
   // (layer) -> (block index) -> (num_kv_heads, 2, head_dim) digests.

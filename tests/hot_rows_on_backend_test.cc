@@ -20,6 +20,7 @@
 #include "engine/thread_pool.h"
 #include "gtest/gtest.h"
 #include "tests/mirror_backend.h"
+#include "tests/plain_pinner.h"
 
 namespace kvmem {
 namespace {
@@ -218,6 +219,55 @@ TEST_F(HotRowsOnBackendTest, RestoredSessionReadsItsHotSetBackFromBlocks) {
   Converse(rb->get(), 2, 4, &on_mirror);
   EXPECT_GE(mirror_->rows_read() - read_before, hot) << "the whole hot set was read back";
   EXPECT_EQ(on_cpu, on_mirror);
+}
+
+// With engine/block_memory.h's pool installed, the blocks a session makes (and those a store
+// hands back) live in pinned slabs, and a device reads the rows it lacks where they lie:
+// through LocateLayerRows' pointers, which must hold ReadLayerRows' values. Eviction, recall and
+// a restore, with f32 and bf16 blocks: reading in place changes nothing.
+TEST_F(HotRowsOnBackendTest, RowsReadInPlaceFromPinnedBlocksChangeNothing) {
+  ASSERT_TRUE(InstallPinnedBlockPool(std::make_unique<PlainPinner>(),
+                                     {.max_bytes = int64_t{256} << 20, .slab_bytes = 1 << 20})
+                  .ok());
+  for (BlockDType dtype : {BlockDType::kF32, BlockDType::kBF16}) {
+    SCOPED_TRACE(dtype == BlockDType::kF32 ? "f32 blocks" : "bf16 blocks");
+    auto run = [&](MirrorBackend& backend, Trace* trace) {
+      auto store = std::make_shared<MemoryBlockStore>();
+      auto s = NewSession(backend, Options(), store);
+      Converse(s.get(), 0, 2, trace);
+      auto r = Session::Restore(*model_, backend, Options(), {1, store, store}, s->Snapshot());
+      ASSERT_TRUE(r.ok()) << r.status();
+      Converse(r->get(), 2, 4, trace);
+      EXPECT_GT(GetPinnedBlockPoolStats().bytes_in_use, 0) << "the blocks are in the pool";
+    };
+    MirrorBackend staged(*model_, cpu_), in_place(*model_, cpu_);
+    if (dtype == BlockDType::kBF16) {
+      staged.set_bf16_rows(dtype);
+      in_place.set_bf16_rows(dtype);
+    }
+    in_place.set_reads_in_place(true);
+    Trace a, b;
+    run(staged, &a);
+    run(in_place, &b);
+    EXPECT_EQ(a, b);
+    if (dtype == BlockDType::kF32) {
+      Trace on_cpu;
+      auto store = std::make_shared<MemoryBlockStore>();
+      auto s = NewSession(*cpu_, Options(), store);
+      Converse(s.get(), 0, 2, &on_cpu);
+      auto r = Session::Restore(*model_, *cpu_, Options(), {1, store, store}, s->Snapshot());
+      ASSERT_TRUE(r.ok()) << r.status();
+      Converse(r->get(), 2, 4, &on_cpu);
+      EXPECT_EQ(on_cpu, b);
+    }
+    EXPECT_EQ(in_place.rows_read(), staged.rows_read());
+    EXPECT_GT(in_place.rows_read_in_place(), in_place.rows_read() / 2)
+        << "most rows read back (the restored hot set, recalled blocks) lie in blocks";
+    EXPECT_EQ(in_place.in_place_mismatches(), 0);
+    EXPECT_EQ(in_place.rows_outside_pool(), 0) << "a block a device reads is outside the pool";
+  }
+  EXPECT_GT(GetPinnedBlockPoolStats().pinned_bytes, 0);
+  EXPECT_EQ(GetPinnedBlockPoolStats().heap_fallbacks, 0);
 }
 
 TEST_F(HotRowsOnBackendTest, PolicyThatReadsRowsGetsThemFromBlocks) {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/block_memory.h"
 #include "engine/cpu_backend.h"
 #include "engine/kv_blocks.h"
 #include "engine/model.h"
@@ -45,6 +46,16 @@ class MirrorBackend : public Backend {
     block_dtype_ = blocks;
   }
   BlockDType KvDType() const override { return block_dtype_; }
+  // Plays a device that reads rows in place from pinned blocks (as the CUDA backend does once
+  // engine/block_memory.h's pool is installed): rows KvCache::LocateLayerRows points at are
+  // taken from there.
+  void set_reads_in_place(bool in_place) { reads_in_place_ = in_place; }
+  // Rows taken from where LocateLayerRows pointed.
+  int64_t rows_read_in_place() const { return rows_in_place_; }
+  // Located rows whose values differ from ReadLayerRows' (must stay 0), and located rows outside
+  // the pinned pool, which a device could not read (must stay 0 while the pool has room).
+  int64_t in_place_mismatches() const { return in_place_mismatches_; }
+  int64_t rows_outside_pool() const { return rows_outside_pool_; }
 
   absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start_pos, KvCache* kv,
                        const ForwardOptions& options, ForwardResult* result) override {
@@ -189,6 +200,7 @@ class MirrorBackend : public Backend {
         } else {
           status[l] = kv.ReadLayerRows(l, refs, k.data(), v.data());
         }
+        if (reads_in_place_ && status[l].ok()) status[l] = ReadInPlace(kv, l, refs, &k, &v);
         // Each head's rows in position order, as the rebuild below takes them.
         for (size_t i = 0; i < refs.size(); ++i) {
           size_t c = 0;
@@ -224,9 +236,43 @@ class MirrorBackend : public Backend {
     return absl::OkStatus();
   }
 
+  // Replaces the rows of `refs` that LocateLayerRows points at with the values found there
+  // (k and v hold every row as ReadLayerRows gave it; they must agree).
+  absl::Status ReadInPlace(const KvCache& kv, int layer, const std::vector<KvRowRef>& refs,
+                           std::vector<float>* k, std::vector<float>* v) {
+    const int hd = kv.head_dim();
+    std::vector<const void*> kp(refs.size()), vp(refs.size());
+    std::vector<std::shared_ptr<const KvBlock>> holds;
+    KVMEM_RETURN_IF_ERROR(
+        kv.LocateLayerRows(layer, refs, block_dtype_, kp.data(), vp.data(), &holds));
+    std::vector<float> row(hd);
+    PinnedRange range;
+    for (size_t i = 0; i < refs.size(); ++i) {
+      if (kp[i] == nullptr) continue;
+      ++rows_in_place_;
+      if (!FindPinnedRange(kp[i], &range) || !FindPinnedRange(vp[i], &range)) ++rows_outside_pool_;
+      for (int part = 0; part < 2; ++part) {
+        const void* at = part == 0 ? kp[i] : vp[i];
+        float* out = (part == 0 ? k->data() : v->data()) + i * hd;
+        for (int d = 0; d < hd; ++d) {
+          row[d] = block_dtype_ == BlockDType::kF32
+                       ? static_cast<const float*>(at)[d]
+                       : BFloat16ToFloat(static_cast<const uint16_t*>(at)[d]);
+        }
+        if (std::memcmp(row.data(), out, hd * sizeof(float)) != 0) ++in_place_mismatches_;
+        std::memcpy(out, row.data(), hd * sizeof(float));
+      }
+    }
+    return absl::OkStatus();
+  }
+
   const Model& model_;
   CpuBackend* cpu_;
   int64_t rows_read_ = 0;
+  bool reads_in_place_ = false;
+  std::atomic<int64_t> rows_in_place_{0};
+  std::atomic<int64_t> in_place_mismatches_{0};
+  std::atomic<int64_t> rows_outside_pool_{0};
   std::atomic<int64_t> bf16_mismatches_{0};
   bool select_fails_ = false;
   bool bf16_rows_ = false;

@@ -217,7 +217,7 @@ std::shared_ptr<const KvBlock> Random16Block(int64_t index, BlockDType dtype, ui
   std::mt19937 rng(seed);
   auto b = std::make_shared<KvBlock>(MakeEmptyBlock(index, 16, 4, 8, dtype));
   b->filled = 16;
-  for (std::vector<uint16_t>* v : {&b->keys16, &b->values16}) {
+  for (BlockVector<uint16_t>* v : {&b->keys16, &b->values16}) {
     for (uint16_t& x : *v) x = static_cast<uint16_t>(rng() & 0x3fff);
   }
   return b;
@@ -351,10 +351,10 @@ TEST(KvBlockTest, CopiesAndBf16ReadsConvertOnlyBetweenTypes) {
             std::vector<uint16_t>(bits, bits + 4));
   KvBlock wide = MakeEmptyBlock(0, 1, 1, 4, BlockDType::kF32);
   wide.CopyFrom(0, bf16, 4, 4);
-  EXPECT_EQ(wide.values, (std::vector<float>{1.5f, 1.0f + 0x1p-7f, 1.0f, -2.0f}));
+  EXPECT_EQ(wide.values, (BlockVector<float>{1.5f, 1.0f + 0x1p-7f, 1.0f, -2.0f}));
   KvBlock same = MakeEmptyBlock(0, 1, 1, 4, BlockDType::kBF16);
   same.CopyFrom(0, bf16, 4, 4);
-  EXPECT_EQ(same.keys16, std::vector<uint16_t>(bits, bits + 4));
+  EXPECT_EQ(same.keys16, BlockVector<uint16_t>(bits, bits + 4));
   // Growable rows: grown, written in the block's own type, cut, dropped from the front.
   KvBlock rows;
   rows.dtype = BlockDType::kBF16;
@@ -366,9 +366,9 @@ TEST(KvBlockTest, CopiesAndBf16ReadsConvertOnlyBetweenTypes) {
   std::memcpy(rows.ValuesAt(4), bits, 2 * sizeof(uint16_t));
   EXPECT_EQ(rows.size(), 6u);
   rows.EraseFront(3);
-  EXPECT_EQ(rows.keys16, (std::vector<uint16_t>{0xc000, 0x3fc0, 0x3f81}));
+  EXPECT_EQ(rows.keys16, (BlockVector<uint16_t>{0xc000, 0x3fc0, 0x3f81}));
   rows.Resize(1);
-  EXPECT_EQ(rows.values16, (std::vector<uint16_t>{0xc000}));
+  EXPECT_EQ(rows.values16, (BlockVector<uint16_t>{0xc000}));
   EXPECT_EQ(rows.bytes(), 4);
 }
 

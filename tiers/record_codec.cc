@@ -13,23 +13,23 @@
 namespace kvmem {
 namespace {
 
-constexpr uint32_t kBlockMagic = 0x4b564231;    // "KVB1"
+constexpr uint32_t kBlockMagic = 0x4b564231;     // "KVB1"
 constexpr uint32_t kBlockRefMagic = 0x4b565231;  // "KVR1"
-constexpr uint32_t kSessionMagic = 0x4b565331;  // "KVS1"
+constexpr uint32_t kSessionMagic = 0x4b565331;   // "KVS1"
 constexpr uint8_t kDTypeF32 = 1;
 constexpr uint8_t kDTypeBF16 = 2;
 constexpr uint8_t kDTypeF16 = 3;
 
 // The narrowest of bf16, f16 and f32 that holds every value of `parts` exactly; for the 16-bit
 // types, (*codes)[i] holds part i's values.
-uint8_t Narrowest(std::initializer_list<const std::vector<float>*> parts,
+uint8_t Narrowest(std::initializer_list<absl::Span<const float>> parts,
                   std::vector<std::vector<uint16_t>>* codes) {
   // bf16 first, in two passes the compiler vectorizes: a value is a bf16 exactly when the low
   // 16 bits of its f32 are zero; then the high halves are the codes.
   uint32_t low = 0;
-  for (const std::vector<float>* part : parts) {
-    const float* v = part->data();
-    for (size_t i = 0; i < part->size(); ++i) {
+  for (absl::Span<const float> part : parts) {
+    const float* v = part.data();
+    for (size_t i = 0; i < part.size(); ++i) {
       uint32_t bits;
       std::memcpy(&bits, &v[i], sizeof(bits));
       low |= bits & 0xffffu;
@@ -38,23 +38,23 @@ uint8_t Narrowest(std::initializer_list<const std::vector<float>*> parts,
   codes->assign(parts.size(), {});
   if (low == 0) {
     size_t p = 0;
-    for (const std::vector<float>* part : parts) {
+    for (absl::Span<const float> part : parts) {
       std::vector<uint16_t>& out = (*codes)[p++];
-      out.resize(part->size());
-      for (size_t i = 0; i < part->size(); ++i) {
+      out.resize(part.size());
+      for (size_t i = 0; i < part.size(); ++i) {
         uint32_t bits;
-        std::memcpy(&bits, &(*part)[i], sizeof(bits));
+        std::memcpy(&bits, &part[i], sizeof(bits));
         out[i] = static_cast<uint16_t>(bits >> 16);
       }
     }
     return kDTypeBF16;
   }
   size_t p = 0;
-  for (const std::vector<float>* part : parts) {
+  for (absl::Span<const float> part : parts) {
     std::vector<uint16_t>& out = (*codes)[p++];
-    out.resize(part->size());
-    for (size_t i = 0; i < part->size(); ++i) {
-      if (!ExactF16Bits((*part)[i], &out[i])) {
+    out.resize(part.size());
+    for (size_t i = 0; i < part.size(); ++i) {
+      if (!ExactF16Bits(part[i], &out[i])) {
         codes->clear();
         return kDTypeF32;
       }
@@ -71,7 +71,7 @@ void Widen(uint8_t dtype, const std::vector<uint16_t>& in, std::vector<float>* o
 }
 
 // Values written as `dtype`: f32 as they are, the 16-bit types as their codes.
-void WriteValues(ByteWriter& w, uint8_t dtype, const std::vector<float>& values,
+void WriteValues(ByteWriter& w, uint8_t dtype, absl::Span<const float> values,
                  const std::vector<uint16_t>* codes) {
   if (dtype == kDTypeF32) {
     w.Floats(values);
@@ -120,11 +120,11 @@ void ByteWriter::Str(std::string_view s) {
   U64(s.size());
   out_.append(s.data(), s.size());
 }
-void ByteWriter::Floats(const std::vector<float>& v) {
+void ByteWriter::Floats(absl::Span<const float> v) {
   U64(v.size());
   out_.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
 }
-void ByteWriter::U16s(const std::vector<uint16_t>& v) {
+void ByteWriter::U16s(absl::Span<const uint16_t> v) {
   U64(v.size());
   out_.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(uint16_t));
 }
@@ -209,22 +209,6 @@ bool ByteReader::Str(std::string* s) {
   s->assign(p, n);
   return true;
 }
-bool ByteReader::Floats(std::vector<float>* v) {
-  uint64_t n;
-  const char* p;
-  if (!U64(&n) || n > (data_.size() - pos_) / 4 || !Take(n * 4, &p)) return false;
-  v->resize(n);
-  std::memcpy(v->data(), p, n * 4);
-  return true;
-}
-bool ByteReader::U16s(std::vector<uint16_t>* v) {
-  uint64_t n;
-  const char* p;
-  if (!U64(&n) || n > (data_.size() - pos_) / 2 || !Take(n * 2, &p)) return false;
-  v->resize(n);
-  std::memcpy(v->data(), p, n * 2);
-  return true;
-}
 bool ByteReader::I64s(std::vector<int64_t>* v) {
   uint64_t n;
   if (!U64(&n) || n > (data_.size() - pos_) / 8) return false;
@@ -259,7 +243,7 @@ BlockRecord EncodeBlockRecord(const KvBlock& block, int num_kv_heads, int head_d
   const uint8_t dtype = block.dtype == BlockDType::kBF16 ? kDTypeBF16
                         : block.dtype == BlockDType::kF16
                             ? kDTypeF16
-                            : Narrowest({&block.keys, &block.values}, &codes);
+                            : Narrowest({block.keys, block.values}, &codes);
   const size_t n = block.size();
   ByteWriter w;
   w.Reserve(block.dtype == BlockDType::kF32 ? kBlockHeadBytes + n * 8 + 8 : kBlockHeadBytes);
@@ -419,7 +403,7 @@ uint32_t TrailingCrc(std::string_view record) {
 
 std::string EncodeFloats(const std::vector<float>& v) {
   std::vector<std::vector<uint16_t>> codes;
-  const uint8_t dtype = Narrowest({&v}, &codes);
+  const uint8_t dtype = Narrowest({v}, &codes);
   ByteWriter w;
   w.U64(kNarrowFloatsTag);
   w.U8(dtype);
@@ -442,7 +426,8 @@ absl::StatusOr<std::vector<float>> DecodeFloats(std::string_view value, std::str
   return v;
 }
 
-std::string EncodeHotIndex(const std::vector<int64_t>& positions, const std::vector<double>& scores) {
+std::string EncodeHotIndex(const std::vector<int64_t>& positions,
+                           const std::vector<double>& scores) {
   // Ascending positions as LEB128 varints of their gaps (the first from -1): a byte or two per
   // entry instead of eight.
   ByteWriter w;
@@ -559,8 +544,8 @@ absl::StatusOr<SessionRecord> DecodeSessionRecord(std::string_view value) {
   SessionRecord s;
   uint32_t magic;
   uint64_t labels, owners;
-  bool ok = r.U32(&magic) && magic == kSessionMagic && r.Str(&s.tenant) &&
-            r.Str(&s.session_id) && r.U64(&s.uid) && r.Str(&s.fingerprint) && r.U64(&labels);
+  bool ok = r.U32(&magic) && magic == kSessionMagic && r.Str(&s.tenant) && r.Str(&s.session_id) &&
+            r.U64(&s.uid) && r.Str(&s.fingerprint) && r.U64(&labels);
   for (uint64_t i = 0; ok && i < labels; ++i) {
     std::string k, v;
     ok = r.Str(&k) && r.Str(&v);
@@ -572,9 +557,8 @@ absl::StatusOr<SessionRecord> DecodeSessionRecord(std::string_view value) {
   ok = ok && r.Str(&o.chat_template) && r.Str(&o.memory.policy) && r.U32(&budget) &&
        r.U32(&window) && r.U32(&kernel) && r.U8(&pooling) && r.U32(&sinks) && r.U32(&block) &&
        r.U32(&max_turn) && r.U32(&recall) && r.F64(&o.memory.min_head_share) &&
-       r.F64(&o.memory.recent_share) &&
-       r.I64(&s.created_unix_ms) &&
-       r.I64(&s.updated_unix_ms) && r.I64(&s.position) && r.I64(&s.turns) && r.U64(&owners);
+       r.F64(&o.memory.recent_share) && r.I64(&s.created_unix_ms) && r.I64(&s.updated_unix_ms) &&
+       r.I64(&s.position) && r.I64(&s.turns) && r.U64(&owners);
   for (uint64_t i = 0; ok && i < owners; ++i) {
     int64_t first;
     uint64_t uid;

@@ -7,6 +7,7 @@
 #define KVMEM_TIERS_RECORD_CODEC_H_
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <string>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "engine/kv_blocks.h"
 #include "engine/session.h"
 
@@ -29,8 +31,8 @@ class ByteWriter {
   void F32(float v);
   void F64(double v);
   void Str(std::string_view s);
-  void Floats(const std::vector<float>& v);
-  void U16s(const std::vector<uint16_t>& v);
+  void Floats(absl::Span<const float> v);
+  void U16s(absl::Span<const uint16_t> v);
   void I64s(const std::vector<int64_t>& v);
   void I32s(const std::vector<int32_t>& v);
   void Reserve(size_t bytes) { out_.reserve(bytes); }
@@ -61,14 +63,32 @@ class ByteReader {
   bool F32(float* v);
   bool F64(double* v);
   bool Str(std::string* s);
-  bool Floats(std::vector<float>* v);
-  bool U16s(std::vector<uint16_t>* v);
+  // Into a std::vector or a block's BlockVector.
+  template <typename Vec>
+  bool Floats(Vec* v) {
+    return Array(v);
+  }
+  template <typename Vec>
+  bool U16s(Vec* v) {
+    return Array(v);
+  }
   bool I64s(std::vector<int64_t>* v);
   bool I32s(std::vector<int32_t>* v);
   bool done() const { return pos_ == data_.size(); }
 
  private:
   bool Take(size_t n, const char** p);
+  // A count, then that many values of Vec's element type as they are in memory.
+  template <typename Vec>
+  bool Array(Vec* v) {
+    using E = typename Vec::value_type;
+    uint64_t n;
+    const char* p;
+    if (!U64(&n) || n > (data_.size() - pos_) / sizeof(E) || !Take(n * sizeof(E), &p)) return false;
+    v->resize(n);
+    std::memcpy(v->data(), p, n * sizeof(E));
+    return true;
+  }
   std::string_view data_;
   size_t pos_ = 0;
 };
@@ -130,7 +150,8 @@ uint32_t TrailingCrc(std::string_view record);
 std::string EncodeFloats(const std::vector<float>& v);
 absl::StatusOr<std::vector<float>> DecodeFloats(std::string_view value, std::string_view what);
 // One (layer, KV head)'s hot positions and the memory policy's scores for them (may be empty).
-std::string EncodeHotIndex(const std::vector<int64_t>& positions, const std::vector<double>& scores);
+std::string EncodeHotIndex(const std::vector<int64_t>& positions,
+                           const std::vector<double>& scores);
 absl::Status DecodeHotIndex(std::string_view value, std::vector<int64_t>* positions,
                             std::vector<double>* scores);
 
