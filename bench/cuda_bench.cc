@@ -9,9 +9,13 @@
 //              and from the cold tier (RocksDB blocks read back, then uploaded), in GB/s of
 //              device KV written against the pinned host->device copy bandwidth.
 // Hot sets are held as sessions on the GPU hold them: positions on the host, rows on the
-// device, read back from f32 blocks of 16 positions when the device needs them again.
+// device, read back from blocks of 16 positions in the device's KV type when the device needs
+// them again.
 // Usage: cuda_bench [--shapes 1b,8b] [--lengths 1024,4096,16384,32768] [--steps N]
-//                   [--dtype bf16|f16|f32] [--graphs 1|0] [--profile 0|1]
+//                   [--dtype bf16|f16|f32] [--graphs 1|0] [--profile 0|1] [--pinned-bytes N]
+// Page-in is measured from pageable blocks (packed through the staging slots) and from blocks
+// in the pinned pool (CudaBackendOptions::pinned_block_bytes, default here 8 GiB), which the
+// device reads by address.
 // --profile 1 adds, after each measurement, where its device time went op by op
 // (CudaBackendOptions::profile_ops; with --graphs 0 a decode step is split by op too).
 // Exits 0 with a message when no usable GPU is present.
@@ -31,6 +35,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "bench/model_shapes.h"
+#include "engine/block_memory.h"
 #include "engine/cuda_backend.h"
 #include "engine/kv_blocks.h"
 #include "engine/kv_store.h"
@@ -201,6 +206,29 @@ class BlockRows : public KvRowSource {
     }
     return absl::OkStatus();
   }
+  // Where rows lie, as Session::LocateLayerRows says it (only once locate is set: a device
+  // then reads the rows of blocks in the pinned pool by address).
+  void set_locate(bool locate) { locate_ = locate; }
+  absl::Status LocateLayerRows(int layer, absl::Span<const KvRowRef> rows, BlockDType dtype,
+                               const void** keys, const void** values,
+                               std::vector<std::shared_ptr<const KvBlock>>* holds) override {
+    const int hd = c_.head_dim;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      keys[i] = values[i] = nullptr;
+      const int64_t p = rows[i].position;
+      if (!locate_) continue;
+      if (p < 0 || p / kBlock >= static_cast<int64_t>((*blocks_)[layer].size())) {
+        return absl::OutOfRangeError(absl::StrCat("no block holds position ", p));
+      }
+      const std::shared_ptr<const KvBlock>& block = (*blocks_)[layer][p / kBlock];
+      if (block->dtype != dtype) continue;
+      if (holds->empty() || holds->back() != block) holds->push_back(block);
+      const size_t off = ((p % kBlock) * c_.num_kv_heads + rows[i].head) * hd;
+      keys[i] = block->KeysAt(off);
+      values[i] = block->ValuesAt(off);
+    }
+    return absl::OkStatus();
+  }
   absl::Status ReadRowsBf16(int layer, int kv_head, absl::Span<const int64_t> positions,
                             uint16_t* keys, uint16_t* values) override {
     const int hd = c_.head_dim;
@@ -233,6 +261,7 @@ class BlockRows : public KvRowSource {
 
   const ModelConfig& c_;
   const LayerBlocks* blocks_;
+  bool locate_ = false;
 };
 
 // A hot set of positions 0..length-1 in every head whose rows live with the backend, read
@@ -316,9 +345,13 @@ int Run(int argc, char** argv) {
   int steps = 20;
   DeviceDtype dtype = DeviceDtype::kBF16;
   bool graphs = true, profile = false;
+  int64_t pinned_bytes = int64_t{8} << 30;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
-    if (flag == "--shapes") {
+    if (flag == "--pinned-bytes") {
+      if (!absl::SimpleAtoi(value, &pinned_bytes) || pinned_bytes < 0)
+        return std::fprintf(stderr, "bad --pinned-bytes\n"), 2;
+    } else if (flag == "--shapes") {
       shapes = absl::StrSplit(value, ',');
     } else if (flag == "--lengths") {
       lengths.clear();
@@ -366,9 +399,12 @@ int Run(int argc, char** argv) {
     }
     const ModelShape& shape = *named;
     const ModelConfig& c = shape.config;
-    auto backend = CreateCudaBackend(
-        c, nullptr,
-        {.dtype = dtype, .cuda_graphs = graphs, .random_weights_seed = 7, .profile_ops = profile});
+    auto backend = CreateCudaBackend(c, nullptr,
+                                     {.dtype = dtype,
+                                      .cuda_graphs = graphs,
+                                      .random_weights_seed = 7,
+                                      .pinned_block_bytes = pinned_bytes,
+                                      .profile_ops = profile});
     if (!backend.ok()) {
       std::fprintf(stderr, "%s: %s\n", shape.name.c_str(), backend.status().ToString().c_str());
       return 1;
@@ -496,46 +532,61 @@ int Run(int argc, char** argv) {
     }
 
     // Page-in of a paged-out 16K-token hot set from blocks in host memory: the first pass reads
-    // its rows back and uploads them.
-    {
-      KvCache kv = HotSet(c, base, &warm_rows);
+    // its rows back and uploads them. Every block so far is pageable (no session registered
+    // their size with the pinned pool): their rows are packed into the staging slots.
+    // Timed as the first pass minus a plain step.
+    std::printf(
+        "\n| page-in of 16K tokens/head | source ms | upload ms | total ms | GB/s of device "
+        "KV | share of pinned host->device | rows by address |\n");
+    std::printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    const double bytes = HotKvBytes(c, base, elem);
+    auto page_in = [&](const char* what, BlockRows& rows, double source_s) -> bool {
+      KvCache kv = HotSet(c, base, &rows);
       ForwardResult r;
+      const int64_t by_address = GetCudaUploadStats(b).rows_by_address;
       auto start = std::chrono::steady_clock::now();
-      if (!b.Forward(one, base, &kv, {}, &r).ok()) return 1;
+      if (!b.Forward(one, base, &kv, {}, &r).ok()) return false;
       const double first_s = Seconds(start);
       start = std::chrono::steady_clock::now();
-      if (!b.Forward(one, base + 1, &kv, {}, &r).ok()) return 1;
-      const double step_s = Seconds(start);
-      const double bytes = HotKvBytes(c, base, elem);
-      const double gbps = bytes / std::max(first_s - step_s, 1e-9) / 1e9;
-      std::printf(
-          "\npage-in from warm (16K tokens/head, %.2f GB of device KV): %.1f ms, %.1f GB/s, "
-          "%.2f of pinned host->device\n",
-          bytes / 1e9, (first_s - step_s) * 1e3, gbps, gbps / pinned_gbps);
-
-      // From cold: the same blocks written to RocksDB, read back, then uploaded.
-      double read_s = 0;
-      const std::string dir =
-          (std::filesystem::temp_directory_path() / "kvmem-cuda-bench-cold").string();
-      absl::StatusOr<LayerBlocks> read = ColdRoundTrip(c, warm, dir, &read_s);
-      if (!read.ok()) {
-        std::fprintf(stderr, "cold: %s\n", read.status().ToString().c_str());
-        return 1;
-      }
-      BlockRows cold_rows(c, &*read);
-      KvCache paged = HotSet(c, base, &cold_rows);
-      start = std::chrono::steady_clock::now();
-      if (!b.Forward(one, base, &paged, {}, &r).ok()) return 1;
-      const double upload_s = Seconds(start) - step_s;
-      const double f32_bytes = HotKvBytes(c, base, sizeof(float));
-      const double total_s = read_s + upload_s;
-      std::printf(
-          "page-in from cold: read %.1f ms (%.2f GB/s of stored f32 blocks), "
-          "upload %.1f ms; total %.1f ms, %.1f GB/s of device KV, %.2f of pinned "
-          "host->device\n\n",
-          read_s * 1e3, f32_bytes / read_s / 1e9, upload_s * 1e3, total_s * 1e3,
-          bytes / total_s / 1e9, bytes / total_s / 1e9 / pinned_gbps);
+      if (!b.Forward(one, base + 1, &kv, {}, &r).ok()) return false;
+      const double upload_s = std::max(first_s - Seconds(start), 1e-9);
+      const double total_s = source_s + upload_s;
+      const double gbps = bytes / total_s / 1e9;
+      std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.2f | %lld |\n", what, source_s * 1e3,
+                  upload_s * 1e3, total_s * 1e3, gbps, gbps / pinned_gbps,
+                  static_cast<long long>(GetCudaUploadStats(b).rows_by_address - by_address));
+      return true;
+    };
+    if (!page_in("warm, pageable blocks (packed)", warm_rows, 0)) return 1;
+    // The same hot set from blocks in the pinned pool, read by the device where they lie.
+    const BlockDType block_dtype = b.KvDType();
+    RegisterBlockBytes(static_cast<size_t>(kBlock) * c.num_kv_heads * c.head_dim *
+                       BlockValueBytes(block_dtype));
+    {
+      const LayerBlocks pinned = RandomBlocks(c, base, block_dtype);
+      BlockRows pinned_rows(c, &pinned);
+      pinned_rows.set_locate(true);
+      if (!page_in("warm, pinned blocks (by address)", pinned_rows, 0)) return 1;
     }
+    // From cold: the blocks written to RocksDB and block files, read back (into the pinned
+    // pool while it has room), then uploaded.
+    double read_s = 0;
+    const std::string dir =
+        (std::filesystem::temp_directory_path() / "kvmem-cuda-bench-cold").string();
+    absl::StatusOr<LayerBlocks> read = ColdRoundTrip(c, warm, dir, &read_s);
+    if (!read.ok()) {
+      std::fprintf(stderr, "cold: %s\n", read.status().ToString().c_str());
+      return 1;
+    }
+    BlockRows cold_rows(c, &*read);
+    cold_rows.set_locate(true);
+    if (!page_in("cold (read, then uploaded)", cold_rows, read_s)) return 1;
+    const PinnedBlockPoolStats pool = GetPinnedBlockPoolStats();
+    std::printf(
+        "\ncold read: %.2f GB/s of stored blocks; pinned pool: %.2f GB pinned, %lld blocks' "
+        "K or V left on the heap\n\n",
+        HotKvBytes(c, base, BlockValueBytes(block_dtype)) / read_s / 1e9, pool.pinned_bytes / 1e9,
+        static_cast<long long>(pool.heap_fallbacks));
   }
   return 0;
 }

@@ -78,7 +78,7 @@ absl::Status CudaBackend<T>::Init(const ModelWeights* weights) {
   // Upload staging: two slots of about 16 MiB, pinned on the host, and a copy stream.
   KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&uploads_.stream, cudaStreamNonBlocking));
   {
-    const int64_t row_bytes = 2 * c.head_dim * sizeof(T) + 4 * sizeof(int64_t);
+    const int64_t row_bytes = 2 * c.head_dim * sizeof(T) + 6 * sizeof(int64_t);
     uploads_.slot_rows = std::max<int64_t>(1024, ((int64_t{16} << 20) / row_bytes) / 8 * 8);
     const size_t slot_bytes = uploads_.Layout(uploads_.slot_rows, c.head_dim).bytes;
     for (UploadSlot& slot : uploads_.slots) {
@@ -853,6 +853,11 @@ std::vector<CudaOpTime> TakeCudaOpProfile(Backend& backend) {
   return source == nullptr ? std::vector<CudaOpTime>{} : source->TakeOpProfile();
 }
 
+CudaUploadStats GetCudaUploadStats(const Backend& backend) {
+  auto* source = dynamic_cast<const cuda_internal::OpProfileSource*>(&backend);
+  return source == nullptr ? CudaUploadStats{} : source->UploadStats();
+}
+
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelConfig& config,
                                                            const ModelWeights* weights,
                                                            const CudaBackendOptions& options) {
@@ -871,9 +876,18 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelConfig& co
   if (options.decode_split < 0) {
     return absl::InvalidArgumentError("decode_split must be 0 (default) or positive");
   }
+  if (options.pinned_block_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pinned_block_bytes must be >= 0 (0: blocks stay in pageable memory), got ",
+                     options.pinned_block_bytes));
+  }
   auto ctx = std::make_shared<CudaContext>();
   ctx->device = options.device;
   KVMEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
+  if (options.pinned_block_bytes > 0) {
+    KVMEM_RETURN_IF_ERROR(InstallPinnedBlockPool(std::make_unique<cuda_internal::CudaHostPinner>(),
+                                                 {.max_bytes = options.pinned_block_bytes}));
+  }
   KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking));
   switch (options.dtype) {
     case DeviceDtype::kF32:

@@ -53,6 +53,12 @@ struct CudaBackendOptions {
   // Default: 64 MiB. Pinned host memory through which a multi-token pass's new rows and
   // observed queries leave, layer by layer; a soft size, at least two layers' worth.
   size_t download_staging_bytes = size_t{64} << 20;
+  // Default: 0 (off). Host memory the session's KV blocks may take from a pool of pinned,
+  // device-mapped slabs (engine/block_memory.h), in bytes: a page-in or recall then reads
+  // their rows where they lie instead of packing them through the staging slots. Past the
+  // limit blocks stay in pageable memory. The pool is process-wide and outlives the backend;
+  // serve it at least the warm tier's budget.
+  int64_t pinned_block_bytes = 0;
   // Default: false. Diagnostics: time each op of every pass with CUDA events (a graphed decode
   // step counts as one op) and of device SnapKV selection; read with TakeCudaOpProfile.
   bool profile_ops = false;
@@ -70,6 +76,15 @@ struct CudaOpTime {
 // The op times gathered since the last call by a CUDA backend created with profile_ops; empty
 // for any other backend.
 std::vector<CudaOpTime> TakeCudaOpProfile(Backend& backend);
+
+// Rows a CUDA backend has uploaded to its device copies since it was made: packed into its
+// staging slots on the host, or read by the device where they lie in pinned blocks
+// (CudaBackendOptions::pinned_block_bytes). All zero for any other backend.
+struct CudaUploadStats {
+  int64_t rows_packed = 0;
+  int64_t rows_by_address = 0;
+};
+CudaUploadStats GetCudaUploadStats(const Backend& backend);
 
 // True when this build has the CUDA backend and device `device` can run it; otherwise false
 // and *why (when non-null) says why.

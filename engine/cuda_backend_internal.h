@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "engine/block_memory.h"
 #include "engine/cuda_backend.h"
 #include "engine/host_convert.h"
 #include "engine/kv_sync_plan.h"
@@ -199,6 +200,7 @@ class OpProfileSource {
  public:
   virtual ~OpProfileSource() = default;
   virtual std::vector<CudaOpTime> TakeOpProfile() = 0;
+  virtual CudaUploadStats UploadStats() const = 0;
 };
 
 // Device memory from the stream-ordered pool, freed in stream order.
@@ -300,8 +302,35 @@ struct DeviceKv : DeviceKvBase {
 // Where the sections of an upload chunk of `rows` rows sit in a staging slot (byte offsets,
 // each 8-byte aligned): keys and values (rows, head_dim) in T, positions, then the destination
 // row pointers of keys, values and positions.
+// Page-locked host memory for engine/block_memory.h's pool: portable (any context may use it)
+// and mapped, so kernels read blocks in it over the bus by address.
+class CudaHostPinner : public HostMemoryPinner {
+ public:
+  absl::StatusOr<void*> Allocate(size_t bytes) override {
+    void* p = nullptr;
+    const cudaError_t err = cudaHostAlloc(&p, bytes, cudaHostAllocPortable | cudaHostAllocMapped);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      return CudaStatus(err, "pinning host memory for KV blocks", __FILE__, __LINE__);
+    }
+    return p;
+  }
+  absl::StatusOr<const void*> DeviceAddress(void* base) override {
+    void* device = nullptr;
+    const cudaError_t err = cudaHostGetDevicePointer(&device, base, 0);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      return CudaStatus(err, "mapping pinned KV blocks for the device", __FILE__, __LINE__);
+    }
+    return static_cast<const void*>(device);
+  }
+};
+
 struct UploadLayout {
   size_t keys = 0, values = 0, positions = 0, dst_keys = 0, dst_values = 0, dst_positions = 0;
+  // Where each row is read from (ScatterKvRowsParams::src_keys): its packed row in the slot,
+  // or its block in pinned host memory. Filled only for chunks with rows of the latter kind.
+  size_t src_keys = 0, src_values = 0;
   size_t bytes = 0;
 };
 
@@ -548,11 +577,18 @@ class CudaBackend : public Backend, public OpProfileSource {
     std::lock_guard<std::recursive_mutex> lock(ctx_->mu);
     return prof_.Take();
   }
+  CudaUploadStats UploadStats() const override {
+    return {upload_stats_.rows_packed.load(), upload_stats_.rows_by_address.load()};
+  }
 
   const ModelConfig config_;
   const CudaBackendOptions options_;
   std::shared_ptr<CudaContext> ctx_;
   OpProfiler prof_;
+  struct {
+    std::atomic<int64_t> rows_packed{0};
+    std::atomic<int64_t> rows_by_address{0};
+  } upload_stats_;
   const uint64_t id_;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
@@ -580,7 +616,9 @@ class CudaBackend : public Backend, public OpProfileSource {
       l.dst_keys = l.positions + static_cast<size_t>(rows) * sizeof(int64_t);
       l.dst_values = l.dst_keys + ptrs;
       l.dst_positions = l.dst_values + ptrs;
-      l.bytes = l.dst_positions + ptrs;
+      l.src_keys = l.dst_positions + ptrs;
+      l.src_values = l.src_keys + ptrs;
+      l.bytes = l.src_values + ptrs;
       return l;
     }
   } uploads_;

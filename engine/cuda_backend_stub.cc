@@ -18,4 +18,6 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelConfig& co
 
 std::vector<CudaOpTime> TakeCudaOpProfile(Backend&) { return {}; }
 
+CudaUploadStats GetCudaUploadStats(const Backend&) { return {}; }
+
 }  // namespace kvmem

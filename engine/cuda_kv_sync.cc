@@ -1,6 +1,7 @@
 // The device copy of a session's hot set: attaching it to a KvCache, bringing it up to date
 // (uploads through pinned staging, gathers), and the work that reads it in place (device
 // SnapKV, recall scoring). See engine/cuda_backend_internal.h.
+#include "engine/block_memory.h"
 #include "engine/cuda_backend_internal.h"
 
 namespace kvmem {
@@ -137,13 +138,18 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
   if (upload_rows > 0) {
     int slot_index = 0;
     int64_t rows = 0;
+    // Of the chunk's rows: how many the device reads from pinned blocks by address.
+    int64_t addressed = 0;
     auto flush = [&]() -> absl::Status {
       if (rows == 0) return absl::OkStatus();
       UploadSlot& slot = uploads_.slots[slot_index];
       const UploadLayout layout = uploads_.Layout(rows, hd);
       KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(uploads_.stream, slot.device_free, 0));
-      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.device, slot.host, layout.bytes,
-                                                 cudaMemcpyHostToDevice, uploads_.stream));
+      // A chunk read wholly by address sends no rows, only where they are and where they go.
+      const size_t from = addressed == rows ? layout.positions : 0;
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.device + from, slot.host + from,
+                                                 layout.bytes - from, cudaMemcpyHostToDevice,
+                                                 uploads_.stream));
       KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.host_free, uploads_.stream));
       KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ctx_->stream, slot.host_free, 0));
       ScatterKvRowsParams<T> sp;
@@ -153,12 +159,17 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
       sp.dst_keys = reinterpret_cast<T* const*>(slot.device + layout.dst_keys);
       sp.dst_values = reinterpret_cast<T* const*>(slot.device + layout.dst_values);
       sp.dst_positions = reinterpret_cast<int64_t* const*>(slot.device + layout.dst_positions);
+      if (addressed > 0) {
+        sp.src_keys = reinterpret_cast<const T* const*>(slot.device + layout.src_keys);
+        sp.src_values = reinterpret_cast<const T* const*>(slot.device + layout.src_values);
+      }
       sp.rows = rows;
       sp.head_dim = hd;
       KVMEM_CUDA_RETURN_IF_ERROR(LaunchScatterKvRows(sp, ctx_->stream));
       KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.device_free, ctx_->stream));
       slot_index = 1 - slot_index;
       rows = 0;
+      addressed = 0;
       return absl::OkStatus();
     };
     const int64_t chunk_rows = uploads_.slot_rows;
@@ -169,6 +180,19 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
     };
     std::vector<Item> chunk;
     chunk.reserve(static_cast<size_t>(chunk_rows));
+    // Per row of the chunk, when rows may be read by address: 1 where the scatter reads it from
+    // its pinned block.
+    std::vector<uint8_t> chunk_addressed;
+    // The blocks the device reads by address stay alive until it has read them: whichever way
+    // this scope is left, the stream is waited for first.
+    struct HoldUntilRead {
+      cudaStream_t stream;
+      std::mutex mu;
+      std::vector<std::shared_ptr<const KvBlock>> blocks;
+      ~HoldUntilRead() {
+        if (!blocks.empty()) cudaStreamSynchronize(stream);
+      }
+    } held{ctx_->stream, {}, {}};
     // Packs `chunk` into the current slot (at a full slot's layout, compacted when partial) and
     // sends it. Runs of one layer's rows (the chunk goes layer by layer, each layer's rows
     // ordered by position across its heads) are packed on the shared thread pool: each run reads
@@ -197,14 +221,32 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
       // A bf16 device reads rows back as bf16 bits (KvCache::ReadLayerRowsBf16): no f32 round
       // trip.
       constexpr bool kBf16Rows = std::is_same_v<T, __nv_bfloat16>;
+      // Rows in blocks of the pinned pool (engine/block_memory.h) are not packed: the scatter
+      // reads them where they lie, by address. The rest are read back and packed as before.
+      const bool by_address = read_back && PinnedBlockPoolInstalled();
+      constexpr BlockDType kBlockType = std::is_same_v<T, float>    ? BlockDType::kF32
+                                        : std::is_same_v<T, __half> ? BlockDType::kF16
+                                                                    : BlockDType::kBF16;
+      if (by_address) chunk_addressed.assign(chunk.size(), 0);
+      std::atomic<int64_t> chunk_by_address{0};
       std::mutex error_mu;
       absl::Status error;
       auto pack_runs = [&](int64_t first_run, int64_t last_run) {
-        std::vector<KvRowRef> refs;
+        std::vector<KvRowRef> refs, unlocated;
         std::vector<float> read_keys, read_values;
+        std::vector<uint16_t> read_k16, read_v16;
+        std::vector<const void*> at_keys, at_values;
+        std::vector<std::shared_ptr<const KvBlock>> run_holds;
+        PinnedRange key_slab, value_slab;  // the slabs the last rows were found in
+        auto device_address = [](const void* p, PinnedRange* slab) -> const void* {
+          if (p == nullptr || (!slab->Contains(p) && !FindPinnedRange(p, slab))) return nullptr;
+          return static_cast<const char*>(p) + slab->device_offset;
+        };
         for (int64_t r = first_run; r < last_run; ++r) {
           const auto [begin, end] = runs[r];
           const int layer = layer_of(chunk[begin]);
+          // Rows of this run packed into the slot (all but those read by address).
+          int64_t packed = end - begin;
           if (read_back) {
             refs.clear();
             for (int64_t k = begin; k < end; ++k) {
@@ -213,15 +255,46 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
               refs.push_back({kv.head(layer, head).positions[p.plan.uploads[chunk[k].u]], head});
             }
             absl::Status s;
-            if constexpr (kBf16Rows) {
-              // Straight into the slot: a session's bf16 blocks are copied as they are.
-              s = kv.ReadLayerRowsBf16(
-                  layer, refs, reinterpret_cast<uint16_t*>(slot.host + full.keys) + begin * hd,
-                  reinterpret_cast<uint16_t*>(slot.host + full.values) + begin * hd);
-            } else {
-              read_keys.resize(refs.size() * hd);
-              read_values.resize(read_keys.size());
-              s = kv.ReadLayerRows(layer, refs, read_keys.data(), read_values.data());
+            if (by_address) {
+              at_keys.resize(refs.size());
+              at_values.resize(refs.size());
+              s = kv.LocateLayerRows(layer, refs, kBlockType, at_keys.data(), at_values.data(),
+                                     &run_holds);
+              unlocated.clear();
+              for (int64_t k = begin; s.ok() && k < end; ++k) {
+                const void* key = device_address(at_keys[k - begin], &key_slab);
+                const void* value = device_address(at_values[k - begin], &value_slab);
+                if (key == nullptr || value == nullptr) {
+                  unlocated.push_back(refs[k - begin]);
+                  continue;
+                }
+                chunk_addressed[k] = 1;
+                reinterpret_cast<const void**>(slot.host + full.src_keys)[k] = key;
+                reinterpret_cast<const void**>(slot.host + full.src_values)[k] = value;
+              }
+              packed = static_cast<int64_t>(unlocated.size());
+              chunk_by_address += end - begin - packed;
+            }
+            const bool all = packed == end - begin;
+            const std::vector<KvRowRef>& to_read = all ? refs : unlocated;
+            if (s.ok() && packed > 0) {
+              if constexpr (kBf16Rows) {
+                // Straight into the slot when every row is packed: a session's bf16 blocks are
+                // copied as they are.
+                if (all) {
+                  s = kv.ReadLayerRowsBf16(
+                      layer, refs, reinterpret_cast<uint16_t*>(slot.host + full.keys) + begin * hd,
+                      reinterpret_cast<uint16_t*>(slot.host + full.values) + begin * hd);
+                } else {
+                  read_k16.resize(to_read.size() * hd);
+                  read_v16.resize(read_k16.size());
+                  s = kv.ReadLayerRowsBf16(layer, to_read, read_k16.data(), read_v16.data());
+                }
+              } else {
+                read_keys.resize(to_read.size() * hd);
+                read_values.resize(read_keys.size());
+                s = kv.ReadLayerRows(layer, to_read, read_keys.data(), read_values.data());
+              }
             }
             if (!s.ok()) {
               std::lock_guard<std::mutex> lock(error_mu);
@@ -229,6 +302,8 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
               continue;
             }
           }
+          const bool all_packed = packed == end - begin;
+          int64_t next_read = 0;  // index into the rows read back
           for (int64_t k = begin; k < end; ++k) {
             const Pending& p = pending[chunk[k].pending];
             DeviceHead<T>& dh = dkv.heads[p.index];
@@ -237,17 +312,33 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
             const int64_t u = chunk[k].u;
             const int64_t e = p.plan.uploads[u];
             const int64_t row = static_cast<int64_t>(dh.mirrored.size()) + u;
-            if (!(kBf16Rows && read_back)) {  // else already in the slot
-              const float* key = read_back ? &read_keys[(k - begin) * hd] : &src.keys[e * hd];
-              const float* value = read_back ? &read_values[(k - begin) * hd] : &src.values[e * hd];
-              RowsFromFloat(key, hd, reinterpret_cast<T*>(slot.host + full.keys) + k * hd);
-              RowsFromFloat(value, hd, reinterpret_cast<T*>(slot.host + full.values) + k * hd);
+            const bool addressed_row = by_address && chunk_addressed[k] != 0;
+            if (!addressed_row) {
+              const int64_t m = next_read++;
+              T* slot_key = reinterpret_cast<T*>(slot.host + full.keys) + k * hd;
+              T* slot_value = reinterpret_cast<T*>(slot.host + full.values) + k * hd;
+              if (kBf16Rows && read_back) {
+                if (!all_packed) {  // else already in the slot
+                  std::memcpy(static_cast<void*>(slot_key), &read_k16[m * hd], hd * sizeof(T));
+                  std::memcpy(static_cast<void*>(slot_value), &read_v16[m * hd], hd * sizeof(T));
+                }
+              } else {
+                const float* key = read_back ? &read_keys[m * hd] : &src.keys[e * hd];
+                const float* value = read_back ? &read_values[m * hd] : &src.values[e * hd];
+                RowsFromFloat(key, hd, slot_key);
+                RowsFromFloat(value, hd, slot_value);
+              }
             }
             reinterpret_cast<int64_t*>(slot.host + full.positions)[k] = src.positions[e];
             reinterpret_cast<T**>(slot.host + full.dst_keys)[k] = dh.keys(hd) + row * hd;
             reinterpret_cast<T**>(slot.host + full.dst_values)[k] = dh.values(hd) + row * hd;
             reinterpret_cast<int64_t**>(slot.host + full.dst_positions)[k] = dh.positions(hd) + row;
           }
+        }
+        if (!run_holds.empty()) {
+          std::lock_guard<std::mutex> lock(held.mu);
+          held.blocks.insert(held.blocks.end(), std::make_move_iterator(run_holds.begin()),
+                             std::make_move_iterator(run_holds.end()));
         }
       };
       // A few rows (a recalled block or two) are not worth waking the pool.
@@ -259,10 +350,14 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
       }
       KVMEM_RETURN_IF_ERROR(error);
       rows = static_cast<int64_t>(chunk.size());
+      addressed = chunk_by_address.load();
+      upload_stats_.rows_packed += rows - addressed;
+      upload_stats_.rows_by_address += addressed;
       chunk.clear();
+      const UploadLayout layout = uploads_.Layout(rows, hd);
       if (rows < chunk_rows) {
         // A partial chunk: move its sections from the full-slot layout to the compact one.
-        const UploadLayout compact = uploads_.Layout(rows, hd);
+        const UploadLayout& compact = layout;
         const size_t kv_bytes = static_cast<size_t>(rows) * hd * sizeof(T);
         std::memmove(slot.host + compact.values, slot.host + full.values, kv_bytes);
         std::memmove(slot.host + compact.positions, slot.host + full.positions,
@@ -272,6 +367,22 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
                      rows * sizeof(void*));
         std::memmove(slot.host + compact.dst_positions, slot.host + full.dst_positions,
                      rows * sizeof(void*));
+        if (addressed > 0) {
+          std::memmove(slot.host + compact.src_keys, slot.host + full.src_keys,
+                       rows * sizeof(void*));
+          std::memmove(slot.host + compact.src_values, slot.host + full.src_values,
+                       rows * sizeof(void*));
+        }
+      }
+      if (addressed > 0 && addressed < rows) {
+        // Packed rows are read from their place in the slot's device copy.
+        for (int64_t k = 0; k < rows; ++k) {
+          if (chunk_addressed[k] != 0) continue;
+          reinterpret_cast<const void**>(slot.host + layout.src_keys)[k] =
+              slot.device + layout.keys + k * hd * sizeof(T);
+          reinterpret_cast<const void**>(slot.host + layout.src_values)[k] =
+              slot.device + layout.values + k * hd * sizeof(T);
+        }
       }
       return flush();
     };

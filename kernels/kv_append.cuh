@@ -39,10 +39,18 @@ cudaError_t LaunchAppendKv(const AppendKvParams<T>& p, cudaStream_t stream);
 // Row r < rows of (keys, values, positions), rows of head_dim elements uploaded from the host's
 // cache (already in T), goes to dst_keys[r], dst_values[r] and dst_positions[r].
 // Destinations must not overlap one another or the sources.
+//
+// With src_keys and src_values set, row r is read from src_keys[r] and src_values[r] instead:
+// any address the device can read, such as pinned host memory holding the session's blocks
+// (engine/block_memory.h), which the kernel then reads over the bus in place. keys and values
+// are unused then. Rows whose addresses and byte length are multiples of 16 move in 16-byte
+// pieces, the rest element by element.
 template <typename T>
 struct ScatterKvRowsParams {
   const T* keys = nullptr;                  // (rows, head_dim)
   const T* values = nullptr;                // (rows, head_dim)
+  const T* const* src_keys = nullptr;       // (rows) or null
+  const T* const* src_values = nullptr;     // (rows) or null
   const int64_t* positions = nullptr;       // (rows)
   T* const* dst_keys = nullptr;             // (rows)
   T* const* dst_values = nullptr;           // (rows)

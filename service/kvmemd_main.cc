@@ -53,10 +53,16 @@ std::string BoundAddress(const std::string& listen, int port) {
 absl::StatusOr<std::unique_ptr<Backend>> SelectBackend(const KvmemdOptions& options,
                                                        const Model& model, DeviceDtype dtype) {
   if (options.device != "cpu") {
-    absl::StatusOr<std::unique_ptr<Backend>> gpu = CreateCudaBackend(model, {.dtype = dtype});
+    const int64_t warm = options.sessions.warm_bytes;
+    const int64_t pinned = options.pinned_bytes >= 0 ? options.pinned_bytes : warm + warm / 4;
+    absl::StatusOr<std::unique_ptr<Backend>> gpu =
+        CreateCudaBackend(model, {.dtype = dtype, .pinned_block_bytes = pinned});
     if (gpu.ok()) {
-      std::fprintf(stderr, "kvmemd: device %s: CUDA backend, %s weights and KV\n",
-                   options.device.c_str(), DeviceDtypeName(dtype));
+      std::fprintf(stderr,
+                   "kvmemd: device %s: CUDA backend, %s weights and KV, KV blocks in up to %.2f "
+                   "GiB of pinned host memory\n",
+                   options.device.c_str(), DeviceDtypeName(dtype),
+                   static_cast<double>(pinned) / (1 << 30));
       return gpu;
     }
     if (options.device == "cuda" || gpu.status().code() != absl::StatusCode::kUnavailable) {
@@ -75,6 +81,11 @@ int Serve(const KvmemdOptions& options, int stop_fd) {
   if (options.device != "cpu" && options.device != "cuda" && options.device != "auto") {
     return Fail(absl::InvalidArgumentError(
         absl::StrCat("--device must be cpu, cuda or auto, got \"", options.device, "\"")));
+  }
+  if (options.pinned_bytes < -1) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--pinned-bytes must be -1 (warm-bytes + 25%), 0 (off) or a byte count, got ",
+                     options.pinned_bytes)));
   }
   absl::StatusOr<DeviceDtype> dtype = ParseDeviceDtype(options.device_dtype);
   if (!dtype.ok()) return Fail(dtype.status());

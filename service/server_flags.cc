@@ -82,7 +82,12 @@ std::vector<FlagSpec> KvmemdFlags(KvmemdOptions* o) {
               &o->backend_threads),
       StringFlag("device", "cpu|cuda|auto", "compute backend (auto: CUDA when available, else CPU)",
                  &o->device),
-      StringFlag("device-dtype", "bf16|f16|f32", "weights and KV type on the GPU", &o->device_dtype),
+      StringFlag("device-dtype", "bf16|f16|f32", "weights and KV type on the GPU",
+                 &o->device_dtype),
+      IntFlag("pinned-bytes", "N",
+              "GPU: pinned host RAM for KV blocks, read in place by page-ins and recalls "
+              "(-1 = warm-bytes + 25%, 0 = off)",
+              &o->pinned_bytes),
       StringFlag("auth-tokens", "FILE",
                  "lines \"TOKEN TENANT [read-only]\"; calls then need "
                  "\"authorization: Bearer TOKEN\"",
@@ -105,7 +110,9 @@ std::vector<FlagSpec> KvmemdFlags(KvmemdOptions* o) {
       IntFlag("block-size", "N", "positions per KV block", &d.block_size),
       // Session defaults; each session may override them.
       StringFlag("chat-template", "NAME", "raw, llama2, zephyr or chatml", &d.chat_template),
-      StringFlag("policy", "NAME", "memory policy: snapkv, window, full, h2o, snapkv-adaptive or adakv", &d.memory.policy),
+      StringFlag("policy", "NAME",
+                 "memory policy: snapkv, window, full, h2o, snapkv-adaptive or adakv",
+                 &d.memory.policy),
       IntFlag("hot-budget", "N", "hot tokens per (layer, KV head)", &d.memory.budget),
       IntFlag("window", "N", "SnapKV observation window", &d.memory.window),
       IntFlag("kernel", "N", "SnapKV pooling kernel (odd)", &d.memory.kernel),

@@ -30,6 +30,11 @@ struct KvmemdOptions {
   std::string device = "auto";
   // Default: "bf16". Weights and KV type on the GPU: "bf16", "f16", or "f32" (matches the CPU).
   std::string device_dtype = "bf16";
+  // Default: -1 (the warm budget plus a quarter, for blocks in flight). GPU only: host RAM the
+  // session's KV blocks may take in pinned, device-mapped slabs, so that page-ins and recalls
+  // read rows where they lie (CudaBackendOptions::pinned_block_bytes); 0 keeps every block in
+  // pageable memory.
+  int64_t pinned_bytes = -1;
   // Default: "" (no authentication: one anonymous tenant). File of "TOKEN TENANT" lines.
   std::string auth_tokens;
   // Default: 5000. On SIGTERM/SIGINT, how long in-flight calls may run before cancellation.

@@ -439,6 +439,72 @@ TEST_F(KernelsTest, AppendAndScatterWriteRowsWhereTheHeadsSayAndConvertBackExact
   EXPECT_EQ(FromBf16(narrowed.ToHost()), got_k);
 }
 
+// The zero-copy page-in: rows read by address straight from pinned host memory (as the
+// session's blocks are, once engine/block_memory.h's pool holds them), in 16-byte pieces where
+// aligned and element by element where not.
+TEST_F(KernelsTest, ScatterReadsRowsByAddressFromPinnedHostMemory) {
+  for (const int hd : {128, 6}) {
+    SCOPED_TRACE(hd);
+    const int64_t rows = 37;
+    // Keys then values of `rows` rows, plus one element so a row can sit misaligned.
+    const size_t elems = static_cast<size_t>(2 * rows * hd + 1);
+    __nv_bfloat16* host = nullptr;
+    ASSERT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&host), elems * sizeof(__nv_bfloat16),
+                            cudaHostAllocPortable | cudaHostAllocMapped),
+              cudaSuccess);
+    const std::vector<float> values = RandomNormal(elems, 74);
+    const std::vector<__nv_bfloat16> bits = ToBf16(values);
+    std::copy(bits.begin(), bits.end(), host);
+    __nv_bfloat16* device_view = nullptr;
+    ASSERT_EQ(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_view), host, 0),
+              cudaSuccess);
+    std::vector<const __nv_bfloat16*> src_k, src_v;
+    std::vector<int64_t> src_at;  // element offset of row r's key
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = ((r * 7) % rows) * hd + (r == 5 ? 1 : 0);  // row 5 misaligned
+      src_at.push_back(at);
+      src_k.push_back(device_view + at);
+      src_v.push_back(device_view + rows * hd + at - (r == 5 ? 1 : 0));
+    }
+    DeviceArray<__nv_bfloat16> dst_k(rows * hd), dst_v(rows * hd);
+    DeviceArray<int64_t> dst_p(rows);
+    std::vector<__nv_bfloat16*> pk, pv;
+    std::vector<int64_t*> pp;
+    std::vector<int64_t> positions;
+    for (int64_t r = 0; r < rows; ++r) {
+      pk.push_back(dst_k.get() + r * hd);
+      pv.push_back(dst_v.get() + r * hd);
+      pp.push_back(dst_p.get() + r);
+      positions.push_back(1000 + 3 * r);
+    }
+    DeviceArray<const __nv_bfloat16*> d_src_k(src_k), d_src_v(src_v);
+    DeviceArray<__nv_bfloat16*> d_pk(pk), d_pv(pv);
+    DeviceArray<int64_t*> d_pp(pp);
+    DeviceArray<int64_t> d_positions(positions);
+    ScatterKvRowsParams<__nv_bfloat16> s;
+    s.src_keys = d_src_k.get();
+    s.src_values = d_src_v.get();
+    s.positions = d_positions.get();
+    s.dst_keys = d_pk.get();
+    s.dst_values = d_pv.get();
+    s.dst_positions = d_pp.get();
+    s.rows = rows;
+    s.head_dim = hd;
+    Finish(LaunchScatterKvRows(s, stream_));
+    const std::vector<float> got_k = FromBf16(dst_k.ToHost()), got_v = FromBf16(dst_v.ToHost());
+    const std::vector<float> want = FromBf16(bits);
+    EXPECT_EQ(dst_p.ToHost(), positions);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t vat = rows * hd + src_at[r] - (r == 5 ? 1 : 0);
+      for (int d = 0; d < hd; ++d) {
+        ASSERT_EQ(got_k[r * hd + d], want[src_at[r] + d]) << "row " << r << " dim " << d;
+        ASSERT_EQ(got_v[r * hd + d], want[vat + d]) << "row " << r << " dim " << d;
+      }
+    }
+    cudaFreeHost(host);
+  }
+}
+
 TEST_F(KernelsTest, FillUniformIsSeededBoundedAndIndependentOfLaunchShape) {
   const int64_t count = 100000;
   DeviceArray<float> a(count), b(count);

@@ -163,6 +163,9 @@ TEST(KvmemdDeviceTest, UnavailableOrUnknownDeviceIsAClearErrorBeforeServing) {
   EXPECT_NE(gpu.find("INVALID_ARGUMENT"), std::string::npos) << gpu;
   EXPECT_NE(RunForStderr(kvmemd + "--device-dtype f8", &dtype), 0);
   EXPECT_NE(dtype.find("bf16, f16 or f32"), std::string::npos) << dtype;
+  std::string pinned;
+  EXPECT_NE(RunForStderr(kvmemd + "--device cpu --pinned-bytes -2", &pinned), 0);
+  EXPECT_NE(pinned.find("--pinned-bytes must be"), std::string::npos) << pinned;
   std::string why;
   if (CudaBackendAvailable(0, &why)) return;  // --device cuda would serve; not a failure here
   std::string cuda;
