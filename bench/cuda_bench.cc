@@ -221,7 +221,11 @@ class BlockRows : public KvRowSource {
         return absl::OutOfRangeError(absl::StrCat("no block holds position ", p));
       }
       const std::shared_ptr<const KvBlock>& block = (*blocks_)[layer][p / kBlock];
-      if (block->dtype != dtype) continue;
+      PinnedRange range;
+      if (block->dtype != dtype || !FindPinnedRange(block->KeysAt(0), &range) ||
+          !FindPinnedRange(block->ValuesAt(0), &range)) {
+        continue;
+      }
       if (holds->empty() || holds->back() != block) holds->push_back(block);
       const size_t off = ((p % kBlock) * c_.num_kv_heads + rows[i].head) * hd;
       keys[i] = block->KeysAt(off);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <mutex>
 #include <new>
 
@@ -42,7 +43,11 @@ class Pool {
     std::lock_guard<std::mutex> lock(mu_);
     if (pinner_ == nullptr) {
       pinner_ = std::move(pinner);
-      slab_bytes_ = options.slab_bytes;
+      // A limit below one slab still pins: two slabs of half of it, so two block sizes (keys
+      // and values of two types, say) each get one.
+      slab_bytes_ = options.slab_bytes <= options.max_bytes
+                        ? options.slab_bytes
+                        : std::max<int64_t>(options.max_bytes / 2, 4096);
     }
     max_bytes_ = std::max(max_bytes_, options.max_bytes);
     installed_.store(true, std::memory_order_release);
@@ -70,18 +75,25 @@ class Pool {
       if (sizes_[i].load(std::memory_order_relaxed) == bytes) index = i;
     }
     if (index < 0) return nullptr;
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
     SizeClass& c = classes_[index];
     void* piece = nullptr;
-    if (!c.free.empty()) {
-      piece = c.free.back();
-      c.free.pop_back();
-    } else if (c.carve != nullptr && c.carve + c.stride <= c.carve_end) {
-      piece = c.carve;
-      c.carve += c.stride;
-    } else if (NewSlab(index)) {
-      piece = c.carve;
-      c.carve += c.stride;
+    for (;;) {
+      if (!c.free.empty()) {
+        piece = c.free.back();
+        c.free.pop_back();
+        break;
+      }
+      if (c.carve != nullptr && c.carve + c.stride <= c.carve_end) {
+        piece = c.carve;
+        c.carve += c.stride;
+        break;
+      }
+      if (growing_) {  // another thread is pinning a slab: its pieces may serve this one
+        grown_.wait(lock);
+        continue;
+      }
+      if (!NewSlab(index, lock)) break;
     }
     if (piece == nullptr) {
       heap_fallbacks_.fetch_add(1, std::memory_order_relaxed);
@@ -122,24 +134,36 @@ class Pool {
 
  private:
   // Pins a new slab for size class `index` and makes it the class's carving slab; false when
-  // the limit is reached or the pinner fails (mu_ held).
-  bool NewSlab(int index) {
+  // the limit is reached or the pinner fails. Pinning takes milliseconds, so `lock` (on mu_) is
+  // released meanwhile, with growing_ set: frees go on, and allocations wait for the slab.
+  bool NewSlab(int index, std::unique_lock<std::mutex>& lock) {
     SizeClass& c = classes_[index];
-    const int n = slab_count_.load(std::memory_order_relaxed);
-    const int64_t pinned = pinned_bytes_.load(std::memory_order_relaxed);
-    if (pinner_failed_ || n == kMaxSlabs || static_cast<int64_t>(c.stride) > slab_bytes_ ||
-        pinned + slab_bytes_ > max_bytes_) {
+    if (pinner_failed_ || static_cast<int64_t>(c.stride) > slab_bytes_ ||
+        reserved_bytes_ + slab_bytes_ > max_bytes_ ||
+        slab_count_.load(std::memory_order_relaxed) == kMaxSlabs) {
       return false;
     }
-    absl::StatusOr<void*> base = pinner_->Allocate(static_cast<size_t>(slab_bytes_));
+    growing_ = true;
+    reserved_bytes_ += slab_bytes_;
+    const size_t bytes = static_cast<size_t>(slab_bytes_);
+    lock.unlock();
+    absl::StatusOr<void*> base = pinner_->Allocate(bytes);
     absl::StatusOr<const void*> device =
         base.ok() ? pinner_->DeviceAddress(*base) : absl::StatusOr<const void*>(base.status());
+    lock.lock();
+    growing_ = false;
+    grown_.notify_all();
     if (!device.ok()) {
       // Pinned memory ran out or the device refused it: the heap serves from here on. (A
       // refused slab stays allocated, unused: the pinner has no way to give it back.)
       pinner_failed_ = true;
+      reserved_bytes_ -= slab_bytes_;
       return false;
     }
+    // Room for every piece of the slab on the free list, so that freeing never allocates.
+    const size_t pieces = bytes / c.stride;
+    c.free.reserve(c.free.size() + pieces);
+    const int n = slab_count_.load(std::memory_order_relaxed);
     char* b = static_cast<char*>(*base);
     Slab& slab = slabs_[n];
     slab.range.begin = b;
@@ -149,7 +173,7 @@ class Pool {
     slab_count_.store(n + 1, std::memory_order_release);  // readers see it whole
     pinned_bytes_.fetch_add(slab_bytes_, std::memory_order_relaxed);
     c.carve = b;
-    c.carve_end = b + static_cast<size_t>(slab_bytes_) / c.stride * c.stride;
+    c.carve_end = b + pieces * c.stride;
     return true;
   }
 
@@ -166,6 +190,9 @@ class Pool {
   std::unique_ptr<HostMemoryPinner> pinner_;
   int64_t max_bytes_ = 0;
   int64_t slab_bytes_ = 0;
+  int64_t reserved_bytes_ = 0;  // slabs pinned or being pinned
+  bool growing_ = false;        // a thread is pinning a slab (with mu_ released)
+  std::condition_variable grown_;
   bool pinner_failed_ = false;
   SizeClass classes_[kMaxSizes];
 };

@@ -885,8 +885,9 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelConfig& co
   ctx->device = options.device;
   KVMEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(options.device));
   if (options.pinned_block_bytes > 0) {
-    KVMEM_RETURN_IF_ERROR(InstallPinnedBlockPool(std::make_unique<cuda_internal::CudaHostPinner>(),
-                                                 {.max_bytes = options.pinned_block_bytes}));
+    KVMEM_RETURN_IF_ERROR(
+        InstallPinnedBlockPool(std::make_unique<cuda_internal::CudaHostPinner>(options.device),
+                               {.max_bytes = options.pinned_block_bytes}));
   }
   KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking));
   switch (options.dtype) {

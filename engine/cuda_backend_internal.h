@@ -299,33 +299,48 @@ struct DeviceKv : DeviceKvBase {
   }
 };
 
-// Where the sections of an upload chunk of `rows` rows sit in a staging slot (byte offsets,
-// each 8-byte aligned): keys and values (rows, head_dim) in T, positions, then the destination
-// row pointers of keys, values and positions.
 // Page-locked host memory for engine/block_memory.h's pool: portable (any context may use it)
-// and mapped, so kernels read blocks in it over the bus by address.
+// and mapped, so kernels read blocks in it over the bus by address. Blocks are made on any
+// thread (the thread pool's, a cold read's), so each call runs on the backend's device and
+// puts the thread's own device back after.
 class CudaHostPinner : public HostMemoryPinner {
  public:
+  explicit CudaHostPinner(int device) : device_(device) {}
   absl::StatusOr<void*> Allocate(size_t bytes) override {
     void* p = nullptr;
-    const cudaError_t err = cudaHostAlloc(&p, bytes, cudaHostAllocPortable | cudaHostAllocMapped);
+    const cudaError_t err = OnDevice(
+        [&] { return cudaHostAlloc(&p, bytes, cudaHostAllocPortable | cudaHostAllocMapped); });
     if (err != cudaSuccess) {
-      cudaGetLastError();
       return CudaStatus(err, "pinning host memory for KV blocks", __FILE__, __LINE__);
     }
     return p;
   }
   absl::StatusOr<const void*> DeviceAddress(void* base) override {
     void* device = nullptr;
-    const cudaError_t err = cudaHostGetDevicePointer(&device, base, 0);
+    const cudaError_t err = OnDevice([&] { return cudaHostGetDevicePointer(&device, base, 0); });
     if (err != cudaSuccess) {
-      cudaGetLastError();
       return CudaStatus(err, "mapping pinned KV blocks for the device", __FILE__, __LINE__);
     }
     return static_cast<const void*>(device);
   }
+
+ private:
+  template <typename Call>
+  cudaError_t OnDevice(const Call& call) {
+    int previous = -1;
+    cudaError_t err = cudaGetDevice(&previous);
+    if (err == cudaSuccess) err = cudaSetDevice(device_);
+    if (err == cudaSuccess) err = call();
+    if (previous >= 0 && previous != device_) cudaSetDevice(previous);
+    if (err != cudaSuccess) cudaGetLastError();
+    return err;
+  }
+  const int device_;
 };
 
+// Where the sections of an upload chunk of `rows` rows sit in a staging slot (byte offsets,
+// each 8-byte aligned): keys and values (rows, head_dim) in T, positions, then the destination
+// row pointers of keys, values and positions, then the source row pointers.
 struct UploadLayout {
   size_t keys = 0, values = 0, positions = 0, dst_keys = 0, dst_values = 0, dst_positions = 0;
   // Where each row is read from (ScatterKvRowsParams::src_keys): its packed row in the slot,
@@ -437,6 +452,7 @@ class CudaBackend : public Backend, public OpProfileSource {
     KVMEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(ctx_->device));
     prof_.Begin(options_.profile_ops, ctx_->stream);
     absl::Status status = Run(tokens, start_pos, kv, options, result, &stale);
+    ReleaseReadsInPlace();
     prof_.End();
     if (!status.ok()) {
       // Nothing queued may still read pinned inputs or write pinned outputs the next pass
@@ -577,6 +593,12 @@ class CudaBackend : public Backend, public OpProfileSource {
     std::lock_guard<std::recursive_mutex> lock(ctx_->mu);
     return prof_.Take();
   }
+  // Drops the holds on blocks read by address once the stream has run everything queued.
+  void ReleaseReadsInPlace() {
+    if (!reads_in_place_.empty() && cudaStreamQuery(ctx_->stream) == cudaSuccess) {
+      reads_in_place_.clear();
+    }
+  }
   CudaUploadStats UploadStats() const override {
     return {upload_stats_.rows_packed.load(), upload_stats_.rows_by_address.load()};
   }
@@ -589,6 +611,10 @@ class CudaBackend : public Backend, public OpProfileSource {
     std::atomic<int64_t> rows_packed{0};
     std::atomic<int64_t> rows_by_address{0};
   } upload_stats_;
+  // Blocks whose rows scatters queued on ctx_->stream read by address (SyncHeads), kept alive
+  // until the stream has run them (ReleaseReadsInPlace; the destructor waits for the stream
+  // before members go).
+  std::vector<std::shared_ptr<const KvBlock>> reads_in_place_;
   const uint64_t id_;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;

@@ -64,6 +64,7 @@ absl::Status CudaBackend<T>::Reserve(DeviceKv<T>& dkv, DeviceHead<T>& head, int6
 template <typename T>
 absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int first_layer,
                                        int last_layer) {
+  ReleaseReadsInPlace();
   const int kvh = config_.num_kv_heads, hd = config_.head_dim;
   struct Pending {
     int index;  // into dkv.heads
@@ -145,11 +146,12 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
       UploadSlot& slot = uploads_.slots[slot_index];
       const UploadLayout layout = uploads_.Layout(rows, hd);
       KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(uploads_.stream, slot.device_free, 0));
-      // A chunk read wholly by address sends no rows, only where they are and where they go.
+      // A chunk read wholly by address sends no rows, only where they are and where they go;
+      // one with no row read by address sends no source addresses.
       const size_t from = addressed == rows ? layout.positions : 0;
-      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.device + from, slot.host + from,
-                                                 layout.bytes - from, cudaMemcpyHostToDevice,
-                                                 uploads_.stream));
+      const size_t to = addressed == 0 ? layout.src_keys : layout.bytes;
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(slot.device + from, slot.host + from, to - from,
+                                                 cudaMemcpyHostToDevice, uploads_.stream));
       KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(slot.host_free, uploads_.stream));
       KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(ctx_->stream, slot.host_free, 0));
       ScatterKvRowsParams<T> sp;
@@ -183,16 +185,17 @@ absl::Status CudaBackend<T>::SyncHeads(const KvCache& kv, DeviceKv<T>& dkv, int 
     // Per row of the chunk, when rows may be read by address: 1 where the scatter reads it from
     // its pinned block.
     std::vector<uint8_t> chunk_addressed;
-    // The blocks the device reads by address stay alive until it has read them: whichever way
-    // this scope is left, the stream is waited for first.
-    struct HoldUntilRead {
-      cudaStream_t stream;
+    // The blocks the device reads by address stay alive until the stream has run the scatters
+    // that read them: whichever way this scope is left, they join reads_in_place_.
+    struct KeepUntilRead {
+      std::vector<std::shared_ptr<const KvBlock>>* keep;
       std::mutex mu;
       std::vector<std::shared_ptr<const KvBlock>> blocks;
-      ~HoldUntilRead() {
-        if (!blocks.empty()) cudaStreamSynchronize(stream);
+      ~KeepUntilRead() {
+        keep->insert(keep->end(), std::make_move_iterator(blocks.begin()),
+                     std::make_move_iterator(blocks.end()));
       }
-    } held{ctx_->stream, {}, {}};
+    } held{&reads_in_place_, {}, {}};
     // Packs `chunk` into the current slot (at a full slot's layout, compacted when partial) and
     // sends it. Runs of one layer's rows (the chunk goes layer by layer, each layer's rows
     // ordered by position across its heads) are packed on the shared thread pool: each run reads

@@ -55,10 +55,10 @@ class KvRowSource {
                                      float* values);
   virtual absl::Status ReadLayerRowsBf16(int layer, absl::Span<const KvRowRef> rows, uint16_t* keys,
                                          uint16_t* values);
-  // Where rows of one layer lie in blocks of type `dtype`, for a device that reads them in
-  // place (from pinned host memory, engine/block_memory.h): keys[i] and values[i] point at row
-  // rows[i]'s head_dim values, or are null where the row is not in such a block (the caller
-  // reads those through ReadLayerRows). Every block pointed into is appended to *holds, which
+  // Where rows of one layer lie in blocks of type `dtype` in the pinned pool
+  // (engine/block_memory.h), for a device that reads them there: keys[i] and values[i] point at
+  // row rows[i]'s head_dim values, or are null where the row is not in such a block (the
+  // caller reads those through ReadLayerRows). Every block pointed into is appended to *holds, which
   // keeps it alive, and its filled rows unchanged, while the caller holds it. DATA_LOSS or
   // NOT_FOUND as ReadLayerRows. The default locates nothing. May be called from several threads
   // at once, as ReadRows.

@@ -850,6 +850,8 @@ absl::Status Session::LocateLayerRows(int layer, absl::Span<const KvRowRef> rows
   const ModelConfig& c = model_.config();
   const int B = options_.block_size, hd = c.head_dim;
   std::shared_ptr<const KvBlock> block;
+  bool usable = false;  // the block is of `dtype` and in the pinned pool
+  PinnedRange range;
   for (size_t i = 0; i < rows.size(); ++i) {
     const int64_t p = rows[i].position;
     if (p < 0 || p >= committed_) {
@@ -858,15 +860,16 @@ absl::Status Session::LocateLayerRows(int layer, absl::Span<const KvRowRef> rows
     }
     if (block == nullptr || block->index != p / B) {
       KVMEM_ASSIGN_OR_RETURN(block, FindBlock(layer, p / B));
-      if (block->dtype == dtype && (holds->empty() || holds->back() != block)) {
-        holds->push_back(block);
-      }
+      usable = block->dtype == dtype && block->size() > 0 &&
+               FindPinnedRange(block->KeysAt(0), &range) &&
+               FindPinnedRange(block->ValuesAt(0), &range);
+      if (usable) holds->push_back(block);
     }
     if (block->index != p / B || p % B >= block->filled) {
       return absl::DataLossError(
           absl::StrCat("stored block ", p / B, " of layer ", layer, " lacks position ", p));
     }
-    if (block->dtype != dtype) {
+    if (!usable) {
       keys[i] = values[i] = nullptr;
       continue;
     }

@@ -97,6 +97,7 @@ cudaError_t LaunchAppendKv(const AppendKvParams<T>& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t LaunchScatterKvRows(const ScatterKvRowsParams<T>& p, cudaStream_t stream) {
   if (p.rows < 0 || p.head_dim <= 0) return cudaErrorInvalidValue;
+  if ((p.src_keys == nullptr) != (p.src_values == nullptr)) return cudaErrorInvalidValue;
   if (p.rows == 0) return cudaSuccess;
   if (BlocksFor(p.rows) > INT32_MAX) return cudaErrorInvalidValue;
   ScatterKvRowsKernel<T><<<static_cast<unsigned>(BlocksFor(p.rows)), kWarps * 32, 0, stream>>>(p);

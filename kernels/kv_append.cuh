@@ -62,9 +62,9 @@ struct ScatterKvRowsParams {
 template <typename T>
 cudaError_t LaunchScatterKvRows(const ScatterKvRowsParams<T>& p, cudaStream_t stream);
 
-// Both: cudaErrorInvalidValue for non-positive head sizes or negative counts; otherwise the
-// launch error. Nothing is launched for zero rows. Instantiated for float, __nv_bfloat16 and
-// __half.
+// Both: cudaErrorInvalidValue for non-positive head sizes, negative counts, or (scatter) only one
+// of src_keys and src_values set; otherwise the launch error. Nothing is launched for zero
+// rows. Instantiated for float, __nv_bfloat16 and __half.
 extern template cudaError_t LaunchAppendKv<float>(const AppendKvParams<float>&, cudaStream_t);
 extern template cudaError_t LaunchAppendKv<__nv_bfloat16>(const AppendKvParams<__nv_bfloat16>&,
                                                           cudaStream_t);

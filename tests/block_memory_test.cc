@@ -114,6 +114,26 @@ TEST(BlockMemoryTest, PastItsLimitThePoolLeavesBlocksOnTheHeap) {
   EXPECT_EQ(GetPinnedBlockPoolStats().bytes_in_use, before.bytes_in_use);
 }
 
+TEST(BlockMemoryTest, ALimitBelowOneSlabPinsTwoHalfSlabs) {
+  if (PinnedBlockPoolInstalled()) GTEST_SKIP() << "an earlier case in this process installed it";
+  ASSERT_TRUE(InstallPinnedBlockPool(std::make_unique<PlainPinner>(),
+                                     {.max_bytes = 32 << 10, .slab_bytes = 1 << 20})
+                  .ok());
+  RegisterBlockBytes(1024);
+  RegisterBlockBytes(512);
+  void* a = AllocateBlockMemory(1024);
+  void* b = AllocateBlockMemory(512);
+  EXPECT_TRUE(Pinned(a));
+  EXPECT_TRUE(Pinned(b));
+  EXPECT_EQ(GetPinnedBlockPoolStats().pinned_bytes, 32 << 10);
+  std::vector<void*> more;
+  for (int i = 0; i < 20; ++i) more.push_back(AllocateBlockMemory(1024));  // 16 fit in 16 KiB
+  EXPECT_EQ(GetPinnedBlockPoolStats().heap_fallbacks, 5);
+  for (void* p : more) FreeBlockMemory(p, 1024);
+  FreeBlockMemory(a, 1024);
+  FreeBlockMemory(b, 512);
+}
+
 TEST(BlockMemoryTest, APinnerThatFailsLeavesBlocksOnTheHeap) {
   Install(int64_t{16} << 20, /*fail_after=*/0);
   if (GetPinnedBlockPoolStats().pinned_bytes > 0) GTEST_SKIP() << "an earlier case's pinner won";

@@ -135,39 +135,6 @@ class CudaParityTest : public ::testing::TestWithParam<Case> {
   double worst_logit_error_ = 0;
 
   TempDir dir_;
-  // Two lives of a durable store: the second restores the session (positions only; its first
-  // pass reads the hot rows back from the blocks and uploads them), recalls from the store and
-  // keeps generating. Returns the four generated texts.
-  std::vector<std::string> RestartedTexts(Backend& backend, bool host_hot_rows = false) {
-    TempDir dir;
-    SessionManagerOptions o;
-    o.data_dir = dir.path();
-    o.sync = false;
-    o.session_defaults.memory = {.policy = "snapkv", .budget = 24, .window = 8, .kernel = 3};
-    o.session_defaults.block_size = 8;
-    o.session_defaults.recall_blocks = 2;
-    o.session_defaults.host_hot_rows = host_hot_rows;
-    std::vector<std::string> texts;
-    const char* turns[] = {"The cat sat on the mat.", "A bird sang in the tree.",
-                           "The cat looked up at the bird.", "Then it began to rain."};
-    for (int life = 0; life < 2; ++life) {
-      auto m = SessionManager::Open(*model_, backend, o);
-      EXPECT_TRUE(m.ok()) << m.status();
-      if (!m.ok()) return texts;
-      if (life == 0) {
-        EXPECT_TRUE((*m)->CreateSession({.session_id = "s"}).ok());
-      }
-      for (int t = 0; t < 2; ++t) {
-        EXPECT_TRUE((*m)->AppendTurn({.session_id = "s", .content = turns[life * 2 + t]}).ok());
-        auto g = (*m)->Generate({.session_id = "s", .options = {.sampling = {.max_tokens = 16}}},
-                                nullptr);
-        EXPECT_TRUE(g.ok()) << g.status();
-        if (g.ok()) texts.push_back(g->generation.text);
-      }
-    }
-    return texts;
-  }
-
   std::unique_ptr<Model> model_;
   std::unique_ptr<CpuBackend> cpu_;
   std::unique_ptr<Backend> gpu_;
@@ -747,15 +714,18 @@ TEST_F(CudaSessionTest, DurableSessionRestartedOnTheGpuContinuesLikeTheCpu) {
 
 // With the pinned block pool (CudaBackendOptions::pinned_block_bytes), the blocks a session
 // makes and reads live in pinned slabs, and the restarted session's page-in and its recalls
-// read their rows there by address, over the bus. The pool is process-wide: cases that run
-// after this one in the same process keep it.
+// read their rows there by address, over the bus. The pool here is small (two 32 KiB slabs:
+// some of the tiny model's blocks fit, the rest stay on the heap), so uploads mix rows read by
+// address with rows packed on the host, in partial chunks. The pool is process-wide: cases that
+// run after this one in the same process keep it.
 TEST_F(CudaSessionTest, RowsReadByAddressFromPinnedBlocksGiveTheSameTokens) {
   const std::vector<std::string> want = RestartedTexts(*cpu_);
-  auto f32 = CreateCudaBackend(
-      *model_, {.dtype = DeviceDtype::kF32, .pinned_block_bytes = int64_t{256} << 20});
+  auto f32 =
+      CreateCudaBackend(*model_, {.dtype = DeviceDtype::kF32, .pinned_block_bytes = 64 << 10});
   ASSERT_TRUE(f32.ok()) << f32.status();
   EXPECT_EQ(RestartedTexts(**f32), want);
   EXPECT_GT(GetCudaUploadStats(**f32).rows_by_address, 0);
+  EXPECT_GT(GetCudaUploadStats(**f32).rows_packed, 0);
   // A bf16 device reads its own rows back bit for bit: the same texts as when every upload
   // packs the rows from an f32 host copy.
   auto bf16 = CreateCudaBackend(*model_, {.dtype = DeviceDtype::kBF16});
@@ -764,9 +734,7 @@ TEST_F(CudaSessionTest, RowsReadByAddressFromPinnedBlocksGiveTheSameTokens) {
   const int64_t by_address = GetCudaUploadStats(**bf16).rows_by_address;
   EXPECT_EQ(RestartedTexts(**bf16), packed);
   EXPECT_GT(GetCudaUploadStats(**bf16).rows_by_address, by_address);
-  const PinnedBlockPoolStats pool = GetPinnedBlockPoolStats();
-  EXPECT_GT(pool.pinned_bytes, 0);
-  EXPECT_EQ(pool.heap_fallbacks, 0);
+  EXPECT_GT(GetPinnedBlockPoolStats().pinned_bytes, 0);
 }
 
 }  // namespace
