@@ -74,10 +74,11 @@ case "${1:-}" in
     echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" | tee "$out/cuda_bench.md"
     gpu-pack/bin/cuda_bench "${@:2}" | tee -a "$out/cuda_bench.md"
     echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" | tee "$out/turn_host_bench.md"
-    # 256- and 4096-token turns, then 256 with f32 blocks and with blocks inside RocksDB, to
-    # compare with the defaults (bf16 blocks in block files) on a server-class host.
+    # 256- and 4096-token turns, then 256 with f32 blocks, with blocks inside RocksDB and with
+    # blocks in a pool (plain memory standing in for pinned), to compare with the defaults (bf16
+    # blocks in block files) on a server-class host.
     for flags in "--turn-tokens 256" "--turn-tokens 4096" "--turn-tokens 256 --block-dtype f32" \
-                 "--turn-tokens 256 --block-files 0"; do
+                 "--turn-tokens 256 --block-files 0" "--turn-tokens 256 --pinned-bytes 6442450944"; do
       echo "flags: $flags" | tee -a "$out/turn_host_bench.md"
       # shellcheck disable=SC2086  # $flags is a list of flags
       KVMEM_MODEL="$PWD/gpu-pack/models/stories260K" gpu-pack/bin/turn_host_bench --shape 8b \
