@@ -221,11 +221,7 @@ class BlockRows : public KvRowSource {
         return absl::OutOfRangeError(absl::StrCat("no block holds position ", p));
       }
       const std::shared_ptr<const KvBlock>& block = (*blocks_)[layer][p / kBlock];
-      PinnedRange range;
-      if (block->dtype != dtype || !FindPinnedRange(block->KeysAt(0), &range) ||
-          !FindPinnedRange(block->ValuesAt(0), &range)) {
-        continue;
-      }
+      if (block->dtype != dtype || !BlockIsPinned(*block)) continue;
       if (holds->empty() || holds->back() != block) holds->push_back(block);
       const size_t off = ((p % kBlock) * c_.num_kv_heads + rows[i].head) * hd;
       keys[i] = block->KeysAt(off);

@@ -170,6 +170,12 @@ const void* KvBlock::ValuesAt(size_t off) const {
 
 size_t BlockValueBytes(BlockDType dtype) { return dtype == BlockDType::kF32 ? 4 : 2; }
 
+bool BlockIsPinned(const KvBlock& b) {
+  PinnedRange range;
+  return b.size() > 0 && FindPinnedRange(b.KeysAt(0), &range) &&
+         FindPinnedRange(b.ValuesAt(0), &range);
+}
+
 KvBlock WidenedBlock(const KvBlock& b) {
   if (b.dtype == BlockDType::kF32) return b;
   KvBlock w;

@@ -77,6 +77,10 @@ struct KvBlock {
 // Bytes of one stored K (or V) value: 4 for f32, 2 for the 16-bit types.
 size_t BlockValueBytes(BlockDType dtype);
 
+// True when b's keys and values both lie in the pinned pool (engine/block_memory.h), where a
+// device can read them by address.
+bool BlockIsPinned(const KvBlock& b);
+
 // `b` with its values as f32 (exact for every type).
 KvBlock WidenedBlock(const KvBlock& b);
 

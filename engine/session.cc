@@ -851,7 +851,6 @@ absl::Status Session::LocateLayerRows(int layer, absl::Span<const KvRowRef> rows
   const int B = options_.block_size, hd = c.head_dim;
   std::shared_ptr<const KvBlock> block;
   bool usable = false;  // the block is of `dtype` and in the pinned pool
-  PinnedRange range;
   for (size_t i = 0; i < rows.size(); ++i) {
     const int64_t p = rows[i].position;
     if (p < 0 || p >= committed_) {
@@ -860,9 +859,7 @@ absl::Status Session::LocateLayerRows(int layer, absl::Span<const KvRowRef> rows
     }
     if (block == nullptr || block->index != p / B) {
       KVMEM_ASSIGN_OR_RETURN(block, FindBlock(layer, p / B));
-      usable = block->dtype == dtype && block->size() > 0 &&
-               FindPinnedRange(block->KeysAt(0), &range) &&
-               FindPinnedRange(block->ValuesAt(0), &range);
+      usable = block->dtype == dtype && BlockIsPinned(*block);
       if (usable) holds->push_back(block);
     }
     if (block->index != p / B || p % B >= block->filled) {
