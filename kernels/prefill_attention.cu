@@ -192,6 +192,27 @@ constexpr size_t FaSharedBytes() {
   return size_t{2} * 2 * kFaTile * FaStride<D>() * 2;  // 2 stages x (K, V) x rows x 2 bytes
 }
 
+#if defined(KVMEM_CUDA_EMULATOR)
+// The same operations on the CUDA emulator (kernels/emu/emulator.h): copies are done at once.
+__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, int bytes) {
+  std::memcpy(dst, src, bytes);
+  std::memset(static_cast<char*>(dst) + bytes, 0, 16 - bytes);
+}
+__device__ __forceinline__ void CopyAsyncCommit() {}
+template <int kPending>
+__device__ __forceinline__ void CopyAsyncWait() {}
+__device__ __forceinline__ void LoadMatrixX4(uint32_t (&r)[4], const void* p) {
+  cuda_emu::LoadMatrixX4(r, p, false);
+}
+__device__ __forceinline__ void LoadMatrixX4Trans(uint32_t (&r)[4], const void* p) {
+  cuda_emu::LoadMatrixX4(r, p, true);
+}
+template <typename T>
+__device__ __forceinline__ void Mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  cuda_emu::Mma16816(c, a, b0, b1, std::is_same_v<T, __nv_bfloat16>);
+}
+#else
 __device__ __forceinline__ uint32_t SharedAddress(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -236,6 +257,7 @@ __device__ __forceinline__ void Mma16816(float (&c)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
+#endif  // KVMEM_CUDA_EMULATOR
 
 // Two floats as a T pair in one register, the first in the low half.
 template <typename T>

@@ -1,0 +1,441 @@
+#include "kernels/emu/emulator.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#include <cuda_fp16.h>
+
+namespace kvmem {
+namespace cuda_emu {
+
+namespace {
+float BitsToFloat(uint32_t v) {
+  float f;
+  std::memcpy(&f, &v, sizeof f);
+  return f;
+}
+}  // namespace
+
+[[noreturn]] void Fatal(const char* what) {
+  std::fprintf(stderr, "CUDA emulator: %s\n", what);
+  std::abort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fibers: a stack each and a switch that saves only what the ABI asks a callee to keep.
+
+#if defined(__x86_64__)
+extern "C" void kvmem_emu_switch(void** save_sp, void* load_sp);
+extern "C" void kvmem_emu_fiber_entry();
+// Pushes the callee-saved registers on the current stack, saves the stack pointer, loads the
+// other one and pops its registers: the other context resumes where it switched away (or, the
+// first time, in kvmem_emu_fiber_entry with r12 = argument, r13 = function).
+asm(R"(
+  .text
+  .globl kvmem_emu_switch
+  .type kvmem_emu_switch, @function
+kvmem_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size kvmem_emu_switch, .-kvmem_emu_switch
+
+  .globl kvmem_emu_fiber_entry
+  .type kvmem_emu_fiber_entry, @function
+kvmem_emu_fiber_entry:
+  movq %r12, %rdi
+  callq *%r13
+  ud2
+  .size kvmem_emu_fiber_entry, .-kvmem_emu_fiber_entry
+)");
+#endif
+
+namespace {
+
+constexpr size_t kStackBytes = size_t{256} << 10;  // kernels keep arrays in "registers"
+
+// A fiber's stack with an inaccessible guard page below it, so an overflow faults.
+class Stack {
+ public:
+  Stack() {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    bytes_ = kStackBytes + page;
+    void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) Fatal("cannot map a fiber stack");
+    if (mprotect(p, page, PROT_NONE) != 0) Fatal("cannot protect a fiber stack's guard page");
+    base_ = static_cast<char*>(p);
+  }
+  ~Stack() { munmap(base_, bytes_); }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  char* top() const { return base_ + bytes_; }
+  char* bottom() const { return base_ + bytes_ - kStackBytes; }
+
+ private:
+  char* base_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+struct Fiber {
+  Thread thread;
+  std::unique_ptr<Stack> stack;
+  bool done = false;
+#if defined(__x86_64__)
+  void* sp = nullptr;
+#else
+  ucontext_t context;
+#endif
+};
+
+}  // namespace
+
+// One block's threads, barriers and warp exchange buffers.
+struct Block {
+  uint3 block_idx;
+  dim3 block_dim, grid_dim;
+  void* dynamic_shared = nullptr;
+  const std::function<void()>* body = nullptr;
+  std::vector<Fiber> fibers;
+  int live = 0;  // fibers not yet returned
+  Fiber* running = nullptr;
+#if defined(__x86_64__)
+  void* scheduler_sp = nullptr;
+#else
+  ucontext_t scheduler;
+#endif
+  // Block barrier.
+  int arrived = 0;
+  uint64_t generation = 0;
+  bool any = false, any_result = false;
+  // Warp barriers and exchange slots, double-buffered by phase.
+  struct Warp {
+    int arrived = 0, live = 0;
+    uint64_t generation = 0;
+    alignas(16) unsigned char slots[2][32][32];
+  };
+  std::vector<Warp> warps;
+  uint64_t progress = 0;  // bumped whenever a thread arrives somewhere or returns
+};
+
+namespace {
+
+thread_local Block* t_block = nullptr;
+
+// Stacks survive launches (per host thread), so a launch maps none after the first.
+std::vector<std::unique_ptr<Stack>>& StackCache() {
+  thread_local std::vector<std::unique_ptr<Stack>> cache;
+  return cache;
+}
+
+void SwitchToScheduler(Block* b) {
+  Fiber* f = b->running;
+#if defined(__x86_64__)
+  kvmem_emu_switch(&f->sp, b->scheduler_sp);
+#else
+  swapcontext(&f->context, &b->scheduler);
+#endif
+}
+
+void FiberMain(Fiber* f) {
+  Block* b = f->thread.block;
+  (*b->body)();
+  f->done = true;
+  --b->live;
+  --b->warps[f->thread.linear / 32].live;
+  ++b->progress;
+  SwitchToScheduler(b);
+  Fatal("a finished fiber was resumed");
+}
+
+#if !defined(__x86_64__)
+void FiberTrampoline(unsigned lo, unsigned hi) {
+  FiberMain(reinterpret_cast<Fiber*>((static_cast<uintptr_t>(hi) << 32) | lo));
+}
+#endif
+
+void StartFiber(Fiber* f) {
+#if defined(__x86_64__)
+  // Six registers for kvmem_emu_switch to pop (r15, r14, r13, r12, rbx, rbp) and the entry as
+  // the return address; at the entry's `call` the stack is 16-byte aligned, as the ABI wants.
+  auto* top = reinterpret_cast<uintptr_t*>(f->stack->top());
+  uintptr_t* sp = top - 7;  // after the pops and the ret, the stack pointer is `top`
+  sp[0] = 0;                // r15
+  sp[1] = 0;                // r14
+  sp[2] = reinterpret_cast<uintptr_t>(&FiberMain);              // r13: function
+  sp[3] = reinterpret_cast<uintptr_t>(f);                       // r12: argument
+  sp[4] = 0;                                                    // rbx
+  sp[5] = 0;                                                    // rbp
+  sp[6] = reinterpret_cast<uintptr_t>(&kvmem_emu_fiber_entry);  // return address
+  f->sp = sp;
+#else
+  getcontext(&f->context);
+  f->context.uc_stack.ss_sp = f->stack->bottom();
+  f->context.uc_stack.ss_size = kStackBytes;
+  f->context.uc_link = nullptr;
+  const auto p = reinterpret_cast<uintptr_t>(f);
+  makecontext(&f->context, reinterpret_cast<void (*)()>(&FiberTrampoline), 2,
+              static_cast<unsigned>(p), static_cast<unsigned>(p >> 32));
+#endif
+}
+
+void Resume(Block* b, Fiber* f) {
+  b->running = f;
+#if defined(__x86_64__)
+  kvmem_emu_switch(&b->scheduler_sp, f->sp);
+#else
+  swapcontext(&b->scheduler, &f->context);
+#endif
+  b->running = nullptr;
+}
+
+// Lets the other threads of the block run until this one is resumed.
+void Yield() { SwitchToScheduler(t_block); }
+
+void RunBlock(Block* b, const char* kernel_name) {
+  const int n = static_cast<int>(b->block_dim.x * b->block_dim.y * b->block_dim.z);
+  auto& cache = StackCache();
+  b->fibers.resize(n);
+  b->warps.assign((n + 31) / 32, {});
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = b->fibers[i];
+    f = Fiber();
+    if (cache.size() <= static_cast<size_t>(i)) cache.push_back(std::make_unique<Stack>());
+    f.stack = std::move(cache[i]);
+    f.thread.linear = i;
+    f.thread.thread_idx = {static_cast<unsigned>(i) % b->block_dim.x,
+                           (static_cast<unsigned>(i) / b->block_dim.x) % b->block_dim.y,
+                           static_cast<unsigned>(i) / (b->block_dim.x * b->block_dim.y)};
+    f.thread.block = b;
+    ++b->warps[i / 32].live;
+    StartFiber(&f);
+  }
+  b->live = n;
+  Block* const outer = t_block;
+  t_block = b;
+  while (b->live > 0) {
+    const uint64_t before = b->progress;
+    for (Fiber& f : b->fibers) {
+      if (!f.done) Resume(b, &f);
+    }
+    if (b->progress == before && b->live > 0) {
+      std::fprintf(stderr,
+                   "CUDA emulator: the kernel launched at %s deadlocked in block (%u, %u, %u): its "
+                   "threads wait at "
+                   "a __syncthreads or warp operation that not all of them reach (%d of %d "
+                   "threads live, %d at __syncthreads)\n",
+                   kernel_name, b->block_idx.x, b->block_idx.y, b->block_idx.z, b->live, n,
+                   b->arrived);
+      for (size_t w = 0; w < b->warps.size(); ++w) {
+        if (b->warps[w].arrived > 0) {
+          std::fprintf(stderr, "  warp %zu: %d of %d live lanes at a warp operation\n", w,
+                       b->warps[w].arrived, b->warps[w].live);
+        }
+      }
+      std::abort();
+    }
+  }
+  t_block = outer;
+  for (int i = 0; i < n; ++i) cache[i] = std::move(b->fibers[i].stack);
+}
+
+}  // namespace
+
+Thread* CurrentThread() {
+  if (t_block == nullptr || t_block->running == nullptr) Fatal("device code ran outside a kernel");
+  return &t_block->running->thread;
+}
+const uint3& CurrentBlockIdx() { return t_block->block_idx; }
+const dim3& CurrentBlockDim() { return t_block->block_dim; }
+const dim3& CurrentGridDim() { return t_block->grid_dim; }
+void* DynamicShared() { return t_block->dynamic_shared; }
+
+bool SyncThreads(bool predicate) {
+  Block* b = t_block;
+  ++b->progress;
+  b->any = b->any || predicate;
+  const uint64_t generation = b->generation;
+  if (++b->arrived == b->live) {
+    b->any_result = b->any;
+    b->any = false;
+    b->arrived = 0;
+    ++b->generation;
+    return b->any_result;
+  }
+  while (b->generation == generation) {
+    Yield();
+    // A thread that returned no longer counts: the others may all be here now.
+    if (b->generation == generation && b->arrived == b->live) {
+      b->any_result = b->any;
+      b->any = false;
+      b->arrived = 0;
+      ++b->generation;
+    }
+  }
+  return b->any_result;
+}
+
+namespace {
+
+void WarpBarrier(Block::Warp& w) {
+  Block* b = t_block;
+  ++b->progress;
+  const uint64_t generation = w.generation;
+  if (++w.arrived == w.live) {
+    w.arrived = 0;
+    ++w.generation;
+    return;
+  }
+  while (w.generation == generation) {
+    Yield();
+    if (w.generation == generation && w.arrived == w.live) {
+      w.arrived = 0;
+      ++w.generation;
+    }
+  }
+}
+
+}  // namespace
+
+void WarpExchange(const void* in, void* out, size_t bytes, int (*source)(int lane, int arg),
+                  int arg) {
+  if (bytes > 32) Fatal("a warp exchange of more than 32 bytes");
+  Thread* t = CurrentThread();
+  Block::Warp& w = t_block->warps[t->linear / 32];
+  const int lane = t->linear % 32;
+  const unsigned phase = (t->warp_phase ^= 1u);
+  std::memcpy(w.slots[phase][lane], in, bytes);
+  WarpBarrier(w);
+  const int from = source(lane, arg);
+  std::memcpy(out, w.slots[phase][from >= 0 && from < 32 ? from : lane], bytes);
+}
+
+void WarpAllGather(const void* in, void* all, size_t bytes) {
+  if (bytes > 32) Fatal("a warp gather of more than 32 bytes");
+  Thread* t = CurrentThread();
+  Block::Warp& w = t_block->warps[t->linear / 32];
+  const unsigned phase = (t->warp_phase ^= 1u);
+  std::memcpy(w.slots[phase][t->linear % 32], in, bytes);
+  WarpBarrier(w);
+  for (int lane = 0; lane < 32; ++lane) {
+    std::memcpy(static_cast<unsigned char*>(all) + lane * bytes, w.slots[phase][lane], bytes);
+  }
+}
+
+namespace {
+
+float HalfBitsToFloat(uint16_t bits, bool bf16) {
+  if (bf16) return BitsToFloat(static_cast<uint32_t>(bits) << 16);
+  __half_raw raw;
+  raw.x = bits;
+  return __half2float(__half(raw));
+}
+
+}  // namespace
+
+void LoadMatrixX4(uint32_t (&r)[4], const void* row, bool transpose) {
+  const void* rows[32];
+  WarpAllGather(&row, rows, sizeof(row));
+  const int lane = CurrentThread()->linear % 32;
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    uint16_t e[2];
+    for (int j = 0; j < 2; ++j) {
+      // Element (row, col) of matrix i lies at column col of the row lane 8 i + row gave.
+      const int mrow = transpose ? 2 * t + j : g;
+      const int mcol = transpose ? g : 2 * t + j;
+      std::memcpy(&e[j], static_cast<const uint16_t*>(rows[8 * i + mrow]) + mcol, 2);
+    }
+    r[i] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
+  }
+}
+
+void Mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
+  struct Fragments {
+    uint32_t a[4];
+    uint32_t b[2];
+  };
+  const Fragments mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+  Fragments all[32];
+  WarpAllGather(&mine, all, sizeof(mine));
+  float A[16][16], B[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int reg = 0; reg < 4; ++reg) {
+      // a0: (g, 2t..), a1: (g + 8, 2t..), a2: (g, 2t + 8..), a3: (g + 8, 2t + 8..).
+      const int row = g + 8 * (reg % 2), col = 2 * t + 8 * (reg / 2);
+      A[row][col] = HalfBitsToFloat(all[lane].a[reg] & 0xffff, bf16);
+      A[row][col + 1] = HalfBitsToFloat(all[lane].a[reg] >> 16, bf16);
+    }
+    for (int reg = 0; reg < 2; ++reg) {  // b0: k = 2t.., b1: k = 2t + 8.., column g
+      const int k = 2 * t + 8 * reg;
+      B[k][g] = HalfBitsToFloat(all[lane].b[reg] & 0xffff, bf16);
+      B[k + 1][g] = HalfBitsToFloat(all[lane].b[reg] >> 16, bf16);
+    }
+  }
+  const int lane = CurrentThread()->linear % 32;
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {  // c0, c1: (g, 2t + i); c2, c3: (g + 8, 2t + i - 2)
+    const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    // Products of 16-bit values are exact in f32; the sum is rounded once per step here and
+    // in an unspecified order on the device, within the tests' tolerances either way.
+    float sum = c[i];
+    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+    c[i] = sum;
+  }
+}
+
+void SyncWarp() {
+  Thread* t = CurrentThread();
+  t->warp_phase ^= 1u;
+  WarpBarrier(t_block->warps[t->linear / 32]);
+}
+
+void RunKernel(const LaunchConfig& config, const std::function<void()>& body) {
+  const std::string name =
+      std::string(config.where.file_name()) + ":" + std::to_string(config.where.line());
+  std::vector<unsigned char> shared_bytes(config.smem + 128);
+  Block block;
+  block.grid_dim = config.grid;
+  block.block_dim = config.block;
+  block.body = &body;
+  const uintptr_t raw = reinterpret_cast<uintptr_t>(shared_bytes.data());
+  block.dynamic_shared = reinterpret_cast<void*>((raw + 127) & ~uintptr_t{127});
+  for (unsigned z = 0; z < config.grid.z; ++z) {
+    for (unsigned y = 0; y < config.grid.y; ++y) {
+      for (unsigned x = 0; x < config.grid.x; ++x) {
+        block.block_idx = {x, y, z};
+        block.arrived = 0;
+        block.any = false;
+        // Uninitialised shared memory, as on the device: garbage a kernel must not read.
+        std::memset(block.dynamic_shared, 0xA5, config.smem);
+        RunBlock(&block, name.c_str());
+      }
+    }
+  }
+}
+
+}  // namespace cuda_emu
+}  // namespace kvmem

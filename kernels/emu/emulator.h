@@ -1,0 +1,121 @@
+// A CUDA emulator for machines without a GPU: runs our kernels' C++ on the CPU, one block at a
+// time, each CUDA thread as a fiber of the launching host thread. It exists so that the kernels'
+// indexing and the CUDA backend's host code (uploads, graphs, streams) run in every test run,
+// GPU or not. It checks logic, not speed, timing or the hardware's memory model: every stream
+// runs each operation when it is enqueued, so races between streams cannot show here.
+//
+// Kernel sources are compiled for it as C++ (see kernels/CMakeLists.txt): launches are
+// rewritten to `kernel | LaunchConfig(grid, block, smem, stream) || KernelArgs(args...)`,
+// `extern __shared__` arrays to the block's dynamic shared memory, and kernels/emu/device.h
+// supplies the built-in variables and intrinsics.
+#ifndef KVMEM_KERNELS_EMU_EMULATOR_H_
+#define KVMEM_KERNELS_EMU_EMULATOR_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <source_location>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace kvmem {
+namespace cuda_emu {
+
+struct Block;
+
+// Prints "CUDA emulator: <what>" and aborts: a broken invariant of the emulator or a kernel.
+[[noreturn]] void Fatal(const char* what);
+
+// One CUDA thread of the block that runs now.
+struct Thread {
+  uint3 thread_idx;
+  int linear = 0;           // x + y * dim.x + z * dim.x * dim.y
+  unsigned warp_phase = 0;  // toggles at every warp-wide operation (double-buffered exchange)
+  Block* block = nullptr;
+};
+
+// The thread whose code runs now; only valid inside a kernel.
+Thread* CurrentThread();
+const uint3& CurrentBlockIdx();
+const dim3& CurrentBlockDim();
+const dim3& CurrentGridDim();
+// The running block's dynamic shared memory (the launch's `smem` bytes, 128-byte aligned).
+void* DynamicShared();
+
+// Block-wide barrier; returns whether `predicate` was true on any thread (__syncthreads_or).
+bool SyncThreads(bool predicate = false);
+// Warp-wide exchange: every live lane of the warp deposits `bytes` (at most 32) and, after all
+// have, reads lane `source(lane)`'s deposit. The lanes of a warp must reach it together, as on
+// the hardware; a kernel whose lanes do not, deadlocks here and the emulator aborts.
+void WarpExchange(const void* in, void* out, size_t bytes, int (*source)(int lane, int arg),
+                  int arg);
+// Every live lane of the warp deposits `bytes` (at most 32); each then gets all 32 deposits,
+// lane by lane, in `all` (32 * bytes; a lane that has returned leaves its last deposit).
+void WarpAllGather(const void* in, void* all, size_t bytes);
+// Warp barrier (__syncwarp).
+void SyncWarp();
+
+// The tensor-core instructions the prefill kernel issues through inline PTX, with the
+// fragment layouts of the PTX ISA. ldmatrix .m8n8.x4(.trans).shared.b16: lane l gives the
+// address of row l % 8 of matrix l / 8 and gets, in r[i], two 16-bit elements of matrix i.
+void LoadMatrixX4(uint32_t (&r)[4], const void* row, bool transpose);
+// mma.sync .m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32: c += a b over the warp's fragments.
+void Mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
+
+// A launch's grid, block, dynamic shared memory and stream, and where in the source it is.
+struct LaunchConfig {
+  LaunchConfig(dim3 grid, dim3 block, size_t smem = 0, cudaStream_t stream = nullptr,
+               std::source_location where = std::source_location::current())
+      : grid(grid), block(block), smem(smem), stream(stream), where(where) {}
+  dim3 grid, block;
+  size_t smem;
+  cudaStream_t stream;
+  std::source_location where;
+};
+
+// Checks the configuration (as the driver would) and runs `body` on every thread of every
+// block, or records it when `config.stream` is being captured into a graph. Errors are
+// reported through cudaGetLastError, as a failed launch's are.
+void Launch(const void* kernel, const LaunchConfig& config, std::function<void()> body);
+// Runs `op` in `stream`'s order: now, or when the graph it is being captured into launches.
+void Enqueue(cudaStream_t stream, std::function<void()> op);
+// Runs every block of a checked launch now (Launch, or a graph's replay, calls it).
+void RunKernel(const LaunchConfig& config, const std::function<void()>& body);
+
+template <typename... Params>
+struct BoundKernel {
+  void (*kernel)(Params...);
+  LaunchConfig config;
+};
+
+template <typename... Params>
+BoundKernel<Params...> operator|(void (*kernel)(Params...), const LaunchConfig& config) {
+  return {kernel, config};
+}
+
+template <typename... Args>
+std::tuple<std::decay_t<Args>...> KernelArgs(Args&&... args) {
+  return std::tuple<std::decay_t<Args>...>(std::forward<Args>(args)...);
+}
+
+// The launch itself: arguments are converted to the kernel's parameter types and copied, as
+// the driver copies them, so a recorded launch replays with the values it had when captured.
+template <typename... Params, typename... Args>
+void operator||(const BoundKernel<Params...>& bound, std::tuple<Args...>&& args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "kernel launched with the wrong arity");
+  std::tuple<std::decay_t<Params>...> params =
+      std::apply([](auto&&... a) { return std::tuple<std::decay_t<Params>...>(std::move(a)...); },
+                 std::move(args));
+  auto kernel = bound.kernel;
+  Launch(reinterpret_cast<const void*>(kernel), bound.config,
+         [kernel, params]() { std::apply(kernel, params); });
+}
+
+}  // namespace cuda_emu
+}  // namespace kvmem
+
+#endif  // KVMEM_KERNELS_EMU_EMULATOR_H_

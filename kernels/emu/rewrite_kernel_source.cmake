@@ -1,0 +1,20 @@
+# Rewrites a kernel source for the CUDA emulator (cmake -DIN=... -DOUT=... -P this file):
+#   kernel<<<grid, block, smem, stream>>>(args)
+#     -> kernel | ::kvmem::cuda_emu::LaunchConfig(grid, block, smem, stream)
+#               || ::kvmem::cuda_emu::KernelArgs(args)
+#   extern __shared__ [__align__(N)] T name[];
+#     -> T* name = reinterpret_cast<T*>(::kvmem::cuda_emu::DynamicShared());
+# A #line directive keeps errors and the emulator's messages pointing at the original file.
+file(READ "${IN}" text)
+string(REPLACE "<<<" "| ::kvmem::cuda_emu::LaunchConfig(" text "${text}")
+string(REPLACE ">>>(" ") || ::kvmem::cuda_emu::KernelArgs(" text "${text}")
+string(REGEX REPLACE "extern __shared__ __align__\\([0-9]+\\) " "extern __shared__ " text "${text}")
+string(REGEX REPLACE "extern __shared__ ([A-Za-z_0-9:]+) ([A-Za-z_0-9]+)\\[\\];"
+       "\\1* \\2 = reinterpret_cast<\\1*>(::kvmem::cuda_emu::DynamicShared());" text "${text}")
+if(text MATCHES "<<<|>>>|extern __shared__")
+  message(FATAL_ERROR "${IN}: a kernel launch or extern __shared__ array the emulator's rewrite "
+                      "does not know (write launches as kernel<<<...>>>(args))")
+endif()
+file(WRITE "${OUT}.tmp" "#line 1 \"${IN}\"\n${text}")
+file(COPY_FILE "${OUT}.tmp" "${OUT}" ONLY_IF_DIFFERENT)
+file(REMOVE "${OUT}.tmp")

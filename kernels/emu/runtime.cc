@@ -1,0 +1,444 @@
+// The CUDA runtime API for the emulator (kernels/emu/emulator.h): the functions our code calls,
+// defined against the toolkit's own headers, so that host code compiled for a GPU links
+// against these instead of libcudart. Device memory is host memory; every stream runs each
+// operation when it is enqueued (or records it while the stream is being captured), so events
+// and queries are always complete.
+#include <cuda_runtime_api.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernels/emu/emulator.h"
+
+struct CUstream_st {
+  bool capturing = false;
+  std::vector<std::function<void()>> captured;
+};
+struct CUevent_st {
+  std::chrono::steady_clock::time_point when;
+};
+struct CUgraph_st {
+  std::vector<std::function<void()>> ops;
+};
+struct CUgraphExec_st {
+  std::vector<std::function<void()>> ops;
+};
+struct CUmemPoolHandle_st {};
+
+namespace kvmem {
+namespace cuda_emu {
+namespace {
+
+// An H100's limits, which the kernels are written for.
+constexpr int kMultiProcessors = 132;
+constexpr size_t kSharedPerBlock = 48 << 10;
+constexpr size_t kSharedPerBlockOptIn = 232448;
+constexpr size_t kGlobalMemory = size_t{80} << 30;
+// Fresh device memory reads as NaN (all bits set) in every float type, so a kernel that reads
+// what nobody wrote shows it in the tests' comparisons.
+constexpr unsigned char kFreshByte = 0xff;
+
+thread_local cudaError_t t_last_error = cudaSuccess;
+CUstream_st g_default_stream;
+CUmemPoolHandle_st g_pool;
+
+cudaError_t Fail(cudaError_t err) {
+  t_last_error = err;
+  return err;
+}
+
+struct Allocation {
+  size_t bytes;
+  bool device;  // else pinned host memory
+};
+
+std::mutex& AllocationsMu() {
+  static std::mutex mu;
+  return mu;
+}
+std::map<uintptr_t, Allocation>& Allocations() {
+  static std::map<uintptr_t, Allocation> a;
+  return a;
+}
+
+void* Allocate(size_t bytes, bool device) {
+  const size_t rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+  void* p = std::aligned_alloc(256, rounded);
+  if (p == nullptr) return nullptr;
+  if (device) std::memset(p, kFreshByte, rounded);
+  std::lock_guard<std::mutex> lock(AllocationsMu());
+  Allocations()[reinterpret_cast<uintptr_t>(p)] = {bytes, device};
+  return p;
+}
+
+cudaError_t Release(void* p, bool device) {
+  if (p == nullptr) return cudaSuccess;
+  {
+    std::lock_guard<std::mutex> lock(AllocationsMu());
+    auto it = Allocations().find(reinterpret_cast<uintptr_t>(p));
+    if (it == Allocations().end() || it->second.device != device) {
+      return Fail(cudaErrorInvalidValue);
+    }
+    Allocations().erase(it);
+  }
+  std::free(p);
+  return cudaSuccess;
+}
+
+// Whether [p, p + bytes) lies inside one device allocation or one pinned host allocation:
+// what a copy's device side must be.
+bool DeviceAccessible(const void* p, size_t bytes) {
+  if (bytes == 0) return true;
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  std::lock_guard<std::mutex> lock(AllocationsMu());
+  auto it = Allocations().upper_bound(a);
+  if (it == Allocations().begin()) return false;
+  --it;
+  return a + bytes <= it->first + it->second.bytes;
+}
+
+CUstream_st* StreamOf(cudaStream_t s) { return s == nullptr ? &g_default_stream : s; }
+
+std::mutex& SharedLimitsMu() {
+  static std::mutex mu;
+  return mu;
+}
+std::map<const void*, int>& SharedLimits() {  // cudaFuncAttributeMaxDynamicSharedMemorySize
+  static std::map<const void*, int> limits;
+  return limits;
+}
+
+cudaError_t Copy(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
+                 cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  const bool dst_device = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+  const bool src_device = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+  if (dst == nullptr || src == nullptr || (dst_device && !DeviceAccessible(dst, count)) ||
+      (src_device && !DeviceAccessible(src, count))) {
+    std::fprintf(stderr,
+                 "CUDA emulator: cudaMemcpy of %zu bytes (kind %d) from %p to %p: the device side "
+                 "is not inside one device or pinned allocation\n",
+                 count, static_cast<int>(kind), src, dst);
+    return Fail(cudaErrorInvalidValue);
+  }
+  Enqueue(stream, [=] { std::memmove(dst, src, count); });
+  return cudaSuccess;
+}
+
+}  // namespace
+
+void Enqueue(cudaStream_t stream, std::function<void()> op) {
+  CUstream_st* s = StreamOf(stream);
+  if (s->capturing) {
+    s->captured.push_back(std::move(op));
+  } else {
+    op();
+  }
+}
+
+void Launch(const void* kernel, const LaunchConfig& config, std::function<void()> body) {
+  const dim3& g = config.grid;
+  const dim3& b = config.block;
+  const uint64_t threads = uint64_t{b.x} * b.y * b.z;
+  cudaError_t err = cudaSuccess;
+  if (g.x == 0 || g.y == 0 || g.z == 0 || g.y > 65535 || g.z > 65535 || threads == 0 ||
+      threads > 1024 || b.z > 64) {
+    err = cudaErrorInvalidConfiguration;
+  } else if (config.smem > kSharedPerBlock) {
+    std::lock_guard<std::mutex> lock(SharedLimitsMu());
+    auto it = SharedLimits().find(kernel);
+    if (it == SharedLimits().end() || config.smem > static_cast<size_t>(it->second)) {
+      err = cudaErrorInvalidValue;
+    }
+  }
+  if (err != cudaSuccess) {
+    std::fprintf(stderr,
+                 "CUDA emulator: launch at %s:%u refused (%s): grid (%u, %u, %u), block (%u, %u, "
+                 "%u), %zu bytes of dynamic shared memory\n",
+                 config.where.file_name(), config.where.line(), cudaGetErrorName(err), g.x, g.y,
+                 g.z, b.x, b.y, b.z, config.smem);
+    Fail(err);
+    return;
+  }
+  Enqueue(config.stream, [config, body = std::move(body)] { RunKernel(config, body); });
+}
+
+}  // namespace cuda_emu
+}  // namespace kvmem
+
+using kvmem::cuda_emu::Allocate;
+using kvmem::cuda_emu::Fail;
+using kvmem::cuda_emu::Release;
+using kvmem::cuda_emu::StreamOf;
+
+extern "C" {
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t err = kvmem::cuda_emu::t_last_error;
+  kvmem::cuda_emu::t_last_error = cudaSuccess;
+  return err;
+}
+cudaError_t cudaPeekAtLastError() { return kvmem::cuda_emu::t_last_error; }
+
+const char* cudaGetErrorName(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess:
+      return "cudaSuccess";
+    case cudaErrorInvalidValue:
+      return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation:
+      return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration:
+      return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDevice:
+      return "cudaErrorInvalidDevice";
+    case cudaErrorNotSupported:
+      return "cudaErrorNotSupported";
+    case cudaErrorStreamCaptureUnsupported:
+      return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated:
+      return "cudaErrorStreamCaptureInvalidated";
+    case cudaErrorIllegalState:
+      return "cudaErrorIllegalState";
+    case cudaErrorNoDevice:
+      return "cudaErrorNoDevice";
+    default:
+      return "cudaErrorUnknown";
+  }
+}
+const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : "reported by the CUDA emulator";
+}
+
+cudaError_t cudaDriverGetVersion(int* v) {
+  *v = CUDART_VERSION;
+  return cudaSuccess;
+}
+cudaError_t cudaRuntimeGetVersion(int* v) {
+  *v = CUDART_VERSION;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int device) {
+  return device == 0 ? cudaSuccess : Fail(cudaErrorInvalidDevice);
+}
+cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  if (device != 0) return Fail(cudaErrorInvalidDevice);
+  std::memset(prop, 0, sizeof(*prop));
+  std::snprintf(prop->name, sizeof(prop->name), "kvmem CUDA emulator (H100 limits)");
+  prop->major = 9;
+  prop->minor = 0;
+  prop->totalGlobalMem = kvmem::cuda_emu::kGlobalMemory;
+  prop->multiProcessorCount = kvmem::cuda_emu::kMultiProcessors;
+  prop->sharedMemPerBlock = kvmem::cuda_emu::kSharedPerBlock;
+  prop->sharedMemPerBlockOptin = kvmem::cuda_emu::kSharedPerBlockOptIn;
+  prop->sharedMemPerMultiprocessor = 233472;
+  prop->regsPerBlock = 65536;
+  prop->warpSize = 32;
+  prop->maxThreadsPerBlock = 1024;
+  prop->maxThreadsPerMultiProcessor = 2048;
+  prop->maxThreadsDim[0] = prop->maxThreadsDim[1] = 1024;
+  prop->maxThreadsDim[2] = 64;
+  prop->maxGridSize[0] = 0x7fffffff;
+  prop->maxGridSize[1] = prop->maxGridSize[2] = 65535;
+  prop->l2CacheSize = 50 << 20;
+  prop->memoryBusWidth = 5120;
+  prop->canMapHostMemory = 1;
+  prop->unifiedAddressing = 1;
+  prop->concurrentKernels = 1;
+  prop->asyncEngineCount = 3;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device != 0) return Fail(cudaErrorInvalidDevice);
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = kvmem::cuda_emu::kMultiProcessors;
+      break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = static_cast<int>(kvmem::cuda_emu::kSharedPerBlockOptIn);
+      break;
+    case cudaDevAttrMaxThreadsPerBlock:
+      *value = 1024;
+      break;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = 9;
+      break;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = 0;
+      break;
+    case cudaDevAttrWarpSize:
+      *value = 32;
+      break;
+    default:
+      return Fail(cudaErrorNotSupported);
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return Fail(cudaErrorNotSupported);
+  if (value < 0 || static_cast<size_t>(value) > kvmem::cuda_emu::kSharedPerBlockOptIn) {
+    return Fail(cudaErrorInvalidValue);
+  }
+  std::lock_guard<std::mutex> lock(kvmem::cuda_emu::SharedLimitsMu());
+  kvmem::cuda_emu::SharedLimits()[func] = value;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMalloc(void** p, size_t bytes) {
+  *p = Allocate(bytes, true);
+  return *p != nullptr ? cudaSuccess : Fail(cudaErrorMemoryAllocation);
+}
+cudaError_t cudaFree(void* p) { return Release(p, true); }
+cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream) {
+  if (StreamOf(stream)->capturing) return Fail(cudaErrorStreamCaptureUnsupported);
+  return cudaMalloc(p, bytes);
+}
+cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
+  if (StreamOf(stream)->capturing) return Fail(cudaErrorStreamCaptureUnsupported);
+  return cudaFree(p);
+}
+cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
+  if (device != 0) return Fail(cudaErrorInvalidDevice);
+  *pool = &kvmem::cuda_emu::g_pool;
+  return cudaSuccess;
+}
+cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr, void*) { return cudaSuccess; }
+
+cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned int flags) {
+  *p = Allocate(bytes, false);
+  return *p != nullptr ? cudaSuccess : Fail(cudaErrorMemoryAllocation);
+}
+cudaError_t cudaMallocHost(void** p, size_t bytes) { return cudaHostAlloc(p, bytes, 0); }
+cudaError_t cudaFreeHost(void* p) { return Release(p, false); }
+cudaError_t cudaHostGetDevicePointer(void** device, void* host, unsigned int flags) {
+  if (flags != 0 || !kvmem::cuda_emu::DeviceAccessible(host, 1)) {
+    return Fail(cudaErrorInvalidValue);
+  }
+  *device = host;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind kind) {
+  return kvmem::cuda_emu::Copy(dst, src, count, kind, nullptr);
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
+                            cudaStream_t stream) {
+  return kvmem::cuda_emu::Copy(dst, src, count, kind, stream);
+}
+cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t stream) {
+  if (!kvmem::cuda_emu::DeviceAccessible(p, count)) return Fail(cudaErrorInvalidValue);
+  kvmem::cuda_emu::Enqueue(stream, [=] { std::memset(p, value, count); });
+  return cudaSuccess;
+}
+cudaError_t cudaMemset(void* p, int value, size_t count) {
+  return cudaMemsetAsync(p, value, count, nullptr);
+}
+
+cudaError_t cudaStreamCreate(cudaStream_t* stream) {
+  *stream = new CUstream_st;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
+  return cudaStreamCreate(stream);
+}
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  if (stream == nullptr) return Fail(cudaErrorInvalidValue);
+  delete stream;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  return StreamOf(stream)->capturing ? Fail(cudaErrorStreamCaptureUnsupported) : cudaSuccess;
+}
+cudaError_t cudaStreamQuery(cudaStream_t stream) { return cudaStreamSynchronize(stream); }
+cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t event, unsigned int) {
+  return event == nullptr ? Fail(cudaErrorInvalidValue) : cudaSuccess;
+}
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode) {
+  CUstream_st* s = StreamOf(stream);
+  if (stream == nullptr || s->capturing) return Fail(cudaErrorIllegalState);
+  s->capturing = true;
+  s->captured.clear();
+  return cudaSuccess;
+}
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
+  CUstream_st* s = StreamOf(stream);
+  if (!s->capturing) return Fail(cudaErrorIllegalState);
+  s->capturing = false;
+  *graph = new CUgraph_st{std::move(s->captured)};
+  s->captured.clear();
+  return cudaSuccess;
+}
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status) {
+  *status =
+      StreamOf(stream)->capturing ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long) {
+  if (graph == nullptr) return Fail(cudaErrorInvalidValue);
+  *exec = new CUgraphExec_st{graph->ops};
+  return cudaSuccess;
+}
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
+  if (exec == nullptr) return Fail(cudaErrorInvalidValue);
+  kvmem::cuda_emu::Enqueue(stream, [exec] {
+    for (const auto& op : exec->ops) op();
+  });
+  return cudaSuccess;
+}
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+  delete graph;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+  delete exec;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventCreate(cudaEvent_t* event) {
+  *event = new CUevent_st{std::chrono::steady_clock::now()};
+  return cudaSuccess;
+}
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
+  return cudaEventCreate(event);
+}
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  if (event == nullptr) return Fail(cudaErrorInvalidValue);
+  delete event;
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  if (event == nullptr) return Fail(cudaErrorInvalidValue);
+  kvmem::cuda_emu::Enqueue(stream, [event] { event->when = std::chrono::steady_clock::now(); });
+  return cudaSuccess;
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  return event == nullptr ? Fail(cudaErrorInvalidValue) : cudaSuccess;
+}
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  if (start == nullptr || end == nullptr) return Fail(cudaErrorInvalidValue);
+  *ms = std::chrono::duration<float, std::milli>(end->when - start->when).count();
+  return cudaSuccess;
+}
+
+}  // extern "C"
