@@ -709,8 +709,8 @@ absl::StatusOr<typename CudaBackend<T>::DecodeGraph*> CudaBackend<T>::GraphFor(i
   cudaStream_t s = ctx_->stream;
   // Graphs are keyed by a bucket of the longest head: attention is launched for the bucket's
   // length (shorter heads end early), so one graph serves a whole range of steps.
-  constexpr int32_t kBucket = 4096;
-  const int32_t bucket = (longest + kBucket - 1) / kBucket * kBucket;
+  const int32_t step = options_.graph_bucket;
+  const int32_t bucket = (longest + step - 1) / step * step;
   auto it = decode_.graphs.find(bucket);
   if (it != decode_.graphs.end()) return &it->second;
 
@@ -875,6 +875,10 @@ absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const ModelConfig& co
   }
   if (options.decode_split < 0) {
     return absl::InvalidArgumentError("decode_split must be 0 (default) or positive");
+  }
+  if (options.graph_bucket <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "graph_bucket must be positive (entries per decode graph), got ", options.graph_bucket));
   }
   if (options.pinned_block_bytes < 0) {
     return absl::InvalidArgumentError(

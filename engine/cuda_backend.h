@@ -42,8 +42,12 @@ struct CudaBackendOptions {
   // Default: 0 (the kernel's 256). Entries per split of decode attention.
   int decode_split = 0;
   // Default: true. Decode steps (one token, no recall hook, no sliding window) replay a CUDA
-  // graph of the whole pass captured once per 4096-entry bucket of the longest head.
+  // graph of the whole pass captured once per graph_bucket-entry bucket of the longest head.
   bool cuda_graphs = true;
+  // Default: 4096. The bucket (in entries) of the longest head that selects a decode graph:
+  // each step's attention is launched for its bucket's length (shorter heads end early), so a
+  // larger bucket captures fewer graphs. Must be positive.
+  int graph_bucket = 4096;
   // Default: true. Prefill attention on tensor cores for bf16/f16 (PrefillAttentionParams::
   // tensor_cores); false runs the CUDA-core kernel.
   bool tensor_core_prefill = true;

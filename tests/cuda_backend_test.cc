@@ -523,6 +523,20 @@ TEST(CudaBackendTest, RejectsBadTokensAndPositionsLikeTheCpu) {
   EXPECT_EQ(kv.head(0, 0).size(), 2);
 }
 
+TEST(CudaBackendTest, RejectsBadOptions) {
+  SKIP_WITHOUT_CUDA();
+  TempDir dir;
+  testing::WriteRandomModel(dir.path(), RandomModelSpec{});
+  auto model = Model::Load(dir.path(), {.require_tokenizer = false});
+  ASSERT_TRUE(model.ok()) << model.status();
+  for (const CudaBackendOptions& bad :
+       {CudaBackendOptions{.graph_bucket = 0}, CudaBackendOptions{.decode_split = -1},
+        CudaBackendOptions{.pinned_block_bytes = -1}}) {
+    auto backend = CreateCudaBackend(**model, bad);
+    EXPECT_EQ(backend.status().code(), absl::StatusCode::kInvalidArgument) << backend.status();
+  }
+}
+
 TEST(CudaBackendTest, GraphedDecodeStepsMatchOpByOpStepsAcrossBuckets) {
   SKIP_WITHOUT_CUDA();
   TempDir dir;
@@ -532,11 +546,15 @@ TEST(CudaBackendTest, GraphedDecodeStepsMatchOpByOpStepsAcrossBuckets) {
   auto model = Model::Load(dir.path(), {.require_tokenizer = false});
   ASSERT_TRUE(model.ok()) << model.status();
   const ModelConfig& c = (*model)->config();
-  auto graphed = CreateCudaBackend(**model, {.dtype = DeviceDtype::kF32, .cuda_graphs = true});
+  // 64-entry buckets: the steps below cross a bucket boundary (a second graph) after a short
+  // prompt, which keeps the case quick on the CUDA emulator as well.
+  const int kBucket = 64;
+  auto graphed = CreateCudaBackend(
+      **model, {.dtype = DeviceDtype::kF32, .cuda_graphs = true, .graph_bucket = kBucket});
   auto eager = CreateCudaBackend(**model, {.dtype = DeviceDtype::kF32, .cuda_graphs = false});
   ASSERT_TRUE(graphed.ok() && eager.ok());
-  // Steps on both sides of the 4096-entry bucket boundary.
-  const int prompt = 4090;
+  // Steps on both sides of the first bucket boundary.
+  const int prompt = kBucket - 6;
   auto tokens = RandomTokens(prompt + 12, c.vocab_size, 17);
   KvCache a(c.num_layers, c.num_kv_heads, c.head_dim), b = a;
   ForwardResult ra, rb;
@@ -727,8 +745,10 @@ TEST_F(CudaSessionTest, RowsReadByAddressFromPinnedBlocksGiveTheSameTokens) {
   EXPECT_GT(GetCudaUploadStats(**f32).rows_by_address, 0);
   EXPECT_GT(GetCudaUploadStats(**f32).rows_packed, 0);
   // A bf16 device reads its own rows back bit for bit: the same texts as when every upload
-  // packs the rows from an f32 host copy.
-  auto bf16 = CreateCudaBackend(*model_, {.dtype = DeviceDtype::kBF16});
+  // packs the rows from an f32 host copy. The f32 blocks' slabs stay carved for their size, so
+  // the pool's limit is raised to make room for slabs of bf16 blocks.
+  auto bf16 =
+      CreateCudaBackend(*model_, {.dtype = DeviceDtype::kBF16, .pinned_block_bytes = 128 << 10});
   ASSERT_TRUE(bf16.ok()) << bf16.status();
   const std::vector<std::string> packed = RestartedTexts(**bf16, /*host_hot_rows=*/true);
   const int64_t by_address = GetCudaUploadStats(**bf16).rows_by_address;

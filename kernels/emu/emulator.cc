@@ -119,8 +119,11 @@ struct Block {
   void* dynamic_shared = nullptr;
   const std::function<void()>* body = nullptr;
   std::vector<Fiber> fibers;
-  int live = 0;  // fibers not yet returned
-  Fiber* running = nullptr;
+  int live = 0;              // fibers not yet returned
+  Fiber* running = nullptr;  // null while the scheduler (the launching code) runs
+  const char* kernel_name = "";
+  uint64_t progress_seen = 0;
+  int idle_yields = 0;
 #if defined(__x86_64__)
   void* scheduler_sp = nullptr;
 #else
@@ -150,13 +153,44 @@ std::vector<std::unique_ptr<Stack>>& StackCache() {
   return cache;
 }
 
-void SwitchToScheduler(Block* b) {
-  Fiber* f = b->running;
+// Saves the running context in `from` (a fiber, or the scheduler when null) and resumes `to`
+// (likewise).
+void Switch(Block* b, Fiber* from, Fiber* to) {
+  b->running = to;
 #if defined(__x86_64__)
-  kvmem_emu_switch(&f->sp, b->scheduler_sp);
+  kvmem_emu_switch(from != nullptr ? &from->sp : &b->scheduler_sp,
+                   to != nullptr ? to->sp : b->scheduler_sp);
 #else
-  swapcontext(&f->context, &b->scheduler);
+  swapcontext(from != nullptr ? &from->context : &b->scheduler,
+              to != nullptr ? &to->context : &b->scheduler);
 #endif
+}
+
+// The next thread after `from`, in order and wrapping around, that has not returned; null when
+// none has not.
+Fiber* NextLive(Block* b, const Fiber* from) {
+  const int n = static_cast<int>(b->fibers.size());
+  for (int k = 1; k <= n; ++k) {
+    Fiber& f = b->fibers[(from->thread.linear + k) % n];
+    if (!f.done) return &f;
+  }
+  return nullptr;
+}
+
+[[noreturn]] void ReportDeadlock(Block* b) {
+  std::fprintf(stderr,
+               "CUDA emulator: the kernel launched at %s deadlocked in block (%u, %u, %u): its "
+               "threads wait at a __syncthreads or warp operation that not all of them reach "
+               "(%d of %zu threads live, %d at __syncthreads)\n",
+               b->kernel_name, b->block_idx.x, b->block_idx.y, b->block_idx.z, b->live,
+               b->fibers.size(), b->arrived);
+  for (size_t w = 0; w < b->warps.size(); ++w) {
+    if (b->warps[w].arrived > 0) {
+      std::fprintf(stderr, "  warp %zu: %d of %d live lanes at a warp operation\n", w,
+                   b->warps[w].arrived, b->warps[w].live);
+    }
+  }
+  std::abort();
 }
 
 void FiberMain(Fiber* f) {
@@ -166,7 +200,7 @@ void FiberMain(Fiber* f) {
   --b->live;
   --b->warps[f->thread.linear / 32].live;
   ++b->progress;
-  SwitchToScheduler(b);
+  Switch(b, f, NextLive(b, f));  // null: the block is done, back to the scheduler
   Fatal("a finished fiber was resumed");
 }
 
@@ -201,20 +235,22 @@ void StartFiber(Fiber* f) {
 #endif
 }
 
-void Resume(Block* b, Fiber* f) {
-  b->running = f;
-#if defined(__x86_64__)
-  kvmem_emu_switch(&b->scheduler_sp, f->sp);
-#else
-  swapcontext(&b->scheduler, &f->context);
-#endif
-  b->running = nullptr;
+// Lets the block's other threads run, in order, until this one's turn comes again. A full turn
+// of the block in which no thread arrived anywhere or returned is a deadlock.
+void Yield() {
+  Block* b = t_block;
+  if (b->progress != b->progress_seen) {
+    b->progress_seen = b->progress;
+    b->idle_yields = 0;
+  } else if (++b->idle_yields > 2 * b->live + 2) {
+    ReportDeadlock(b);
+  }
+  Fiber* from = b->running;
+  Fiber* to = NextLive(b, from);
+  if (to != from) Switch(b, from, to);
 }
 
-// Lets the other threads of the block run until this one is resumed.
-void Yield() { SwitchToScheduler(t_block); }
-
-void RunBlock(Block* b, const char* kernel_name) {
+void RunBlock(Block* b) {
   const int n = static_cast<int>(b->block_dim.x * b->block_dim.y * b->block_dim.z);
   auto& cache = StackCache();
   b->fibers.resize(n);
@@ -233,30 +269,10 @@ void RunBlock(Block* b, const char* kernel_name) {
     StartFiber(&f);
   }
   b->live = n;
+  b->idle_yields = 0;
   Block* const outer = t_block;
   t_block = b;
-  while (b->live > 0) {
-    const uint64_t before = b->progress;
-    for (Fiber& f : b->fibers) {
-      if (!f.done) Resume(b, &f);
-    }
-    if (b->progress == before && b->live > 0) {
-      std::fprintf(stderr,
-                   "CUDA emulator: the kernel launched at %s deadlocked in block (%u, %u, %u): its "
-                   "threads wait at "
-                   "a __syncthreads or warp operation that not all of them reach (%d of %d "
-                   "threads live, %d at __syncthreads)\n",
-                   kernel_name, b->block_idx.x, b->block_idx.y, b->block_idx.z, b->live, n,
-                   b->arrived);
-      for (size_t w = 0; w < b->warps.size(); ++w) {
-        if (b->warps[w].arrived > 0) {
-          std::fprintf(stderr, "  warp %zu: %d of %d live lanes at a warp operation\n", w,
-                       b->warps[w].arrived, b->warps[w].live);
-        }
-      }
-      std::abort();
-    }
-  }
+  Switch(b, nullptr, &b->fibers[0]);  // back here when the last thread returns
   t_block = outer;
   for (int i = 0; i < n; ++i) cache[i] = std::move(b->fibers[i].stack);
 }
@@ -288,6 +304,7 @@ bool SyncThreads(bool predicate) {
     Yield();
     // A thread that returned no longer counts: the others may all be here now.
     if (b->generation == generation && b->arrived == b->live) {
+      ++b->progress;
       b->any_result = b->any;
       b->any = false;
       b->arrived = 0;
@@ -311,6 +328,7 @@ void WarpBarrier(Block::Warp& w) {
   while (w.generation == generation) {
     Yield();
     if (w.generation == generation && w.arrived == w.live) {
+      ++b->progress;
       w.arrived = 0;
       ++w.generation;
     }
@@ -319,45 +337,50 @@ void WarpBarrier(Block::Warp& w) {
 
 }  // namespace
 
-void WarpExchange(const void* in, void* out, size_t bytes, int (*source)(int lane, int arg),
-                  int arg) {
-  if (bytes > 32) Fatal("a warp exchange of more than 32 bytes");
-  Thread* t = CurrentThread();
-  Block::Warp& w = t_block->warps[t->linear / 32];
-  const int lane = t->linear % 32;
-  const unsigned phase = (t->warp_phase ^= 1u);
-  std::memcpy(w.slots[phase][lane], in, bytes);
-  WarpBarrier(w);
-  const int from = source(lane, arg);
-  std::memcpy(out, w.slots[phase][from >= 0 && from < 32 ? from : lane], bytes);
-}
+namespace {
 
-void WarpAllGather(const void* in, void* all, size_t bytes) {
-  if (bytes > 32) Fatal("a warp gather of more than 32 bytes");
+constexpr size_t kSlotBytes = sizeof(Block::Warp::slots[0][0]);
+
+// Deposits `bytes` for this lane and, once the warp's live lanes all have, returns the 32 lanes'
+// deposits (kSlotBytes apart). They stay in place until this lane's next warp operation: the
+// next operation deposits into the other buffer, and the one after cannot begin before this
+// lane has arrived at the next.
+const unsigned char* GatherInPlace(const void* in, size_t bytes) {
+  if (bytes > kSlotBytes) Fatal("a warp operation on more than 32 bytes per lane");
   Thread* t = CurrentThread();
   Block::Warp& w = t_block->warps[t->linear / 32];
   const unsigned phase = (t->warp_phase ^= 1u);
   std::memcpy(w.slots[phase][t->linear % 32], in, bytes);
   WarpBarrier(w);
-  for (int lane = 0; lane < 32; ++lane) {
-    std::memcpy(static_cast<unsigned char*>(all) + lane * bytes, w.slots[phase][lane], bytes);
-  }
+  return &w.slots[phase][0][0];
 }
 
-namespace {
-
-float HalfBitsToFloat(uint16_t bits, bool bf16) {
-  if (bf16) return BitsToFloat(static_cast<uint32_t>(bits) << 16);
+float HalfBitsToFloat(uint32_t bits, bool bf16) {
+  if (bf16) return BitsToFloat(bits << 16);
   __half_raw raw;
-  raw.x = bits;
+  raw.x = static_cast<uint16_t>(bits);
   return __half2float(__half(raw));
 }
 
 }  // namespace
 
+void WarpExchange(const void* in, void* out, size_t bytes, int (*source)(int lane, int arg),
+                  int arg) {
+  const unsigned char* slots = GatherInPlace(in, bytes);
+  const int lane = CurrentThread()->linear % 32;
+  const int from = source(lane, arg);
+  std::memcpy(out, slots + (from >= 0 && from < 32 ? from : lane) * kSlotBytes, bytes);
+}
+
+void WarpAllGather(const void* in, void* all, size_t bytes) {
+  const unsigned char* slots = GatherInPlace(in, bytes);
+  for (int lane = 0; lane < 32; ++lane) {
+    std::memcpy(static_cast<unsigned char*>(all) + lane * bytes, slots + lane * kSlotBytes, bytes);
+  }
+}
+
 void LoadMatrixX4(uint32_t (&r)[4], const void* row, bool transpose) {
-  const void* rows[32];
-  WarpAllGather(&row, rows, sizeof(row));
+  const unsigned char* slots = GatherInPlace(&row, sizeof(row));
   const int lane = CurrentThread()->linear % 32;
   const int g = lane / 4, t = lane % 4;
   for (int i = 0; i < 4; ++i) {
@@ -366,43 +389,49 @@ void LoadMatrixX4(uint32_t (&r)[4], const void* row, bool transpose) {
       // Element (row, col) of matrix i lies at column col of the row lane 8 i + row gave.
       const int mrow = transpose ? 2 * t + j : g;
       const int mcol = transpose ? g : 2 * t + j;
-      std::memcpy(&e[j], static_cast<const uint16_t*>(rows[8 * i + mrow]) + mcol, 2);
+      const uint16_t* p;
+      std::memcpy(&p, slots + (8 * i + mrow) * kSlotBytes, sizeof(p));
+      std::memcpy(&e[j], p + mcol, 2);
     }
     r[i] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
   }
 }
 
 void Mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
-  struct Fragments {
-    uint32_t a[4];
-    uint32_t b[2];
+  const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+  const unsigned char* slots = GatherInPlace(mine, sizeof(mine));
+  const auto reg = [&](int lane, int i) {
+    uint32_t v;
+    std::memcpy(&v, slots + lane * kSlotBytes + 4 * i, 4);
+    return v;
   };
-  const Fragments mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
-  Fragments all[32];
-  WarpAllGather(&mine, all, sizeof(mine));
-  float A[16][16], B[16][8];
-  for (int lane = 0; lane < 32; ++lane) {
-    const int g = lane / 4, t = lane % 4;
-    for (int reg = 0; reg < 4; ++reg) {
-      // a0: (g, 2t..), a1: (g + 8, 2t..), a2: (g, 2t + 8..), a3: (g + 8, 2t + 8..).
-      const int row = g + 8 * (reg % 2), col = 2 * t + 8 * (reg / 2);
-      A[row][col] = HalfBitsToFloat(all[lane].a[reg] & 0xffff, bf16);
-      A[row][col + 1] = HalfBitsToFloat(all[lane].a[reg] >> 16, bf16);
-    }
-    for (int reg = 0; reg < 2; ++reg) {  // b0: k = 2t.., b1: k = 2t + 8.., column g
-      const int k = 2 * t + 8 * reg;
-      B[k][g] = HalfBitsToFloat(all[lane].b[reg] & 0xffff, bf16);
-      B[k + 1][g] = HalfBitsToFloat(all[lane].b[reg] >> 16, bf16);
-    }
-  }
+  const auto unpack = [&](uint32_t v, float* out) {
+    out[0] = HalfBitsToFloat(v & 0xffff, bf16);
+    out[1] = HalfBitsToFloat(v >> 16, bf16);
+  };
   const int lane = CurrentThread()->linear % 32;
   const int g = lane / 4, t = lane % 4;
+  // This lane's outputs: rows g and g + 8, columns 2t and 2t + 1. Row g of A comes from the
+  // lanes of group g (a0: columns 2t'.., a2: 2t' + 8..; rows g + 8 in a1, a3); column n of B
+  // from the lanes of group n (b0: k = 2t'.., b1: k = 2t' + 8..).
+  float rows[2][16], cols[2][16];
+  for (int tp = 0; tp < 4; ++tp) {
+    const int from_a = 4 * g + tp;
+    for (int r = 0; r < 2; ++r) {
+      unpack(reg(from_a, r), &rows[r][2 * tp]);
+      unpack(reg(from_a, r + 2), &rows[r][2 * tp + 8]);
+    }
+    for (int j = 0; j < 2; ++j) {
+      const int from_b = 4 * (2 * t + j) + tp;
+      unpack(reg(from_b, 4), &cols[j][2 * tp]);
+      unpack(reg(from_b, 5), &cols[j][2 * tp + 8]);
+    }
+  }
   for (int i = 0; i < 4; ++i) {  // c0, c1: (g, 2t + i); c2, c3: (g + 8, 2t + i - 2)
-    const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
     // Products of 16-bit values are exact in f32; the sum is rounded once per step here and
     // in an unspecified order on the device, within the tests' tolerances either way.
     float sum = c[i];
-    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+    for (int k = 0; k < 16; ++k) sum += rows[i / 2][k] * cols[i % 2][k];
     c[i] = sum;
   }
 }
@@ -421,6 +450,7 @@ void RunKernel(const LaunchConfig& config, const std::function<void()>& body) {
   block.grid_dim = config.grid;
   block.block_dim = config.block;
   block.body = &body;
+  block.kernel_name = name.c_str();
   const uintptr_t raw = reinterpret_cast<uintptr_t>(shared_bytes.data());
   block.dynamic_shared = reinterpret_cast<void*>((raw + 127) & ~uintptr_t{127});
   for (unsigned z = 0; z < config.grid.z; ++z) {
@@ -431,7 +461,7 @@ void RunKernel(const LaunchConfig& config, const std::function<void()>& body) {
         block.any = false;
         // Uninitialised shared memory, as on the device: garbage a kernel must not read.
         std::memset(block.dynamic_shared, 0xA5, config.smem);
-        RunBlock(&block, name.c_str());
+        RunBlock(&block);
       }
     }
   }

@@ -1,0 +1,185 @@
+// The CUDA emulator (kernels/emu/emulator.h) against what CUDA specifies: warp shuffles,
+// block barriers and shared memory, launch checks, graph capture, and its own diagnostics
+// (deadlocks, unwritten device memory). Built only for the emulator: the kernels below are
+// compiled through its rewrite, as every kernel source is.
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace kvmem {
+namespace {
+
+// out[lane] for each shuffle kind over lanes holding 100 + lane.
+__global__ void ShuffleKernel(int* out) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int v = 100 + lane + 1000 * warp;
+  int* o = out + warp * 4 * 32;
+  o[lane] = __shfl_xor_sync(0xffffffffu, v, 5);
+  o[32 + lane] = __shfl_up_sync(0xffffffffu, v, 3);
+  o[64 + lane] = __shfl_down_sync(0xffffffffu, v, 3);
+  o[96 + lane] = __shfl_sync(0xffffffffu, v, 7);
+}
+
+// Each thread writes its slot, then (after the barrier) reads its neighbour's: wrong without
+// a real barrier between the phases.
+__global__ void NeighbourKernel(int* out) {
+  __shared__ int slots[256];
+  slots[threadIdx.x] = static_cast<int>(threadIdx.x) * 3 + static_cast<int>(blockIdx.x);
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = slots[(threadIdx.x + 1) % blockDim.x];
+}
+
+__global__ void AnyKernel(int chosen, int* out) {
+  out[threadIdx.x] = __syncthreads_or(static_cast<int>(threadIdx.x) == chosen);
+}
+
+// Thread 0 waits at the block barrier while the rest of its warp waits for it at a shuffle:
+// a hang on a device, a reported deadlock here.
+__global__ void MismatchedBarrierKernel(int* out) {
+  int v = static_cast<int>(threadIdx.x);
+  if (threadIdx.x == 0) {
+    __syncthreads();
+  } else {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  }
+  out[threadIdx.x] = v;
+}
+
+__global__ void AddOneKernel(float* data, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) data[i] += 1.f;
+}
+
+__global__ void DynamicSharedKernel(float* out) {
+  extern __shared__ float scratch[];
+  scratch[threadIdx.x] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = scratch[blockDim.x - 1 - threadIdx.x];
+}
+
+template <typename T>
+struct DeviceBuffer {
+  explicit DeviceBuffer(size_t n) : n(n) { EXPECT_EQ(cudaMalloc(&p, n * sizeof(T)), cudaSuccess); }
+  ~DeviceBuffer() { cudaFree(p); }
+  std::vector<T> Read() const {
+    std::vector<T> v(n);
+    EXPECT_EQ(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return v;
+  }
+  T* p = nullptr;
+  size_t n;
+};
+
+TEST(CudaEmulatorTest, WarpShufflesFollowTheirLaneFormulas) {
+  DeviceBuffer<int> out(2 * 4 * 32);
+  ShuffleKernel<<<1, 64>>>(out.p);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  const std::vector<int> got = out.Read();
+  for (int warp = 0; warp < 2; ++warp) {
+    const int* o = got.data() + warp * 4 * 32;
+    const auto v = [&](int lane) { return 100 + lane + 1000 * warp; };
+    for (int lane = 0; lane < 32; ++lane) {
+      EXPECT_EQ(o[lane], v(lane ^ 5)) << lane;
+      EXPECT_EQ(o[32 + lane], v(lane >= 3 ? lane - 3 : lane)) << lane;
+      EXPECT_EQ(o[64 + lane], v(lane + 3 < 32 ? lane + 3 : lane)) << lane;
+      EXPECT_EQ(o[96 + lane], v(7)) << lane;
+    }
+  }
+}
+
+TEST(CudaEmulatorTest, SyncThreadsSeparatesSharedMemoryPhasesOfEachBlock) {
+  DeviceBuffer<int> out(3 * 256);
+  NeighbourKernel<<<3, 256>>>(out.p);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  const std::vector<int> got = out.Read();
+  for (int b = 0; b < 3; ++b) {
+    for (int t = 0; t < 256; ++t) EXPECT_EQ(got[b * 256 + t], ((t + 1) % 256) * 3 + b);
+  }
+}
+
+TEST(CudaEmulatorTest, SyncThreadsOrSeesAnyThreadsPredicate) {
+  DeviceBuffer<int> out(96);
+  for (int chosen : {95, -1}) {
+    AnyKernel<<<1, 96>>>(chosen, out.p);
+    ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+    for (int v : out.Read()) EXPECT_EQ(v, chosen >= 0 ? 1 : 0);
+  }
+}
+
+TEST(CudaEmulatorTest, DynamicSharedMemoryIsTheLaunchsBytes) {
+  DeviceBuffer<float> out(128);
+  DynamicSharedKernel<<<1, 128, 128 * sizeof(float)>>>(out.p);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  const std::vector<float> got = out.Read();
+  for (int t = 0; t < 128; ++t) EXPECT_EQ(got[t], 127 - t);
+}
+
+TEST(CudaEmulatorTest, RefusesLaunchesTheDeviceWouldRefuse) {
+  DeviceBuffer<float> out(4096);
+  AddOneKernel<<<1, 2048>>>(out.p, 4096);  // more than 1024 threads per block
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+  AddOneKernel<<<0, 32>>>(out.p, 4096);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+  // Past 48 KiB of dynamic shared memory only after the kernel has opted in.
+  DynamicSharedKernel<<<1, 32, 64 << 10>>>(out.p);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+  ASSERT_EQ(cudaFuncSetAttribute(DynamicSharedKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 64 << 10),
+            cudaSuccess);
+  DynamicSharedKernel<<<1, 32, 64 << 10>>>(out.p);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+TEST(CudaEmulatorTest, FreshDeviceMemoryReadsAsNan) {
+  DeviceBuffer<float> out(64);
+  for (float v : out.Read()) EXPECT_TRUE(std::isnan(v));
+}
+
+TEST(CudaEmulatorTest, CopiesWhoseDeviceSideIsNotDeviceMemoryAreRefused) {
+  std::vector<float> host(16, 1.f), other(16, 0.f);
+  EXPECT_EQ(cudaMemcpy(other.data(), host.data(), 64, cudaMemcpyHostToDevice),
+            cudaErrorInvalidValue);
+  DeviceBuffer<float> dev(16);
+  EXPECT_EQ(cudaMemcpy(dev.p, host.data(), 128, cudaMemcpyHostToDevice),  // past its end
+            cudaErrorInvalidValue);
+  cudaGetLastError();
+}
+
+TEST(CudaEmulatorTest, CapturedGraphsReplayWithTheirCapturedArguments) {
+  DeviceBuffer<float> data(100);
+  ASSERT_EQ(cudaMemset(data.p, 0, 100 * sizeof(float)), cudaSuccess);
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  int n = 60;
+  AddOneKernel<<<2, 64, 0, stream>>>(data.p, n);
+  n = 100;  // the graph keeps 60
+  cudaGraph_t graph;
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  for (float v : data.Read()) EXPECT_EQ(v, 0.f);  // nothing ran while capturing
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  const std::vector<float> got = data.Read();
+  for (int i = 0; i < 100; ++i) EXPECT_EQ(got[i], i < 60 ? 3.f : 0.f) << i;
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+TEST(CudaEmulatorDeathTest, ReportsThreadsWaitingAtDifferentBarriers) {
+  EXPECT_DEATH(
+      {
+        DeviceBuffer<int> out(32);
+        MismatchedBarrierKernel<<<1, 32>>>(out.p);
+      },
+      "deadlocked in block \\(0, 0, 0\\)");
+}
+
+}  // namespace
+}  // namespace kvmem
