@@ -13,6 +13,10 @@
 // them again.
 // Usage: cuda_bench [--shapes 1b,8b] [--lengths 1024,4096,16384,32768] [--steps N]
 //                   [--dtype bf16|f16|f32] [--graphs 1|0] [--profile 0|1] [--pinned-bytes N]
+//                   [--base 16384] [--turns 256,4096] [--probe-bytes 1073741824]
+// --base is the hot set's length for append and page-in (SnapKV budget: a quarter of it),
+// --probe-bytes the size of the copies that measure the bandwidths. The "tiny" shape with
+// small sizes is the smoke run of the CUDA emulator's tests (kernels/emu/CMakeLists.txt).
 // Page-in is measured from pageable blocks (packed through the staging slots) and from blocks
 // in the pinned pool (CudaBackendOptions::pinned_block_bytes, default here 8 GiB), which the
 // device reads by address.
@@ -58,8 +62,7 @@ void Check(cudaError_t err, const char* what) {
 }
 
 // Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written.
-double DeviceCopyGbps() {
-  const size_t bytes = size_t{1} << 30;
+double DeviceCopyGbps(size_t bytes) {
   void *a, *b;
   Check(cudaMalloc(&a, bytes), "cudaMalloc");
   Check(cudaMalloc(&b, bytes), "cudaMalloc");
@@ -80,8 +83,7 @@ double DeviceCopyGbps() {
 }
 
 // Pinned host -> device copy bandwidth in GB/s.
-double PinnedUploadGbps() {
-  const size_t bytes = size_t{1} << 30;
+double PinnedUploadGbps(size_t bytes) {
   void *host, *dev;
   Check(cudaMallocHost(&host, bytes), "cudaMallocHost");
   Check(cudaMalloc(&dev, bytes), "cudaMalloc");
@@ -346,6 +348,9 @@ int Run(int argc, char** argv) {
   DeviceDtype dtype = DeviceDtype::kBF16;
   bool graphs = true, profile = false;
   int64_t pinned_bytes = int64_t{8} << 30;
+  int64_t base = 16384;
+  std::vector<int64_t> turns = {256, 4096};
+  int64_t probe_bytes = int64_t{1} << 30;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--pinned-bytes") {
@@ -353,13 +358,21 @@ int Run(int argc, char** argv) {
         return std::fprintf(stderr, "bad --pinned-bytes\n"), 2;
     } else if (flag == "--shapes") {
       shapes = absl::StrSplit(value, ',');
-    } else if (flag == "--lengths") {
-      lengths.clear();
+    } else if (flag == "--lengths" || flag == "--turns") {
+      std::vector<int64_t>& list = flag == "--lengths" ? lengths : turns;
+      list.clear();
       for (const auto& part : absl::StrSplit(value, ',')) {
         int64_t v;
-        if (!absl::SimpleAtoi(part, &v)) return std::fprintf(stderr, "bad --lengths\n"), 2;
-        lengths.push_back(v);
+        if (!absl::SimpleAtoi(part, &v) || v <= 0)
+          return std::fprintf(stderr, "bad %s\n", flag.c_str()), 2;
+        list.push_back(v);
       }
+    } else if (flag == "--base" || flag == "--probe-bytes") {
+      int64_t& v = flag == "--base" ? base : probe_bytes;
+      if (!absl::SimpleAtoi(value, &v) || v < (flag == "--base" ? 64 : 1 << 20))
+        return std::fprintf(stderr, "bad %s (at least %d)\n", flag.c_str(),
+                            flag == "--base" ? 64 : 1 << 20),
+               2;
     } else if (flag == "--steps") {
       if (!absl::SimpleAtoi(value, &steps) || steps <= 0)
         return std::fprintf(stderr, "bad --steps\n"), 2;
@@ -384,8 +397,8 @@ int Run(int argc, char** argv) {
   }
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
-  const double copy_gbps = DeviceCopyGbps();
-  const double pinned_gbps = PinnedUploadGbps();
+  const double copy_gbps = DeviceCopyGbps(probe_bytes);
+  const double pinned_gbps = PinnedUploadGbps(probe_bytes);
   const size_t elem = dtype == DeviceDtype::kF32 ? 4 : 2;  // bf16 and f16: 2 bytes
   std::printf("device: %s; dtype %s\n", prop.name, DeviceDtypeName(dtype));
   std::printf("device-to-device copy: %.0f GB/s (read + write); pinned host->device: %.1f GB/s\n\n",
@@ -449,19 +462,28 @@ int Run(int argc, char** argv) {
                           steps);
     }
 
-    // Turn append onto a 16K-token hot set. Compaction is the host's (positions only, as a
+    // Turn append onto a `base`-token (16K) hot set. Compaction is the host's (positions only, as a
     // session on the GPU does) plus the device's gather, which runs at the start of the next
     // pass: the next one-token pass minus a plain one.
     std::printf(
-        "\n| turn onto 16K | prefill ms | SnapKV ms | compaction ms (host + gather) "
-        "| turn ms | SnapKV share |\n");
+        "\n| turn onto %lld | prefill ms | SnapKV ms | compaction ms (host + gather) "
+        "| turn ms | SnapKV share |\n",
+        static_cast<long long>(base));
     std::printf("| ---: | ---: | ---: | ---: | ---: | ---: |\n");
-    const int64_t base = 16384;
     const LayerBlocks warm = RandomBlocks(c, base, b.KvDType());
     BlockRows warm_rows(c, &warm);
-    const SnapKvOptions snap{.window = 32, .kernel = 7, .pooling = Pooling::kMax, .budget = 4096};
+    const int budget = static_cast<int>(base / 4);
+    const SnapKvOptions snap{.window = std::min(32, budget / 2),
+                             .kernel = 7,
+                             .pooling = Pooling::kMax,
+                             .budget = budget};
     std::vector<int32_t> one = {1};
-    for (int64_t turn : {int64_t{256}, int64_t{4096}}) {
+    for (int64_t turn : turns) {
+      if (turn < snap.window) {
+        return std::fprintf(stderr, "each --turns value must be at least the SnapKV window (%d)\n",
+                            snap.window),
+               2;
+      }
       double prefill_ms = 0, select_ms = 0, host_ms = 0, gather_ms = 0;
       const int reps = 3;
       OpTable prefill_ops, select_ops, gather_ops;
@@ -523,7 +545,7 @@ int Run(int argc, char** argv) {
       std::printf("| %lld | %.2f | %.2f | %.2f (%.2f + %.2f) | %.2f | %.3f |\n",
                   static_cast<long long>(turn), prefill_ms, select_ms, compact_ms, host_ms,
                   gather_ms, total, select_ms / total);
-      prefill_ops.Print(absl::StrCat("prefill of ", turn, " tokens onto 16K").c_str(), reps);
+      prefill_ops.Print(absl::StrCat("prefill of ", turn, " tokens onto ", base).c_str(), reps);
       select_ops.Print(absl::StrCat("SnapKV selection after ", turn, " tokens").c_str(), reps);
       gather_ops.Print(
           absl::StrCat("the step after selection (gathers the kept rows), ", turn, " tokens")
@@ -536,8 +558,9 @@ int Run(int argc, char** argv) {
     // their size with the pinned pool): their rows are packed into the staging slots.
     // Timed as the first pass minus a plain step.
     std::printf(
-        "\n| page-in of 16K tokens/head | source ms | upload ms | total ms | GB/s of device "
-        "KV | share of pinned host->device | rows by address |\n");
+        "\n| page-in of %lld tokens/head | source ms | upload ms | total ms | GB/s of device "
+        "KV | share of pinned host->device | rows by address |\n",
+        static_cast<long long>(base));
     std::printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     const double bytes = HotKvBytes(c, base, elem);
     auto page_in = [&](const char* what, BlockRows& rows, double source_s) -> bool {
