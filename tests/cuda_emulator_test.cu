@@ -49,6 +49,14 @@ __global__ void MismatchedBarrierKernel(int* out) {
   out[threadIdx.x] = v;
 }
 
+// Reads the next thread's slot with no barrier after the writes: a race. (`seed` differs
+// between launches, so what an earlier launch left in shared memory is never right.)
+__global__ void MissingBarrierKernel(int seed, int* out) {
+  __shared__ int slots[64];
+  slots[threadIdx.x] = static_cast<int>(threadIdx.x) + seed;
+  out[threadIdx.x] = slots[(threadIdx.x + 1) % 64];
+}
+
 __global__ void AddOneKernel(float* data, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) data[i] += 1.f;
@@ -170,6 +178,25 @@ TEST(CudaEmulatorTest, CapturedGraphsReplayWithTheirCapturedArguments) {
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(stream);
+}
+
+TEST(CudaEmulatorTest, EachThreadOrderShowsARaceTheOtherHides) {
+  DeviceBuffer<int> out(64);
+  int wrong[2] = {0, 0};
+  for (cuda_emu::ThreadOrder order :
+       {cuda_emu::ThreadOrder::kForward, cuda_emu::ThreadOrder::kReverse}) {
+    cuda_emu::SetThreadOrder(order);
+    ASSERT_EQ(cudaMemset(out.p, 0xff, 64 * sizeof(int)), cudaSuccess);
+    const int seed = 1000 * (1 + static_cast<int>(order));
+    MissingBarrierKernel<<<1, 64>>>(seed, out.p);
+    const std::vector<int> got = out.Read();
+    for (int t = 0; t < 64; ++t) wrong[static_cast<int>(order)] += got[t] != (t + 1) % 64 + seed;
+  }
+  cuda_emu::SetThreadOrder(cuda_emu::ThreadOrder::kForward);
+  // Forward: every thread but the last reads its neighbour's slot before the neighbour wrote it.
+  // Reverse: only the last thread does (its neighbour, thread 0, runs last).
+  EXPECT_EQ(wrong[0], 63);
+  EXPECT_EQ(wrong[1], 1);
 }
 
 TEST(CudaEmulatorDeathTest, ReportsThreadsWaitingAtDifferentBarriers) {

@@ -3,10 +3,12 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #if !defined(__x86_64__)
@@ -122,6 +124,7 @@ struct Block {
   int live = 0;              // fibers not yet returned
   Fiber* running = nullptr;  // null while the scheduler (the launching code) runs
   const char* kernel_name = "";
+  bool reverse = false;  // threads take turns from the last to the first
   uint64_t progress_seen = 0;
   int idle_yields = 0;
 #if defined(__x86_64__)
@@ -170,11 +173,29 @@ void Switch(Block* b, Fiber* from, Fiber* to) {
 // none has not.
 Fiber* NextLive(Block* b, const Fiber* from) {
   const int n = static_cast<int>(b->fibers.size());
-  for (int k = 1; k <= n; ++k) {
-    Fiber& f = b->fibers[(from->thread.linear + k) % n];
-    if (!f.done) return &f;
+  const int step = b->reverse ? n - 1 : 1;  // -1 modulo n
+  for (int k = 1, i = from->thread.linear; k <= n; ++k) {
+    i = (i + step) % n;
+    if (!b->fibers[i].done) return &b->fibers[i];
   }
   return nullptr;
+}
+
+// -1 until set or read from KVMEM_CUDA_EMULATOR_ORDER, then 0 (forward) or 1 (reverse).
+std::atomic<int> g_reverse{-1};
+
+bool ReverseOrder() {
+  int reverse = g_reverse.load(std::memory_order_relaxed);
+  if (reverse < 0) {
+    const char* order = std::getenv("KVMEM_CUDA_EMULATOR_ORDER");
+    if (order != nullptr && std::string_view(order) != "forward" &&
+        std::string_view(order) != "reverse") {
+      Fatal("KVMEM_CUDA_EMULATOR_ORDER must be forward or reverse");
+    }
+    reverse = order != nullptr && std::string_view(order) == "reverse";
+    g_reverse.store(reverse, std::memory_order_relaxed);
+  }
+  return reverse == 1;
 }
 
 [[noreturn]] void ReportDeadlock(Block* b) {
@@ -272,12 +293,17 @@ void RunBlock(Block* b) {
   b->idle_yields = 0;
   Block* const outer = t_block;
   t_block = b;
-  Switch(b, nullptr, &b->fibers[0]);  // back here when the last thread returns
+  b->reverse = ReverseOrder();
+  Switch(b, nullptr, &b->fibers[b->reverse ? n - 1 : 0]);  // back here when the last returns
   t_block = outer;
   for (int i = 0; i < n; ++i) cache[i] = std::move(b->fibers[i].stack);
 }
 
 }  // namespace
+
+void SetThreadOrder(ThreadOrder order) {
+  g_reverse.store(order == ThreadOrder::kReverse ? 1 : 0, std::memory_order_relaxed);
+}
 
 Thread* CurrentThread() {
   if (t_block == nullptr || t_block->running == nullptr) Fatal("device code ran outside a kernel");

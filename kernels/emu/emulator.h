@@ -66,6 +66,13 @@ void LoadMatrixX4(uint32_t (&r)[4], const void* row, bool transpose);
 // mma.sync .m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32: c += a b over the warp's fragments.
 void Mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16);
 
+// The order in which a block's threads take turns between barriers. Code that lets one thread
+// read what another wrote without a barrier between them sees the write in one order and not
+// in the other, so running a test in both finds such races in either direction. The default
+// is kForward, or kReverse when the environment has KVMEM_CUDA_EMULATOR_ORDER=reverse.
+enum class ThreadOrder { kForward, kReverse };
+void SetThreadOrder(ThreadOrder order);
+
 // A launch's grid, block, dynamic shared memory and stream, and where in the source it is.
 struct LaunchConfig {
   LaunchConfig(dim3 grid, dim3 block, size_t smem = 0, cudaStream_t stream = nullptr,
