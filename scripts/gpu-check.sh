@@ -23,7 +23,8 @@ case "${1:-}" in
     # is 35 MB uncompressed.
     rm -rf gpu-pack gpu-pack.tgz
     mkdir -p gpu-pack/bin gpu-pack/lib gpu-pack/models
-    for b in kernels_test kernels_attention_test cuda_backend_test cuda_bench turn_host_bench; do
+    for b in kernels_test kernels_attention_test cuda_backend_test service_gpu_test kvmemd \
+      cuda_bench turn_host_bench; do
       cp "build/bin/$b" gpu-pack/bin/ && strip -s "gpu-pack/bin/$b"
     done
     skip='/libc\.so|/libm\.so|ld-linux|libgcc_s|libstdc\+\+|libpthread|libdl\.|librt\.|libcuda\.|libcudart|libcublas|libnvidia'
@@ -43,8 +44,9 @@ case "${1:-}" in
     out="${OUT:-/tmp}"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
     export KVMEM_TEST_MODEL_DIR="$PWD/gpu-pack/models/stories260K"
+    export KVMEM_BIN_DIR="$PWD/gpu-pack/bin"  # service_gpu_test starts kvmemd from here
     status=0
-    for t in kernels_test kernels_attention_test cuda_backend_test; do
+    for t in kernels_test kernels_attention_test cuda_backend_test service_gpu_test; do
       gpu-pack/bin/$t 2>&1 | tee "$out/$t.log" | tail -3 || status=1
     done
     sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)

@@ -26,16 +26,25 @@ namespace kvmem::testing {
 
 class KvmemdProcess {
  public:
-  // Runs KVMEM_BIN_DIR/kvmemd with `args` plus "--listen 127.0.0.1:0" and the test model
-  // (unless `args` names --model), and waits until it prints "kvmemd: listening on
-  // HOST:PORT". UNAVAILABLE with kvmemd's stderr when it exits or stays silent for 30 s.
-  static absl::StatusOr<std::unique_ptr<KvmemdProcess>> Start(std::vector<std::string> args) {
+  // Runs KVMEM_BIN_DIR/`binary` (kvmemd, or a build of it such as kvmemd_emu; the environment's
+  // KVMEM_BIN_DIR and KVMEM_TEST_MODEL_DIR win over the build's) with `args` plus
+  // "--listen 127.0.0.1:0" and the test model (unless `args` names --model), and waits until it
+  // prints "kvmemd: listening on HOST:PORT". UNAVAILABLE with its stderr when it exits or stays
+  // silent for 30 s.
+  static absl::StatusOr<std::unique_ptr<KvmemdProcess>> Start(
+      std::vector<std::string> args, const std::string& binary = "kvmemd") {
     bool has_model = false;
     for (const std::string& a : args) has_model |= a == "--model";
+    // A GPU machine gets the binaries and the model elsewhere (scripts/gpu-check.sh says where).
+    const char* model_dir = std::getenv("KVMEM_TEST_MODEL_DIR");
+    const char* bin_dir = std::getenv("KVMEM_BIN_DIR");
     if (!has_model) {
-      args.insert(args.begin(), {"--model", KVMEM_TEST_MODEL_DIR});
+      args.insert(args.begin(),
+                  {"--model", model_dir != nullptr ? model_dir : KVMEM_TEST_MODEL_DIR});
     }
-    args.insert(args.begin(), {std::string(KVMEM_BIN_DIR) + "/kvmemd", "--listen", "127.0.0.1:0"});
+    args.insert(args.begin(),
+                {std::string(bin_dir != nullptr ? bin_dir : KVMEM_BIN_DIR) + "/" + binary,
+                 "--listen", "127.0.0.1:0"});
     auto process = std::unique_ptr<KvmemdProcess>(new KvmemdProcess());
     char stderr_template[] = "/tmp/kvmemd-stderr-XXXXXX";
     const int stderr_fd = mkstemp(stderr_template);
