@@ -272,6 +272,7 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
       dp.scale = scale;
       dp.sliding_window = c.sliding_window;
       dp.q_position = start_pos;
+      dp.q_position_device = b->pos;  // a graph replays with each step's position
       dp.split_size = options_.decode_split;
       dp.out = b->attn;
       const size_t ws = DecodeAttentionWorkspaceBytes(c.num_heads, c.head_dim, ragged.max_length,
@@ -599,7 +600,7 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
   // op by op (so every kernel is loaded before a capture); a capture that fails turns graphs
   // off for this backend, logged once, and the step runs op by op.
   const bool graphable = n == 1 && observed <= 1 && !options.before_attention &&
-                         options_.cuda_graphs && !decode_.graphs_failed && c.sliding_window == 0;
+                         options_.cuda_graphs && !decode_.graphs_failed;
   DecodeGraph* graph = nullptr;
   if (graphable && decode_.eager_steps > 0) {
     int32_t longest = 0;

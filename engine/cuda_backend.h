@@ -41,7 +41,7 @@ struct CudaBackendOptions {
   int device = 0;
   // Default: 0 (the kernel's 256). Entries per split of decode attention.
   int decode_split = 0;
-  // Default: true. Decode steps (one token, no recall hook, no sliding window) replay a CUDA
+  // Default: true. Decode steps (one token, no recall hook) replay a CUDA
   // graph of the whole pass captured once per graph_bucket-entry bucket of the longest head.
   bool cuda_graphs = true;
   // Default: 4096. The bucket (in entries) of the longest head that selects a decode graph:

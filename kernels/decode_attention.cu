@@ -218,6 +218,8 @@ __device__ __forceinline__ void DecodeSplitBlock(
   const T* keys = p.kv.keys[g];
   const T* values = p.kv.values[g];
   const int64_t* positions = p.sliding_window > 0 ? p.kv.positions[g] : nullptr;
+  const int64_t q_position =
+      positions != nullptr && p.q_position_device != nullptr ? *p.q_position_device : p.q_position;
 
   // Block-wide setup, first read after the first barrier below.
   if (threadIdx.x < kHeads) {
@@ -269,7 +271,7 @@ __device__ __forceinline__ void DecodeSplitBlock(
     if (positions != nullptr) {
       int any = 0;
       for (int i = threadIdx.x; i < kTile; i += kThreads) {
-        const bool vis = i < n && p.q_position - positions[t0 + i] < p.sliding_window;
+        const bool vis = i < n && q_position - positions[t0 + i] < p.sliding_window;
         s.visible[i] = vis;
         any |= vis;
       }

@@ -33,6 +33,9 @@ struct DecodeAttentionParams {
   int sliding_window = 0;
   // Default: 0. The query's absolute position; read only with a sliding window.
   int64_t q_position = 0;
+  // Default: null. When set (device), the query's position is read from here instead of
+  // q_position, so that a captured graph takes each step's position from its inputs.
+  const int64_t* q_position_device = nullptr;
   // Default: 0 (256). Entries per split: one thread block per (split, KV head, up to 8 query
   // heads of its group); a combine kernel merges the splits when there is more than one.
   int split_size = 0;

@@ -537,11 +537,14 @@ TEST(CudaBackendTest, RejectsBadOptions) {
   }
 }
 
-TEST(CudaBackendTest, GraphedDecodeStepsMatchOpByOpStepsAcrossBuckets) {
+class GraphedDecodeTest : public ::testing::TestWithParam<int> {};  // sliding window or 0
+
+TEST_P(GraphedDecodeTest, StepsMatchOpByOpStepsAcrossBuckets) {
   SKIP_WITHOUT_CUDA();
   TempDir dir;
   RandomModelSpec spec;
   spec.vocab = 128;
+  spec.sliding_window = GetParam();  // a window's mask reads the step's position in the graph
   testing::WriteRandomModel(dir.path(), spec);
   auto model = Model::Load(dir.path(), {.require_tokenizer = false});
   ASSERT_TRUE(model.ok()) << model.status();
@@ -549,8 +552,10 @@ TEST(CudaBackendTest, GraphedDecodeStepsMatchOpByOpStepsAcrossBuckets) {
   // 64-entry buckets: the steps below cross a bucket boundary (a second graph) after a short
   // prompt, which keeps the case quick on the CUDA emulator as well.
   const int kBucket = 64;
-  auto graphed = CreateCudaBackend(
-      **model, {.dtype = DeviceDtype::kF32, .cuda_graphs = true, .graph_bucket = kBucket});
+  auto graphed = CreateCudaBackend(**model, {.dtype = DeviceDtype::kF32,
+                                             .cuda_graphs = true,
+                                             .graph_bucket = kBucket,
+                                             .profile_ops = true});
   auto eager = CreateCudaBackend(**model, {.dtype = DeviceDtype::kF32, .cuda_graphs = false});
   ASSERT_TRUE(graphed.ok() && eager.ok());
   // Steps on both sides of the first bucket boundary.
@@ -571,7 +576,19 @@ TEST(CudaBackendTest, GraphedDecodeStepsMatchOpByOpStepsAcrossBuckets) {
     EXPECT_EQ(a.head(1, 1).positions.back(), t);
   }
   EXPECT_LT(RelativeL2(a.head(1, 0).keys, b.head(1, 0).keys), 1e-6);
+  // Every step but the first (which loads the kernels op by op) replayed a graph.
+  int64_t graphed_steps = 0;
+  for (const CudaOpTime& op : TakeCudaOpProfile(**graphed)) {
+    if (op.op == "decode step (graph)") graphed_steps += op.count;
+  }
+  EXPECT_EQ(graphed_steps, 11);
 }
+
+INSTANTIATE_TEST_SUITE_P(Windows, GraphedDecodeTest, ::testing::Values(0, 20),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return info.param == 0 ? std::string("Full")
+                                                  : absl::StrCat("SlidingWindow", info.param);
+                         });
 
 // Whole sessions on stories260K: the f32 GPU backend gives the CPU's tokens.
 class CudaSessionTest : public ::testing::Test {

@@ -271,6 +271,15 @@ void CheckDecode(double tolerance) {
     const std::vector<float> got = ToFloat(d_out.ToHost());
     EXPECT_EQ(CountNan(got), 0);
     EXPECT_LT(RelativeError(got, want), tolerance);
+    // The position read from device memory (as a captured graph does) wins over the argument.
+    DeviceArray<int64_t> d_position(std::vector<int64_t>{q_position});
+    DecodeAttentionParams<T> from_device = p;
+    from_device.q_position = c.sliding_window > 0 ? q_position - c.sliding_window : 0;
+    from_device.q_position_device = d_position.get();
+    DeviceArray<T> d_out2(q.size());
+    from_device.out = d_out2.get();
+    Finish(LaunchDecodeAttention(from_device, ws.get(), ws_bytes, nullptr));
+    EXPECT_EQ(ToFloat(d_out2.ToHost()), got);
     // A head without entries attends to nothing: exact zeros.
     for (int h = 0; h < c.num_heads; ++h) {
       if (heads[h / group].size() != 0) continue;
