@@ -57,6 +57,25 @@ __global__ void MissingBarrierKernel(int seed, int* out) {
   out[threadIdx.x] = slots[(threadIdx.x + 1) % 64];
 }
 
+// Only block 0 writes the shared array; the others read what their block never wrote.
+__global__ void UnwrittenSharedKernel(float* out) {
+  __shared__ float s[32];
+  if (blockIdx.x == 0) s[threadIdx.x] = 1.f;
+  __syncthreads();
+  out[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x];
+}
+
+// Lane 0 shuffles while the other lanes of its warp are at __syncwarp.
+__global__ void MismatchedWarpOpsKernel(int* out) {
+  int v = static_cast<int>(threadIdx.x);
+  if (threadIdx.x == 0) {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  } else {
+    __syncwarp();
+  }
+  out[threadIdx.x] = v;
+}
+
 __global__ void AddOneKernel(float* data, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) data[i] += 1.f;
@@ -142,6 +161,20 @@ TEST(CudaEmulatorTest, RefusesLaunchesTheDeviceWouldRefuse) {
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
 }
 
+TEST(CudaEmulatorTest, SharedMemoryABlockNeverWroteReadsAsNan) {
+  DeviceBuffer<float> out(3 * 32);
+  UnwrittenSharedKernel<<<3, 32>>>(out.p);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  const std::vector<float> got = out.Read();
+  for (int i = 0; i < 3 * 32; ++i) {
+    if (i < 32) {
+      EXPECT_EQ(got[i], 1.f) << i;
+    } else {
+      EXPECT_TRUE(std::isnan(got[i])) << i << ": " << got[i];  // not block 0's 1.0
+    }
+  }
+}
+
 TEST(CudaEmulatorTest, FreshDeviceMemoryReadsAsNan) {
   DeviceBuffer<float> out(64);
   for (float v : out.Read()) EXPECT_TRUE(std::isnan(v));
@@ -151,9 +184,12 @@ TEST(CudaEmulatorTest, CopiesWhoseDeviceSideIsNotDeviceMemoryAreRefused) {
   std::vector<float> host(16, 1.f), other(16, 0.f);
   EXPECT_EQ(cudaMemcpy(other.data(), host.data(), 64, cudaMemcpyHostToDevice),
             cudaErrorInvalidValue);
-  DeviceBuffer<float> dev(16);
+  DeviceBuffer<float> dev(16), other_dev(16);
   EXPECT_EQ(cudaMemcpy(dev.p, host.data(), 128, cudaMemcpyHostToDevice),  // past its end
             cudaErrorInvalidValue);
+  // A kind the wrong way round: the "host" side is device memory.
+  EXPECT_EQ(cudaMemcpy(dev.p, other_dev.p, 64, cudaMemcpyHostToDevice), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaMemcpy(dev.p, host.data(), 64, cudaMemcpyHostToDevice), cudaSuccess);
   cudaGetLastError();
 }
 
@@ -197,6 +233,44 @@ TEST(CudaEmulatorTest, EachThreadOrderShowsARaceTheOtherHides) {
   // Reverse: only the last thread does (its neighbour, thread 0, runs last).
   EXPECT_EQ(wrong[0], 63);
   EXPECT_EQ(wrong[1], 1);
+}
+
+TEST(CudaEmulatorTest, ErrorsAndProhibitedCallsInvalidateACapture) {
+  DeviceBuffer<float> data(64);
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  // A refused launch while capturing: the capture ends with no graph.
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  AddOneKernel<<<1, 2048, 0, stream>>>(data.p, 64);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+  cudaGraph_t graph = nullptr;
+  EXPECT_EQ(cudaStreamEndCapture(stream, &graph), cudaErrorStreamCaptureInvalidated);
+  EXPECT_EQ(graph, nullptr);
+  cudaGetLastError();
+  // A synchronous copy by the capturing thread is prohibited in thread-local mode.
+  std::vector<float> host(64, 0.f);
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  AddOneKernel<<<1, 64, 0, stream>>>(data.p, 64);
+  EXPECT_EQ(cudaMemcpy(host.data(), data.p, 64 * sizeof(float), cudaMemcpyDeviceToHost),
+            cudaErrorStreamCaptureUnsupported);
+  EXPECT_EQ(cudaStreamEndCapture(stream, &graph), cudaErrorStreamCaptureInvalidated);
+  cudaGetLastError();
+  // And a clean capture still works.
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  AddOneKernel<<<1, 64, 0, stream>>>(data.p, 64);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  EXPECT_NE(graph, nullptr);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+TEST(CudaEmulatorDeathTest, ReportsLanesAtDifferentWarpOperations) {
+  EXPECT_DEATH(
+      {
+        DeviceBuffer<int> out(32);
+        MismatchedWarpOpsKernel<<<1, 32>>>(out.p);
+      },
+      "lanes of warp 0 are at different warp operations");
 }
 
 TEST(CudaEmulatorDeathTest, ReportsThreadsWaitingAtDifferentBarriers) {

@@ -43,7 +43,10 @@ inline void __syncthreads() { ::kvmem::cuda_emu::SyncThreads(); }
 inline int __syncthreads_or(int predicate) {
   return ::kvmem::cuda_emu::SyncThreads(predicate != 0) ? 1 : 0;
 }
-inline void __syncwarp(unsigned mask = 0xffffffffu) { ::kvmem::cuda_emu::SyncWarp(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) ::kvmem::cuda_emu::Fatal("only full-warp __syncwarp is emulated");
+  ::kvmem::cuda_emu::SyncWarp();
+}
 
 namespace kvmem {
 namespace cuda_emu {

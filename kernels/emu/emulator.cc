@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -77,6 +78,8 @@ kvmem_emu_fiber_entry:
 namespace {
 
 constexpr size_t kStackBytes = size_t{256} << 10;  // kernels keep arrays in "registers"
+// Fresh shared memory reads as NaN in every float type (and -1 as an integer).
+constexpr unsigned char kFreshSharedByte = 0xff;
 
 // A fiber's stack with an inaccessible guard page below it, so an overflow faults.
 class Stack {
@@ -139,11 +142,13 @@ struct Block {
   // Warp barriers and exchange slots, double-buffered by phase.
   struct Warp {
     int arrived = 0, live = 0;
+    int op = 0;  // what the lanes at the barrier are doing (WarpOp * 64 + bytes)
     uint64_t generation = 0;
     alignas(16) unsigned char slots[2][32][32];
   };
   std::vector<Warp> warps;
-  uint64_t progress = 0;  // bumped whenever a thread arrives somewhere or returns
+  uint64_t progress = 0;        // bumped whenever a thread arrives somewhere or returns
+  std::vector<void*> poisoned;  // static shared variables this block has filled
 };
 
 namespace {
@@ -314,6 +319,13 @@ const dim3& CurrentBlockDim() { return t_block->block_dim; }
 const dim3& CurrentGridDim() { return t_block->grid_dim; }
 void* DynamicShared() { return t_block->dynamic_shared; }
 
+void PoisonShared(void* variable, size_t bytes) {
+  std::vector<void*>& done = t_block->poisoned;
+  if (std::find(done.begin(), done.end(), variable) != done.end()) return;
+  done.push_back(variable);
+  std::memset(variable, kFreshSharedByte, bytes);
+}
+
 bool SyncThreads(bool predicate) {
   Block* b = t_block;
   ++b->progress;
@@ -342,10 +354,25 @@ bool SyncThreads(bool predicate) {
 
 namespace {
 
-void WarpBarrier(Block::Warp& w) {
+// What a lane does at a warp barrier; every lane of the warp must be doing the same.
+enum WarpOp : int { kShuffle = 1, kGather = 2, kSyncWarp = 3 };
+
+void WarpBarrier(Block::Warp& w, int op, size_t bytes) {
   Block* b = t_block;
   ++b->progress;
   const uint64_t generation = w.generation;
+  const int what = op * 64 + static_cast<int>(bytes);
+  if (w.arrived == 0) {
+    w.op = what;
+  } else if (w.op != what) {
+    std::fprintf(stderr,
+                 "CUDA emulator: the kernel launched at %s, block (%u, %u, %u): lanes of warp %d "
+                 "are at different warp operations (a shuffle, an ldmatrix/mma or __syncwarp, "
+                 "or values of different sizes), which a device does not pair up\n",
+                 b->kernel_name, b->block_idx.x, b->block_idx.y, b->block_idx.z,
+                 b->running->thread.linear / 32);
+    std::abort();
+  }
   if (++w.arrived == w.live) {
     w.arrived = 0;
     ++w.generation;
@@ -371,13 +398,13 @@ constexpr size_t kSlotBytes = sizeof(Block::Warp::slots[0][0]);
 // deposits (kSlotBytes apart). They stay in place until this lane's next warp operation: the
 // next operation deposits into the other buffer, and the one after cannot begin before this
 // lane has arrived at the next.
-const unsigned char* GatherInPlace(const void* in, size_t bytes) {
+const unsigned char* GatherInPlace(const void* in, size_t bytes, WarpOp op) {
   if (bytes > kSlotBytes) Fatal("a warp operation on more than 32 bytes per lane");
   Thread* t = CurrentThread();
   Block::Warp& w = t_block->warps[t->linear / 32];
   const unsigned phase = (t->warp_phase ^= 1u);
   std::memcpy(w.slots[phase][t->linear % 32], in, bytes);
-  WarpBarrier(w);
+  WarpBarrier(w, op, bytes);
   return &w.slots[phase][0][0];
 }
 
@@ -392,21 +419,24 @@ float HalfBitsToFloat(uint32_t bits, bool bf16) {
 
 void WarpExchange(const void* in, void* out, size_t bytes, int (*source)(int lane, int arg),
                   int arg) {
-  const unsigned char* slots = GatherInPlace(in, bytes);
+  const unsigned char* slots = GatherInPlace(in, bytes, kShuffle);
   const int lane = CurrentThread()->linear % 32;
   const int from = source(lane, arg);
   std::memcpy(out, slots + (from >= 0 && from < 32 ? from : lane) * kSlotBytes, bytes);
 }
 
 void WarpAllGather(const void* in, void* all, size_t bytes) {
-  const unsigned char* slots = GatherInPlace(in, bytes);
+  const unsigned char* slots = GatherInPlace(in, bytes, kGather);
   for (int lane = 0; lane < 32; ++lane) {
     std::memcpy(static_cast<unsigned char*>(all) + lane * bytes, slots + lane * kSlotBytes, bytes);
   }
 }
 
 void LoadMatrixX4(uint32_t (&r)[4], const void* row, bool transpose) {
-  const unsigned char* slots = GatherInPlace(&row, sizeof(row));
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+    Fatal("ldmatrix: a row address that is not 16-byte aligned (a fault on the device)");
+  }
+  const unsigned char* slots = GatherInPlace(&row, sizeof(row), kGather);
   const int lane = CurrentThread()->linear % 32;
   const int g = lane / 4, t = lane % 4;
   for (int i = 0; i < 4; ++i) {
@@ -425,7 +455,7 @@ void LoadMatrixX4(uint32_t (&r)[4], const void* row, bool transpose) {
 
 void Mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
   const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
-  const unsigned char* slots = GatherInPlace(mine, sizeof(mine));
+  const unsigned char* slots = GatherInPlace(mine, sizeof(mine), kGather);
   const auto reg = [&](int lane, int i) {
     uint32_t v;
     std::memcpy(&v, slots + lane * kSlotBytes + 4 * i, 4);
@@ -465,7 +495,7 @@ void Mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, b
 void SyncWarp() {
   Thread* t = CurrentThread();
   t->warp_phase ^= 1u;
-  WarpBarrier(t_block->warps[t->linear / 32]);
+  WarpBarrier(t_block->warps[t->linear / 32], kSyncWarp, 0);
 }
 
 void RunKernel(const LaunchConfig& config, const std::function<void()>& body) {
@@ -479,17 +509,21 @@ void RunKernel(const LaunchConfig& config, const std::function<void()>& body) {
   block.kernel_name = name.c_str();
   const uintptr_t raw = reinterpret_cast<uintptr_t>(shared_bytes.data());
   block.dynamic_shared = reinterpret_cast<void*>((raw + 127) & ~uintptr_t{127});
-  for (unsigned z = 0; z < config.grid.z; ++z) {
-    for (unsigned y = 0; y < config.grid.y; ++y) {
-      for (unsigned x = 0; x < config.grid.x; ++x) {
-        block.block_idx = {x, y, z};
-        block.arrived = 0;
-        block.any = false;
-        // Uninitialised shared memory, as on the device: garbage a kernel must not read.
-        std::memset(block.dynamic_shared, 0xA5, config.smem);
-        RunBlock(&block);
-      }
-    }
+  // Blocks run one after another, in reverse with ThreadOrder::kReverse too, so that a block
+  // reading what another block of the launch writes shows in one of the two orders.
+  const uint64_t blocks = uint64_t{config.grid.x} * config.grid.y * config.grid.z;
+  const bool reverse = ReverseOrder();
+  for (uint64_t i = 0; i < blocks; ++i) {
+    const uint64_t b = reverse ? blocks - 1 - i : i;
+    block.block_idx = {static_cast<unsigned>(b % config.grid.x),
+                       static_cast<unsigned>(b / config.grid.x % config.grid.y),
+                       static_cast<unsigned>(b / (uint64_t{config.grid.x} * config.grid.y))};
+    block.arrived = 0;
+    block.any = false;
+    block.poisoned.clear();
+    // Uninitialised shared memory, as on the device: garbage a kernel must not read.
+    std::memset(block.dynamic_shared, kFreshSharedByte, config.smem);
+    RunBlock(&block);
   }
 }
 

@@ -43,8 +43,13 @@ Thread* CurrentThread();
 const uint3& CurrentBlockIdx();
 const dim3& CurrentBlockDim();
 const dim3& CurrentGridDim();
-// The running block's dynamic shared memory (the launch's `smem` bytes, 128-byte aligned).
+// The running block's dynamic shared memory (the launch's `smem` bytes, 128-byte aligned,
+// filled with 0xff at the start of each block).
 void* DynamicShared();
+// Fills a static shared variable with 0xff the first time one of the running block's threads
+// reaches its declaration (kernels/emu/rewrite_kernel_source.cmake adds the call), so that a
+// kernel reading shared memory nobody wrote reads NaN, not what the previous block left.
+void PoisonShared(void* variable, size_t bytes);
 
 // Block-wide barrier; returns whether `predicate` was true on any thread (__syncthreads_or).
 bool SyncThreads(bool predicate = false);

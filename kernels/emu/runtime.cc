@@ -5,6 +5,7 @@
 // and queries are always complete.
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -13,13 +14,19 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/emu/emulator.h"
 
 struct CUstream_st {
   bool capturing = false;
+  // A capture that an error or a prohibited call broke: EndCapture fails, as CUDA's does.
+  std::atomic<bool> invalidated{false};
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeGlobal;
+  std::thread::id owner;  // the thread that began the capture
   std::vector<std::function<void()>> captured;
 };
 struct CUevent_st {
@@ -106,7 +113,49 @@ bool DeviceAccessible(const void* p, size_t bytes) {
   return a + bytes <= it->first + it->second.bytes;
 }
 
-CUstream_st* StreamOf(cudaStream_t s) { return s == nullptr ? &g_default_stream : s; }
+// The legacy and per-thread default streams are the one default stream here.
+CUstream_st* StreamOf(cudaStream_t s) {
+  return s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread ? &g_default_stream : s;
+}
+
+// Streams being captured, for the calls a capture prohibits.
+std::mutex& CapturesMu() {
+  static std::mutex mu;
+  return mu;
+}
+std::set<CUstream_st*>& Captures() {
+  static std::set<CUstream_st*> streams;
+  return streams;
+}
+
+// A synchronous copy, memset or device synchronisation is prohibited while a stream is being
+// captured in global mode, or in thread-local mode by this thread: it fails and invalidates
+// those captures, as on a device. True when the call may go on.
+bool AllowedDuringCaptures(const char* call) {
+  std::lock_guard<std::mutex> lock(CapturesMu());
+  bool allowed = true;
+  for (CUstream_st* s : Captures()) {
+    if (s->mode == cudaStreamCaptureModeGlobal ||
+        (s->mode == cudaStreamCaptureModeThreadLocal && s->owner == std::this_thread::get_id())) {
+      s->invalidated = true;
+      allowed = false;
+    }
+  }
+  if (!allowed) {
+    std::fprintf(stderr, "CUDA emulator: %s while a stream is being captured invalidates it\n",
+                 call);
+  }
+  return allowed;
+}
+
+bool InsideDeviceAllocation(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  std::lock_guard<std::mutex> lock(AllocationsMu());
+  auto it = Allocations().upper_bound(a);
+  if (it == Allocations().begin()) return false;
+  --it;
+  return it->second.device && a < it->first + std::max<size_t>(it->second.bytes, 1);
+}
 
 std::mutex& SharedLimitsMu() {
   static std::mutex mu;
@@ -127,6 +176,15 @@ cudaError_t Copy(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
     std::fprintf(stderr,
                  "CUDA emulator: cudaMemcpy of %zu bytes (kind %d) from %p to %p: the device side "
                  "is not inside one device or pinned allocation\n",
+                 count, static_cast<int>(kind), src, dst);
+    return Fail(cudaErrorInvalidValue);
+  }
+  const bool src_host = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyHostToHost;
+  const bool dst_host = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyHostToHost;
+  if ((src_host && InsideDeviceAllocation(src)) || (dst_host && InsideDeviceAllocation(dst))) {
+    std::fprintf(stderr,
+                 "CUDA emulator: cudaMemcpy of %zu bytes (kind %d) from %p to %p: its host side "
+                 "is device memory (the kind is the wrong way round)\n",
                  count, static_cast<int>(kind), src, dst);
     return Fail(cudaErrorInvalidValue);
   }
@@ -167,6 +225,8 @@ void Launch(const void* kernel, const LaunchConfig& config, std::function<void()
                  config.where.file_name(), config.where.line(), cudaGetErrorName(err), g.x, g.y,
                  g.z, b.x, b.y, b.z, config.smem);
     Fail(err);
+    CUstream_st* s = StreamOf(config.stream);
+    if (s->capturing) s->invalidated = true;
     return;
   }
   Enqueue(config.stream, [config, body = std::move(body)] { RunKernel(config, body); });
@@ -238,7 +298,11 @@ cudaError_t cudaGetDevice(int* device) {
 cudaError_t cudaSetDevice(int device) {
   return device == 0 ? cudaSuccess : Fail(cudaErrorInvalidDevice);
 }
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize() {
+  return kvmem::cuda_emu::AllowedDuringCaptures("cudaDeviceSynchronize")
+             ? cudaSuccess
+             : Fail(cudaErrorStreamCaptureUnsupported);
+}
 
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
   if (device != 0) return Fail(cudaErrorInvalidDevice);
@@ -340,6 +404,9 @@ cudaError_t cudaHostGetDevicePointer(void** device, void* host, unsigned int fla
 }
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind kind) {
+  if (!kvmem::cuda_emu::AllowedDuringCaptures("cudaMemcpy")) {
+    return Fail(cudaErrorStreamCaptureUnsupported);
+  }
   return kvmem::cuda_emu::Copy(dst, src, count, kind, nullptr);
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
@@ -352,6 +419,9 @@ cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t strea
   return cudaSuccess;
 }
 cudaError_t cudaMemset(void* p, int value, size_t count) {
+  if (!kvmem::cuda_emu::AllowedDuringCaptures("cudaMemset")) {
+    return Fail(cudaErrorStreamCaptureUnsupported);
+  }
   return cudaMemsetAsync(p, value, count, nullptr);
 }
 
@@ -368,25 +438,45 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
-  return StreamOf(stream)->capturing ? Fail(cudaErrorStreamCaptureUnsupported) : cudaSuccess;
+  CUstream_st* s = StreamOf(stream);
+  if (!s->capturing) return cudaSuccess;
+  s->invalidated = true;
+  return Fail(cudaErrorStreamCaptureUnsupported);
 }
 cudaError_t cudaStreamQuery(cudaStream_t stream) { return cudaStreamSynchronize(stream); }
 cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t event, unsigned int) {
   return event == nullptr ? Fail(cudaErrorInvalidValue) : cudaSuccess;
 }
-cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode) {
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode) {
   CUstream_st* s = StreamOf(stream);
-  if (stream == nullptr || s->capturing) return Fail(cudaErrorIllegalState);
+  if (s == &kvmem::cuda_emu::g_default_stream || s->capturing) {
+    return Fail(cudaErrorIllegalState);
+  }
   s->capturing = true;
+  s->invalidated = false;
+  s->mode = mode;
+  s->owner = std::this_thread::get_id();
   s->captured.clear();
+  std::lock_guard<std::mutex> lock(kvmem::cuda_emu::CapturesMu());
+  kvmem::cuda_emu::Captures().insert(s);
   return cudaSuccess;
 }
 cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t* graph) {
   CUstream_st* s = StreamOf(stream);
   if (!s->capturing) return Fail(cudaErrorIllegalState);
+  {
+    std::lock_guard<std::mutex> lock(kvmem::cuda_emu::CapturesMu());
+    kvmem::cuda_emu::Captures().erase(s);
+  }
   s->capturing = false;
-  *graph = new CUgraph_st{std::move(s->captured)};
+  std::vector<std::function<void()>> ops = std::move(s->captured);
   s->captured.clear();
+  if (s->invalidated) {
+    s->invalidated = false;
+    *graph = nullptr;
+    return Fail(cudaErrorStreamCaptureInvalidated);
+  }
+  *graph = new CUgraph_st{std::move(ops)};
   return cudaSuccess;
 }
 cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* status) {
