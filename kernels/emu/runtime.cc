@@ -433,7 +433,11 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
   return cudaStreamCreate(stream);
 }
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
-  if (stream == nullptr) return Fail(cudaErrorInvalidValue);
+  if (StreamOf(stream) == &kvmem::cuda_emu::g_default_stream) return Fail(cudaErrorInvalidValue);
+  {
+    std::lock_guard<std::mutex> lock(kvmem::cuda_emu::CapturesMu());
+    kvmem::cuda_emu::Captures().erase(stream);  // a capture it was in ends with it
+  }
   delete stream;
   return cudaSuccess;
 }
