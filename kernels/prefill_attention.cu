@@ -193,17 +193,15 @@ constexpr size_t FaSharedBytes() {
 }
 
 #if defined(KVMEM_CUDA_EMULATOR)
-// The same operations on the CUDA emulator (kernels/emu/emulator.h): copies are done at once.
+// The same operations on the CUDA emulator (kernels/emu/emulator.h).
 __device__ __forceinline__ void CopyAsync16(void* dst, const void* src, int bytes) {
-  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
-    cuda_emu::Fatal("cp.async of 16 bytes from or to an address that is not 16-byte aligned");
-  }
-  std::memcpy(dst, src, bytes);
-  std::memset(static_cast<char*>(dst) + bytes, 0, 16 - bytes);
+  cuda_emu::CopyAsync(dst, src, bytes);
 }
-__device__ __forceinline__ void CopyAsyncCommit() {}
+__device__ __forceinline__ void CopyAsyncCommit() { cuda_emu::CopyAsyncCommit(); }
 template <int kPending>
-__device__ __forceinline__ void CopyAsyncWait() {}
+__device__ __forceinline__ void CopyAsyncWait() {
+  cuda_emu::CopyAsyncWait(kPending);
+}
 __device__ __forceinline__ void LoadMatrixX4(uint32_t (&r)[4], const void* p) {
   cuda_emu::LoadMatrixX4(r, p, false);
 }

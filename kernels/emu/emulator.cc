@@ -222,6 +222,8 @@ bool ReverseOrder() {
 void FiberMain(Fiber* f) {
   Block* b = f->thread.block;
   (*b->body)();
+  CopyAsyncCommit();
+  CopyAsyncWait(0);  // what a thread leaves in flight still lands
   f->done = true;
   --b->live;
   --b->warps[f->thread.linear / 32].live;
@@ -490,6 +492,34 @@ void Mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, b
     for (int k = 0; k < 16; ++k) sum += rows[i / 2][k] * cols[i % 2][k];
     c[i] = sum;
   }
+}
+
+void CopyAsync(void* dst, const void* src, int bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    Fatal("cp.async of 16 bytes from or to an address that is not 16-byte aligned");
+  }
+  if (bytes < 0 || bytes > 16) Fatal("cp.async of more than 16 bytes");
+  Thread::PendingCopy copy{dst, {}};
+  std::memcpy(copy.bytes, src, bytes);
+  CurrentThread()->pending_copies.push_back(copy);
+}
+
+void CopyAsyncCommit() {
+  Thread* t = CurrentThread();
+  t->copy_group_ends.push_back(t->pending_copies.size());
+}
+
+void CopyAsyncWait(int pending_groups) {
+  Thread* t = CurrentThread();
+  const int groups = static_cast<int>(t->copy_group_ends.size());
+  if (groups <= pending_groups) return;
+  const size_t done = t->copy_group_ends[groups - pending_groups - 1];
+  for (size_t i = 0; i < done; ++i) {
+    std::memcpy(t->pending_copies[i].dst, t->pending_copies[i].bytes, 16);
+  }
+  t->pending_copies.erase(t->pending_copies.begin(), t->pending_copies.begin() + done);
+  t->copy_group_ends.erase(t->copy_group_ends.begin(), t->copy_group_ends.end() - pending_groups);
+  for (size_t& end : t->copy_group_ends) end -= done;
 }
 
 void SyncWarp() {

@@ -21,6 +21,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace kvmem {
 namespace cuda_emu {
@@ -36,6 +37,14 @@ struct Thread {
   int linear = 0;           // x + y * dim.x + z * dim.x * dim.y
   unsigned warp_phase = 0;  // toggles at every warp-wide operation (double-buffered exchange)
   Block* block = nullptr;
+  // cp.async copies issued and not yet waited for: their bytes (read when issued) land in
+  // shared memory only at the cp.async.wait_group that completes their group.
+  struct PendingCopy {
+    void* dst;
+    unsigned char bytes[16];
+  };
+  std::vector<PendingCopy> pending_copies;
+  std::vector<size_t> copy_group_ends;  // committed groups: ends in pending_copies, oldest first
 };
 
 // The thread whose code runs now; only valid inside a kernel.
@@ -63,6 +72,14 @@ void WarpExchange(const void* in, void* out, size_t bytes, int (*source)(int lan
 void WarpAllGather(const void* in, void* all, size_t bytes);
 // Warp barrier (__syncwarp).
 void SyncWarp();
+
+// cp.async.cg.shared.global of 16 bytes (`bytes` of them from `src`, zeros after), its
+// commit_group and wait_group N: the copy reaches `dst` only when a wait completes its group
+// (all but the newest N committed groups), or when the thread returns, so a kernel that reads
+// its shared memory before the wait reads what was there before.
+void CopyAsync(void* dst, const void* src, int bytes);
+void CopyAsyncCommit();
+void CopyAsyncWait(int pending_groups);
 
 // The tensor-core instructions the prefill kernel issues through inline PTX, with the
 // fragment layouts of the PTX ISA. ldmatrix .m8n8.x4(.trans).shared.b16: lane l gives the
