@@ -30,7 +30,8 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __launch_bounds__(...)
 // Blocks run one at a time on their launching host thread, so a per-thread static is the
-// running block's shared memory.
+// running block's shared memory. (The rewrite of .cu files replaces their __shared__
+// declarations with ones that also read as NaN until written; this covers headers.)
 #define __shared__ static thread_local
 
 #define threadIdx (::kvmem::cuda_emu::CurrentThread()->thread_idx)

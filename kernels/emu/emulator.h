@@ -3,11 +3,13 @@
 // indexing and the CUDA backend's host code (uploads, graphs, streams) run in every test run,
 // GPU or not. It checks logic, not speed, timing or the hardware's memory model: every stream
 // runs each operation when it is enqueued, so races between streams cannot show here.
+// docs/cuda.md ("Without a GPU: the CUDA emulator") lists what it checks and what it cannot.
 //
-// Kernel sources are compiled for it as C++ (see kernels/CMakeLists.txt): launches are
-// rewritten to `kernel | LaunchConfig(grid, block, smem, stream) || KernelArgs(args...)`,
-// `extern __shared__` arrays to the block's dynamic shared memory, and kernels/emu/device.h
-// supplies the built-in variables and intrinsics.
+// Kernel sources are compiled for it as C++ (kernels/emu/CMakeLists.txt) after
+// rewrite_kernel_source.cmake turns launches into
+// `kernel | LaunchConfig(grid, block, smem, stream) || KernelArgs(args...)` and shared memory
+// declarations into the running block's; kernels/emu/device.h supplies the built-in variables
+// and intrinsics.
 #ifndef KVMEM_KERNELS_EMU_EMULATOR_H_
 #define KVMEM_KERNELS_EMU_EMULATOR_H_
 
