@@ -427,13 +427,6 @@ void WarpExchange(const void* in, void* out, size_t bytes, int (*source)(int lan
   std::memcpy(out, slots + (from >= 0 && from < 32 ? from : lane) * kSlotBytes, bytes);
 }
 
-void WarpAllGather(const void* in, void* all, size_t bytes) {
-  const unsigned char* slots = GatherInPlace(in, bytes, kGather);
-  for (int lane = 0; lane < 32; ++lane) {
-    std::memcpy(static_cast<unsigned char*>(all) + lane * bytes, slots + lane * kSlotBytes, bytes);
-  }
-}
-
 void LoadMatrixX4(uint32_t (&r)[4], const void* row, bool transpose) {
   if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
     Fatal("ldmatrix: a row address that is not 16-byte aligned (a fault on the device)");

@@ -69,9 +69,6 @@ bool SyncThreads(bool predicate = false);
 // the hardware; a kernel whose lanes do not, deadlocks here and the emulator aborts.
 void WarpExchange(const void* in, void* out, size_t bytes, int (*source)(int lane, int arg),
                   int arg);
-// Every live lane of the warp deposits `bytes` (at most 32); each then gets all 32 deposits,
-// lane by lane, in `all` (32 * bytes; a lane that has returned leaves its last deposit).
-void WarpAllGather(const void* in, void* all, size_t bytes);
 // Warp barrier (__syncwarp).
 void SyncWarp();
 

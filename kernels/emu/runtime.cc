@@ -14,6 +14,7 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -101,16 +102,21 @@ cudaError_t Release(void* p, bool device) {
   return cudaSuccess;
 }
 
-// Whether [p, p + bytes) lies inside one device allocation or one pinned host allocation:
-// what a copy's device side must be.
-bool DeviceAccessible(const void* p, size_t bytes) {
-  if (bytes == 0) return true;
+// Whether [p, p + bytes) (bytes >= 1) lies inside one allocation, and then whether that is
+// device memory (else pinned host memory).
+std::optional<bool> AllocationKind(const void* p, size_t bytes) {
   const auto a = reinterpret_cast<uintptr_t>(p);
   std::lock_guard<std::mutex> lock(AllocationsMu());
   auto it = Allocations().upper_bound(a);
-  if (it == Allocations().begin()) return false;
+  if (it == Allocations().begin()) return std::nullopt;
   --it;
-  return a + bytes <= it->first + it->second.bytes;
+  if (a + bytes > it->first + std::max<size_t>(it->second.bytes, 1)) return std::nullopt;
+  return it->second.device;
+}
+
+// What a copy's device side must be: inside one device or pinned host allocation.
+bool DeviceAccessible(const void* p, size_t bytes) {
+  return bytes == 0 || AllocationKind(p, bytes).has_value();
 }
 
 // The legacy and per-thread default streams are the one default stream here.
@@ -148,14 +154,7 @@ bool AllowedDuringCaptures(const char* call) {
   return allowed;
 }
 
-bool InsideDeviceAllocation(const void* p) {
-  const auto a = reinterpret_cast<uintptr_t>(p);
-  std::lock_guard<std::mutex> lock(AllocationsMu());
-  auto it = Allocations().upper_bound(a);
-  if (it == Allocations().begin()) return false;
-  --it;
-  return it->second.device && a < it->first + std::max<size_t>(it->second.bytes, 1);
-}
+bool InsideDeviceAllocation(const void* p) { return AllocationKind(p, 1).value_or(false); }
 
 std::mutex& SharedLimitsMu() {
   static std::mutex mu;
