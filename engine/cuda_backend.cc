@@ -75,11 +75,14 @@ absl::Status CudaBackend<T>::Init(const ModelWeights* weights) {
   if (std::is_same_v<T, float>) {
     KVMEM_CUBLAS_RETURN_IF_ERROR(cublasSetMathMode(cublas_, CUBLAS_PEDANTIC_MATH));
   }
-  // Upload staging: two slots of about 16 MiB, pinned on the host, and a copy stream.
+  // Upload staging: two slots of about options_.upload_staging_bytes, pinned on the host, and a
+  // copy stream.
   KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&uploads_.stream, cudaStreamNonBlocking));
   {
     const int64_t row_bytes = 2 * c.head_dim * sizeof(T) + 6 * sizeof(int64_t);
-    uploads_.slot_rows = std::max<int64_t>(1024, ((int64_t{16} << 20) / row_bytes) / 8 * 8);
+    const int64_t staging = static_cast<int64_t>(
+        std::min<size_t>(options_.upload_staging_bytes, size_t{1} << 40));
+    uploads_.slot_rows = std::max<int64_t>(8, (staging / row_bytes) / 8 * 8);
     const size_t slot_bytes = uploads_.Layout(uploads_.slot_rows, c.head_dim).bytes;
     for (UploadSlot& slot : uploads_.slots) {
       KVMEM_CUDA_RETURN_IF_ERROR(cudaMallocHost(reinterpret_cast<void**>(&slot.host), slot_bytes));

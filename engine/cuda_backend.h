@@ -57,6 +57,10 @@ struct CudaBackendOptions {
   // Default: 64 MiB. Pinned host memory through which a multi-token pass's new rows and
   // observed queries leave, layer by layer; a soft size, at least two layers' worth.
   size_t download_staging_bytes = size_t{64} << 20;
+  // Default: 16 MiB. Each of the two pinned staging slots through which rows the device copy
+  // lacks (page-in, recall, restore) go up, in bytes; a soft size, at least 8 rows a slot.
+  // Uploads larger than a slot go in chunks that reuse the slots in turn.
+  size_t upload_staging_bytes = size_t{16} << 20;
   // Default: 0 (off). Host memory the session's KV blocks may take from a pool of pinned,
   // device-mapped slabs (engine/block_memory.h), in bytes: a page-in or recall then reads
   // their rows where they lie instead of packing them through the staging slots. Past the

@@ -774,5 +774,25 @@ TEST_F(CudaSessionTest, RowsReadByAddressFromPinnedBlocksGiveTheSameTokens) {
   EXPECT_GT(GetPinnedBlockPoolStats().pinned_bytes, 0);
 }
 
+// Staging slots of 8 rows (CudaBackendOptions::upload_staging_bytes): the restarted session's
+// page-in and its recalls go up in many chunks that reuse both slots in turn, so the host must
+// wait for a slot's previous copy before packing into it again, and the copy stream for the
+// slot's previous scatter before overwriting its device half. Run with
+// KVMEM_CUDA_EMULATOR_STREAMS=deferred (ctest's emu-deferred.*), a missing wait shows here.
+TEST_F(CudaSessionTest, UploadsThroughSmallStagingSlotsGiveTheSameTokens) {
+  const std::vector<std::string> want = RestartedTexts(*cpu_);
+  auto small = CreateCudaBackend(*model_, {.dtype = DeviceDtype::kF32, .upload_staging_bytes = 1});
+  ASSERT_TRUE(small.ok()) << small.status();
+  EXPECT_EQ(RestartedTexts(**small), want);
+  EXPECT_GT(GetCudaUploadStats(**small).rows_packed, 4 * 8);  // more than two rounds of slots
+  // The same with rows read by address from pinned blocks mixed into the chunks.
+  auto pinned = CreateCudaBackend(*model_, {.dtype = DeviceDtype::kF32,
+                                            .upload_staging_bytes = 1,
+                                            .pinned_block_bytes = 64 << 10});
+  ASSERT_TRUE(pinned.ok()) << pinned.status();
+  EXPECT_EQ(RestartedTexts(**pinned), want);
+  EXPECT_GT(GetCudaUploadStats(**pinned).rows_by_address, 0);
+}
+
 }  // namespace
 }  // namespace kvmem

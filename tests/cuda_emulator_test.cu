@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -261,6 +262,197 @@ TEST(CudaEmulatorTest, ErrorsAndProhibitedCallsInvalidateACapture) {
   ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
   EXPECT_NE(graph, nullptr);
   cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+// Runs the test body's stream work deferred, as late as CUDA allows, and eager again after.
+class DeferredStreamsTest : public ::testing::Test {
+ protected:
+  void SetUp() override { cuda_emu::SetStreamMode(cuda_emu::StreamMode::kDeferred); }
+  void TearDown() override { cuda_emu::SetStreamMode(cuda_emu::StreamMode::kEager); }
+};
+
+// Pinned host memory of n floats.
+struct PinnedFloats {
+  explicit PinnedFloats(size_t n) : n(n) {
+    EXPECT_EQ(cudaHostAlloc(reinterpret_cast<void**>(&p), n * sizeof(float), 0), cudaSuccess);
+  }
+  ~PinnedFloats() { cudaFreeHost(p); }
+  float* p = nullptr;
+  size_t n;
+};
+
+cudaStream_t NonBlockingStream() {
+  cudaStream_t s = nullptr;
+  EXPECT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  return s;
+}
+
+TEST_F(DeferredStreamsTest, ResultsArriveOnlyOnceTheHostWaitsForThem) {
+  DeviceBuffer<float> data(64);
+  PinnedFloats host(64);
+  cudaStream_t stream = NonBlockingStream();
+  ASSERT_EQ(cudaMemsetAsync(data.p, 0, 64 * sizeof(float), stream), cudaSuccess);
+  AddOneKernel<<<1, 64, 0, stream>>>(data.p, 64);
+  ASSERT_EQ(cudaMemcpyAsync(host.p, data.p, 64 * sizeof(float), cudaMemcpyDeviceToHost, stream),
+            cudaSuccess);
+  EXPECT_TRUE(std::isnan(host.p[0]));  // fresh pinned memory; nothing has run yet
+  EXPECT_EQ(cudaStreamQuery(stream), cudaErrorNotReady);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // not ready is not an error
+  EXPECT_EQ(cudaStreamQuery(stream), cudaSuccess);  // and it ran right after the query
+  for (int i = 0; i < 64; ++i) EXPECT_EQ(host.p[i], 1.f) << i;
+  AddOneKernel<<<1, 64, 0, stream>>>(data.p, 64);
+  ASSERT_EQ(cudaMemcpyAsync(host.p, data.p, 64 * sizeof(float), cudaMemcpyDeviceToHost, stream),
+            cudaSuccess);
+  EXPECT_EQ(host.p[5], 1.f);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(host.p[5], 2.f);
+  cudaStreamDestroy(stream);
+}
+
+TEST_F(DeferredStreamsTest, AStreamSeesAnotherStreamsWorkOnlyThroughAnEvent) {
+  DeviceBuffer<float> data(32);
+  PinnedFloats host(32);
+  cudaStream_t producer = NonBlockingStream(), consumer = NonBlockingStream();
+  cudaEvent_t written;
+  ASSERT_EQ(cudaEventCreateWithFlags(&written, cudaEventDisableTiming), cudaSuccess);
+  for (bool wait : {false, true}) {
+    ASSERT_EQ(cudaMemsetAsync(data.p, 0, 32 * sizeof(float), producer), cudaSuccess);
+    AddOneKernel<<<1, 32, 0, producer>>>(data.p, 32);
+    ASSERT_EQ(cudaEventRecord(written, producer), cudaSuccess);
+    if (wait) ASSERT_EQ(cudaStreamWaitEvent(consumer, written, 0), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(host.p, data.p, 32 * sizeof(float), cudaMemcpyDeviceToHost,
+                              consumer),
+              cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(consumer), cudaSuccess);
+    // Without the wait the consumer's copy ran before the producer's work: it read what the
+    // previous round left (fresh memory the first time).
+    if (wait) {
+      EXPECT_EQ(host.p[7], 1.f);
+    } else {
+      EXPECT_TRUE(std::isnan(host.p[7]));
+    }
+    ASSERT_EQ(cudaEventSynchronize(written), cudaSuccess);
+  }
+  cudaEventDestroy(written);
+  cudaStreamDestroy(producer);
+  cudaStreamDestroy(consumer);
+}
+
+TEST_F(DeferredStreamsTest, CopiesReadPinnedMemoryWhenTheyRunAndPageableMemoryWhenCalled) {
+  DeviceBuffer<float> from_pinned(4), from_pageable(4);
+  PinnedFloats pinned(4);
+  std::vector<float> pageable(4, 1.f);
+  for (int i = 0; i < 4; ++i) pinned.p[i] = 1.f;
+  cudaStream_t stream = NonBlockingStream();
+  ASSERT_EQ(cudaMemcpyAsync(from_pinned.p, pinned.p, 4 * sizeof(float), cudaMemcpyHostToDevice,
+                            stream),
+            cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(from_pageable.p, pageable.data(), 4 * sizeof(float),
+                            cudaMemcpyHostToDevice, stream),
+            cudaSuccess);
+  // Rewritten before the stream ran the copies: a bug for the pinned source, which the copy
+  // reads only when it runs; fine for the pageable one, which was staged when called.
+  for (int i = 0; i < 4; ++i) pinned.p[i] = pageable[i] = 2.f;
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(from_pinned.Read()[0], 2.f);
+  EXPECT_EQ(from_pageable.Read()[0], 1.f);
+  // A copy into pageable memory has landed when the call returns.
+  std::vector<float> back(4, 0.f);
+  AddOneKernel<<<1, 4, 0, stream>>>(from_pageable.p, 4);
+  ASSERT_EQ(cudaMemcpyAsync(back.data(), from_pageable.p, 4 * sizeof(float),
+                            cudaMemcpyDeviceToHost, stream),
+            cudaSuccess);
+  EXPECT_EQ(back[3], 2.f);
+  cudaStreamDestroy(stream);
+}
+
+TEST_F(DeferredStreamsTest, TheLegacyDefaultStreamWaitsForBlockingStreamsOnly) {
+  DeviceBuffer<float> data(16);
+  ASSERT_EQ(cudaMemset(data.p, 0, 16 * sizeof(float)), cudaSuccess);
+  cudaStream_t blocking = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&blocking), cudaSuccess);
+  cudaStream_t non_blocking = NonBlockingStream();
+  AddOneKernel<<<1, 16, 0, blocking>>>(data.p, 16);
+  EXPECT_EQ(data.Read()[0], 1.f);  // cudaMemcpy on the legacy stream waited for it
+  AddOneKernel<<<1, 16, 0, non_blocking>>>(data.p, 16);
+  EXPECT_EQ(data.Read()[0], 1.f);  // it did not wait for this one
+  ASSERT_EQ(cudaStreamSynchronize(non_blocking), cudaSuccess);
+  EXPECT_EQ(data.Read()[0], 2.f);
+  cudaStreamDestroy(blocking);
+  cudaStreamDestroy(non_blocking);
+}
+
+TEST_F(DeferredStreamsTest, QueuedWorkOutlivesItsGraphEventAndStream) {
+  DeviceBuffer<float> data(8);
+  ASSERT_EQ(cudaMemset(data.p, 0, 8 * sizeof(float)), cudaSuccess);
+  cudaStream_t capture = NonBlockingStream(), consumer = NonBlockingStream();
+  ASSERT_EQ(cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  AddOneKernel<<<1, 8, 0, capture>>>(data.p, 8);
+  cudaGraph_t graph;
+  ASSERT_EQ(cudaStreamEndCapture(capture, &graph), cudaSuccess);
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  cudaStream_t producer = NonBlockingStream();
+  ASSERT_EQ(cudaGraphLaunch(exec, producer), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, producer), cudaSuccess);
+  cudaEvent_t done;
+  ASSERT_EQ(cudaEventCreate(&done), cudaSuccess);
+  ASSERT_EQ(cudaEventRecord(done, producer), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(consumer, done, 0), cudaSuccess);
+  AddOneKernel<<<1, 8, 0, consumer>>>(data.p, 8);
+  // All of it destroyed while queued: CUDA lets the queued work finish.
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaEventDestroy(done);
+  cudaStreamDestroy(producer);
+  ASSERT_EQ(cudaStreamSynchronize(consumer), cudaSuccess);
+  EXPECT_EQ(data.Read()[2], 3.f);
+  cudaStreamDestroy(consumer);
+  cudaStreamDestroy(capture);
+}
+
+// Staggered: the second of two new streams runs ahead. It overwrites a buffer the first has
+// yet to copy out unless it waits for an event recorded after that copy.
+TEST(CudaEmulatorTest, StaggeredStreamsShowAStreamOverwritingWhatALaggingOneHasYetToRead) {
+  cuda_emu::SetStreamMode(cuda_emu::StreamMode::kStaggered);
+  DeviceBuffer<float> shared(8), out(8);
+  ASSERT_EQ(cudaMemset(shared.p, 0, 8 * sizeof(float)), cudaSuccess);
+  cudaStream_t lagging = NonBlockingStream(), ahead = NonBlockingStream();
+  if (cuda_emu::RunsAhead(lagging)) std::swap(lagging, ahead);
+  ASSERT_TRUE(cuda_emu::RunsAhead(ahead));
+  ASSERT_FALSE(cuda_emu::RunsAhead(lagging));
+  cudaEvent_t read;
+  ASSERT_EQ(cudaEventCreate(&read), cudaSuccess);
+  for (bool wait : {false, true}) {
+    ASSERT_EQ(cudaMemsetAsync(out.p, 0, 8 * sizeof(float), lagging), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(out.p, shared.p, 8 * sizeof(float), cudaMemcpyDeviceToDevice,
+                              lagging),
+              cudaSuccess);
+    ASSERT_EQ(cudaEventRecord(read, lagging), cudaSuccess);
+    if (wait) ASSERT_EQ(cudaStreamWaitEvent(ahead, read, 0), cudaSuccess);
+    AddOneKernel<<<1, 8, 0, ahead>>>(shared.p, 8);
+    ASSERT_EQ(cudaStreamSynchronize(lagging), cudaSuccess);
+    // Without the wait the lagging copy saw the increment it was meant to precede.
+    const float before = wait ? 1.f : 0.f;
+    EXPECT_EQ(out.Read()[0], wait ? before : before + 1.f) << wait;
+  }
+  cuda_emu::SetStreamMode(cuda_emu::StreamMode::kEager);
+  cudaEventDestroy(read);
+  cudaStreamDestroy(lagging);
+  cudaStreamDestroy(ahead);
+}
+
+TEST(CudaEmulatorTest, EagerStreamsRunEachOperationWhenItIsQueued) {
+  DeviceBuffer<float> data(4);
+  PinnedFloats host(4);
+  cudaStream_t stream = NonBlockingStream();
+  ASSERT_EQ(cudaMemsetAsync(data.p, 0, 4 * sizeof(float), stream), cudaSuccess);
+  AddOneKernel<<<1, 4, 0, stream>>>(data.p, 4);
+  ASSERT_EQ(cudaMemcpyAsync(host.p, data.p, 4 * sizeof(float), cudaMemcpyDeviceToHost, stream),
+            cudaSuccess);
+  EXPECT_EQ(host.p[1], 1.f);
+  EXPECT_EQ(cudaStreamQuery(stream), cudaSuccess);
   cudaStreamDestroy(stream);
 }
 

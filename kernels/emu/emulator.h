@@ -1,8 +1,10 @@
 // A CUDA emulator for machines without a GPU: runs our kernels' C++ on the CPU, one block at a
 // time, each CUDA thread as a fiber of the launching host thread. It exists so that the kernels'
 // indexing and the CUDA backend's host code (uploads, graphs, streams) run in every test run,
-// GPU or not. It checks logic, not speed, timing or the hardware's memory model: every stream
-// runs each operation when it is enqueued, so races between streams cannot show here.
+// GPU or not. It checks logic, not speed, timing or the hardware's memory model. Streams run
+// their work either eagerly (as if the device were infinitely fast) or deferred (as late as
+// CUDA allows), so host code that reads results before waiting for them, or rewrites a buffer
+// the device has yet to read, fails in one of the two modes (StreamMode).
 // docs/cuda.md ("Without a GPU: the CUDA emulator") lists what it checks and what it cannot.
 //
 // Kernel sources are compiled for it as C++ (kernels/emu/CMakeLists.txt) after
@@ -94,6 +96,30 @@ void Mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, b
 enum class ThreadOrder { kForward, kReverse };
 void SetThreadOrder(ThreadOrder order);
 
+// When streams run what is queued on them (copies, memsets, launches, graphs, event records).
+// kEager runs each operation when it is enqueued: every event and stream is complete when the
+// host looks. kDeferred queues it and runs it only when the host must see it done: a
+// synchronisation of its stream, of an event recorded after it, or of the device; a stream
+// that waits on such an event; a synchronous copy or memset on the legacy default stream (and
+// everything earlier on the blocking streams, which that stream waits for); a copy into
+// pageable memory (which CUDA completes before returning); cudaFree, cudaFreeHost and
+// cudaStreamDestroy. cudaStreamQuery on a stream with work queued returns cudaErrorNotReady and
+// then runs it. Copies from pageable memory read it when called, as CUDA's staging does; copies
+// from pinned memory read it when they run. So host code that reads results it has not waited
+// for, or rewrites pinned memory or frees what queued work still reads, goes wrong in deferred
+// mode; code that counts on work not having run yet goes wrong in eager mode. kStaggered defers
+// as kDeferred does, except that streams with odd ids run their work as soon as it is queued,
+// running the streams they wait on as far as they must. The default stream's id is 1 and
+// created streams count up from 2, so of two streams created one after the other, the second
+// runs ahead of the first: a stream that overwrites what a lagging stream has yet to read,
+// without waiting for it, goes wrong. The default is
+// kEager, or the mode KVMEM_CUDA_EMULATOR_STREAMS names (eager, deferred or staggered).
+// Setting it runs everything queued so far first.
+enum class StreamMode { kEager, kDeferred, kStaggered };
+void SetStreamMode(StreamMode mode);
+// Whether `stream` runs its work as soon as it is queued in kStaggered mode (its id is odd).
+bool RunsAhead(cudaStream_t stream);
+
 // A launch's grid, block, dynamic shared memory and stream, and where in the source it is.
 struct LaunchConfig {
   LaunchConfig(dim3 grid, dim3 block, size_t smem = 0, cudaStream_t stream = nullptr,
@@ -105,11 +131,12 @@ struct LaunchConfig {
   std::source_location where;
 };
 
-// Checks the configuration (as the driver would) and runs `body` on every thread of every
-// block, or records it when `config.stream` is being captured into a graph. Errors are
+// Checks the configuration (as the driver would) and queues `body` to run on every thread of
+// every block in `config.stream`'s order (see Enqueue). Errors are
 // reported through cudaGetLastError, as a failed launch's are.
 void Launch(const void* kernel, const LaunchConfig& config, std::function<void()> body);
-// Runs `op` in `stream`'s order: now, or when the graph it is being captured into launches.
+// Runs `op` in `stream`'s order: now (eager), when the stream gets to it (deferred), or when the
+// graph it is being captured into launches.
 void Enqueue(cudaStream_t stream, std::function<void()> op);
 // Runs every block of a checked launch now (Launch, or a graph's replay, calls it).
 void RunKernel(const LaunchConfig& config, const std::function<void()>& body);

@@ -1,43 +1,66 @@
 // The CUDA runtime API for the emulator (kernels/emu/emulator.h): the functions our code calls,
 // defined against the toolkit's own headers, so that host code compiled for a GPU links
-// against these instead of libcudart. Device memory is host memory; every stream runs each
-// operation when it is enqueued (or records it while the stream is being captured), so events
-// and queries are always complete.
+// against these instead of libcudart. Device memory is host memory. Streams run their
+// operations in one of two modes (emulator.h, StreamMode): eagerly, each when it is enqueued,
+// or deferred, each as late as CUDA's ordering rules allow; a stream being captured records
+// them instead.
 #include <cuda_runtime_api.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <iterator>
+#include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "kernels/emu/emulator.h"
 
 struct CUstream_st {
+  // Names the stream in the registry, so that a queued wait outlives the stream it waits on.
+  uint64_t id = 0;
+  // Created without cudaStreamNonBlocking: ordered with the legacy default stream both ways.
+  bool blocking = true;
   bool capturing = false;
   // A capture that an error or a prohibited call broke: EndCapture fails, as CUDA's does.
   std::atomic<bool> invalidated{false};
   cudaStreamCaptureMode mode = cudaStreamCaptureModeGlobal;
   std::thread::id owner;  // the thread that began the capture
   std::vector<std::function<void()>> captured;
+  // Deferred mode, under QueueMu: the operations not yet run, oldest first, with their
+  // sequence numbers; `enqueued` is the newest one's, `done` that of the newest that has run.
+  std::deque<std::pair<uint64_t, std::function<void()>>> pending;
+  uint64_t enqueued = 0;
+  uint64_t done = 0;
 };
 struct CUevent_st {
-  std::chrono::steady_clock::time_point when;
+  // Shared with the queued record, which may run after the event is destroyed.
+  std::shared_ptr<std::chrono::steady_clock::time_point> when =
+      std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now());
+  // Its latest record: the stream's id and the record's sequence number there (0: complete).
+  uint64_t stream_id = 0;
+  uint64_t seq = 0;
 };
+using OpList = std::vector<std::function<void()>>;
 struct CUgraph_st {
-  std::vector<std::function<void()>> ops;
+  OpList ops;
 };
 struct CUgraphExec_st {
-  std::vector<std::function<void()>> ops;
+  // Shared with queued launches, which may run after the executable graph is destroyed.
+  std::shared_ptr<const OpList> ops;
 };
 struct CUmemPoolHandle_st {};
 
@@ -55,7 +78,8 @@ constexpr size_t kGlobalMemory = size_t{80} << 30;
 constexpr unsigned char kFreshByte = 0xff;
 
 thread_local cudaError_t t_last_error = cudaSuccess;
-CUstream_st g_default_stream;
+constexpr uint64_t kDefaultStreamId = 1;
+CUstream_st g_default_stream{.id = kDefaultStreamId};
 CUmemPoolHandle_st g_pool;
 
 cudaError_t Fail(cudaError_t err) {
@@ -82,7 +106,7 @@ void* Allocate(size_t bytes, bool device) {
   // that reads or writes one element past its buffer is reported where it does.
   void* p = nullptr;
   if (posix_memalign(&p, 256, std::max<size_t>(bytes, 1)) != 0) return nullptr;
-  if (device) std::memset(p, kFreshByte, bytes);
+  std::memset(p, kFreshByte, bytes);  // pinned host memory is not cleared either
   std::lock_guard<std::mutex> lock(AllocationsMu());
   Allocations()[reinterpret_cast<uintptr_t>(p)] = {bytes, device};
   return p;
@@ -165,8 +189,133 @@ std::map<const void*, int>& SharedLimits() {  // cudaFuncAttributeMaxDynamicShar
   return limits;
 }
 
+// -1 until set or read from KVMEM_CUDA_EMULATOR_STREAMS, then a StreamMode.
+std::atomic<int> g_stream_mode{-1};
+
+StreamMode Mode() {
+  int mode = g_stream_mode.load(std::memory_order_relaxed);
+  if (mode < 0) {
+    const char* env = std::getenv("KVMEM_CUDA_EMULATOR_STREAMS");
+    const std::string_view name = env != nullptr ? env : "eager";
+    if (name == "eager") {
+      mode = static_cast<int>(StreamMode::kEager);
+    } else if (name == "deferred") {
+      mode = static_cast<int>(StreamMode::kDeferred);
+    } else if (name == "staggered") {
+      mode = static_cast<int>(StreamMode::kStaggered);
+    } else {
+      Fatal("KVMEM_CUDA_EMULATOR_STREAMS must be eager, deferred or staggered");
+    }
+    g_stream_mode.store(mode, std::memory_order_relaxed);
+  }
+  return static_cast<StreamMode>(mode);
+}
+bool Deferred() { return Mode() != StreamMode::kEager; }
+
+// Guards every stream's queue and the registry of live streams.
+std::mutex& QueueMu() {
+  static std::mutex mu;
+  return mu;
+}
+std::map<uint64_t, CUstream_st*>& Registry() {
+  static std::map<uint64_t, CUstream_st*> streams{{kDefaultStreamId, &g_default_stream}};
+  return streams;
+}
+uint64_t g_next_stream_id = kDefaultStreamId + 1;  // under QueueMu
+
+// Held while queued operations run: the device runs one at a time. Recursive because running
+// a queued wait runs the other stream's operations it waits for.
+std::recursive_mutex& DeviceMu() {
+  static std::recursive_mutex mu;
+  return mu;
+}
+
+// Runs stream `id`'s queued operations, oldest first, until the one numbered `seq` has run.
+// A stream no longer registered was drained when it was destroyed.
+void RunUntil(uint64_t id, uint64_t seq) {
+  std::lock_guard<std::recursive_mutex> device(DeviceMu());
+  for (;;) {
+    std::function<void()> op;
+    uint64_t op_seq = 0;
+    CUstream_st* s = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(QueueMu());
+      auto it = Registry().find(id);
+      if (it == Registry().end()) return;
+      s = it->second;
+      if (s->done >= seq || s->pending.empty()) return;
+      op_seq = s->pending.front().first;
+      op = std::move(s->pending.front().second);
+      s->pending.pop_front();
+    }
+    op();
+    std::lock_guard<std::mutex> lock(QueueMu());
+    s->done = op_seq;  // destroying the stream drains it under DeviceMu, so s is still live
+  }
+}
+
+// The newest operation queued on stream `id` now (0 when none ever was).
+uint64_t Enqueued(uint64_t id) {
+  std::lock_guard<std::mutex> lock(QueueMu());
+  auto it = Registry().find(id);
+  return it == Registry().end() ? 0 : it->second->enqueued;
+}
+
+// Runs everything queued on every stream so far (a device-wide synchronisation).
+void RunAll() {
+  std::vector<std::pair<uint64_t, uint64_t>> until;
+  {
+    std::lock_guard<std::mutex> lock(QueueMu());
+    for (const auto& [id, s] : Registry()) until.emplace_back(id, s->enqueued);
+  }
+  for (const auto& [id, seq] : until) RunUntil(id, seq);
+}
+
+// Queues `op` on the stream and returns its sequence number there; 0 when it ran at once
+// (eager mode) or was recorded into a capture. In deferred mode the legacy default stream and
+// the blocking streams wait for each other's earlier work, as CUDA's legacy stream semantics
+// say.
+uint64_t QueueOp(cudaStream_t stream, std::function<void()> op) {
+  CUstream_st* s = StreamOf(stream);
+  if (s->capturing) {
+    s->captured.push_back(std::move(op));
+    return 0;
+  }
+  if (!Deferred()) {
+    op();
+    return 0;
+  }
+  std::lock_guard<std::mutex> lock(QueueMu());
+  std::vector<std::pair<uint64_t, uint64_t>> waits;  // (stream id, sequence number)
+  if (s == &g_default_stream) {
+    for (const auto& [id, other] : Registry()) {
+      if (other != s && other->blocking && other->enqueued > other->done) {
+        waits.emplace_back(id, other->enqueued);
+      }
+    }
+  } else if (s->blocking && g_default_stream.enqueued > g_default_stream.done) {
+    waits.emplace_back(kDefaultStreamId, g_default_stream.enqueued);
+  }
+  if (!waits.empty()) {
+    s->pending.emplace_back(++s->enqueued, [waits] {
+      for (const auto& [id, seq] : waits) RunUntil(id, seq);
+    });
+  }
+  s->pending.emplace_back(++s->enqueued, std::move(op));
+  return s->enqueued;
+}
+
+// Queues as EnqueueOp does; in staggered mode a stream with an odd id then runs what it has
+// queued at once (its waits run the streams they wait on as far as they must).
+uint64_t EnqueueOp(cudaStream_t stream, std::function<void()> op) {
+  const uint64_t seq = QueueOp(stream, std::move(op));
+  const uint64_t id = StreamOf(stream)->id;
+  if (seq != 0 && Mode() == StreamMode::kStaggered && id % 2 == 1) RunUntil(id, seq);  // RunsAhead
+  return seq;
+}
+
 cudaError_t Copy(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
-                 cudaStream_t stream) {
+                 cudaStream_t stream, bool synchronous) {
   if (count == 0) return cudaSuccess;
   const bool dst_device = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
   const bool src_device = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
@@ -187,20 +336,25 @@ cudaError_t Copy(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
                  count, static_cast<int>(kind), src, dst);
     return Fail(cudaErrorInvalidValue);
   }
-  Enqueue(stream, [=] { std::memmove(dst, src, count); });
+  // What CUDA guarantees of pageable host memory (not inside a pinned allocation): a copy
+  // from it has read it when the call returns, and a copy to it has landed.
+  const bool pageable_src = src_host && !DeviceAccessible(src, count);
+  const bool pageable_dst = dst_host && !DeviceAccessible(dst, count);
+  uint64_t seq = 0;
+  if (pageable_src && !StreamOf(stream)->capturing) {
+    auto staged = std::make_shared<std::vector<unsigned char>>(
+        static_cast<const unsigned char*>(src), static_cast<const unsigned char*>(src) + count);
+    seq = EnqueueOp(stream, [=] { std::memmove(dst, staged->data(), count); });
+  } else {
+    seq = EnqueueOp(stream, [=] { std::memmove(dst, src, count); });
+  }
+  if (synchronous || pageable_dst) RunUntil(StreamOf(stream)->id, seq);
   return cudaSuccess;
 }
 
 }  // namespace
 
-void Enqueue(cudaStream_t stream, std::function<void()> op) {
-  CUstream_st* s = StreamOf(stream);
-  if (s->capturing) {
-    s->captured.push_back(std::move(op));
-  } else {
-    op();
-  }
-}
+void Enqueue(cudaStream_t stream, std::function<void()> op) { EnqueueOp(stream, std::move(op)); }
 
 void Launch(const void* kernel, const LaunchConfig& config, std::function<void()> body) {
   const dim3& g = config.grid;
@@ -235,9 +389,27 @@ void Launch(const void* kernel, const LaunchConfig& config, std::function<void()
 }  // namespace kvmem
 
 using kvmem::cuda_emu::Allocate;
+using kvmem::cuda_emu::Deferred;
+using kvmem::cuda_emu::Enqueued;
+using kvmem::cuda_emu::EnqueueOp;
 using kvmem::cuda_emu::Fail;
 using kvmem::cuda_emu::Release;
+using kvmem::cuda_emu::RunAll;
+using kvmem::cuda_emu::RunUntil;
 using kvmem::cuda_emu::StreamOf;
+
+namespace kvmem {
+namespace cuda_emu {
+
+void SetStreamMode(StreamMode mode) {
+  RunAll();  // what the old mode queued runs first
+  g_stream_mode.store(static_cast<int>(mode), std::memory_order_relaxed);
+}
+
+bool RunsAhead(cudaStream_t stream) { return StreamOf(stream)->id % 2 == 1; }
+
+}  // namespace cuda_emu
+}  // namespace kvmem
 
 extern "C" {
 
@@ -270,6 +442,8 @@ const char* cudaGetErrorName(cudaError_t error) {
       return "cudaErrorIllegalState";
     case cudaErrorNoDevice:
       return "cudaErrorNoDevice";
+    case cudaErrorNotReady:
+      return "cudaErrorNotReady";
     default:
       return "cudaErrorUnknown";
   }
@@ -298,9 +472,11 @@ cudaError_t cudaSetDevice(int device) {
   return device == 0 ? cudaSuccess : Fail(cudaErrorInvalidDevice);
 }
 cudaError_t cudaDeviceSynchronize() {
-  return kvmem::cuda_emu::AllowedDuringCaptures("cudaDeviceSynchronize")
-             ? cudaSuccess
-             : Fail(cudaErrorStreamCaptureUnsupported);
+  if (!kvmem::cuda_emu::AllowedDuringCaptures("cudaDeviceSynchronize")) {
+    return Fail(cudaErrorStreamCaptureUnsupported);
+  }
+  RunAll();
+  return cudaSuccess;
 }
 
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
@@ -372,14 +548,21 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   *p = Allocate(bytes, true);
   return *p != nullptr ? cudaSuccess : Fail(cudaErrorMemoryAllocation);
 }
-cudaError_t cudaFree(void* p) { return Release(p, true); }
+// cudaFree and cudaFreeHost synchronise the device first, as CUDA's do.
+cudaError_t cudaFree(void* p) {
+  RunAll();
+  return Release(p, true);
+}
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream) {
   if (StreamOf(stream)->capturing) return Fail(cudaErrorStreamCaptureUnsupported);
   return cudaMalloc(p, bytes);
 }
 cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
   if (StreamOf(stream)->capturing) return Fail(cudaErrorStreamCaptureUnsupported);
-  return cudaFree(p);
+  if (p == nullptr) return cudaSuccess;
+  if (!kvmem::cuda_emu::InsideDeviceAllocation(p)) return Fail(cudaErrorInvalidValue);
+  EnqueueOp(stream, [p] { Release(p, true); });  // in stream order
+  return cudaSuccess;
 }
 cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
   if (device != 0) return Fail(cudaErrorInvalidDevice);
@@ -393,7 +576,10 @@ cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned int flags) {
   return *p != nullptr ? cudaSuccess : Fail(cudaErrorMemoryAllocation);
 }
 cudaError_t cudaMallocHost(void** p, size_t bytes) { return cudaHostAlloc(p, bytes, 0); }
-cudaError_t cudaFreeHost(void* p) { return Release(p, false); }
+cudaError_t cudaFreeHost(void* p) {
+  RunAll();
+  return Release(p, false);
+}
 cudaError_t cudaHostGetDevicePointer(void** device, void* host, unsigned int flags) {
   if (flags != 0 || !kvmem::cuda_emu::DeviceAccessible(host, 1)) {
     return Fail(cudaErrorInvalidValue);
@@ -406,30 +592,38 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind 
   if (!kvmem::cuda_emu::AllowedDuringCaptures("cudaMemcpy")) {
     return Fail(cudaErrorStreamCaptureUnsupported);
   }
-  return kvmem::cuda_emu::Copy(dst, src, count, kind, nullptr);
+  return kvmem::cuda_emu::Copy(dst, src, count, kind, nullptr, /*synchronous=*/true);
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
                             cudaStream_t stream) {
-  return kvmem::cuda_emu::Copy(dst, src, count, kind, stream);
+  return kvmem::cuda_emu::Copy(dst, src, count, kind, stream, /*synchronous=*/false);
 }
 cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t stream) {
   if (!kvmem::cuda_emu::DeviceAccessible(p, count)) return Fail(cudaErrorInvalidValue);
-  kvmem::cuda_emu::Enqueue(stream, [=] { std::memset(p, value, count); });
+  EnqueueOp(stream, [=] { std::memset(p, value, count); });
   return cudaSuccess;
 }
 cudaError_t cudaMemset(void* p, int value, size_t count) {
   if (!kvmem::cuda_emu::AllowedDuringCaptures("cudaMemset")) {
     return Fail(cudaErrorStreamCaptureUnsupported);
   }
-  return cudaMemsetAsync(p, value, count, nullptr);
-}
-
-cudaError_t cudaStreamCreate(cudaStream_t* stream) {
-  *stream = new CUstream_st;
+  if (!kvmem::cuda_emu::DeviceAccessible(p, count)) return Fail(cudaErrorInvalidValue);
+  RunUntil(kvmem::cuda_emu::kDefaultStreamId,
+           EnqueueOp(nullptr, [=] { std::memset(p, value, count); }));
   return cudaSuccess;
 }
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
-  return cudaStreamCreate(stream);
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
+  auto* s = new CUstream_st;
+  s->blocking = (flags & cudaStreamNonBlocking) == 0;
+  std::lock_guard<std::mutex> lock(kvmem::cuda_emu::QueueMu());
+  s->id = kvmem::cuda_emu::g_next_stream_id++;
+  kvmem::cuda_emu::Registry()[s->id] = s;
+  *stream = s;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamCreate(cudaStream_t* stream) {
+  return cudaStreamCreateWithFlags(stream, cudaStreamDefault);
 }
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   if (StreamOf(stream) == &kvmem::cuda_emu::g_default_stream) return Fail(cudaErrorInvalidValue);
@@ -437,18 +631,48 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
     std::lock_guard<std::mutex> lock(kvmem::cuda_emu::CapturesMu());
     kvmem::cuda_emu::Captures().erase(stream);  // a capture it was in ends with it
   }
+  {
+    // CUDA finishes the stream's work after the call returns; here it runs first, and the
+    // stream leaves the registry while no queued operation runs.
+    std::lock_guard<std::recursive_mutex> device(kvmem::cuda_emu::DeviceMu());
+    RunUntil(stream->id, std::numeric_limits<uint64_t>::max());
+    std::lock_guard<std::mutex> lock(kvmem::cuda_emu::QueueMu());
+    kvmem::cuda_emu::Registry().erase(stream->id);
+  }
   delete stream;
   return cudaSuccess;
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   CUstream_st* s = StreamOf(stream);
-  if (!s->capturing) return cudaSuccess;
-  s->invalidated = true;
-  return Fail(cudaErrorStreamCaptureUnsupported);
+  if (s->capturing) {
+    s->invalidated = true;
+    return Fail(cudaErrorStreamCaptureUnsupported);
+  }
+  RunUntil(s->id, Enqueued(s->id));
+  return cudaSuccess;
 }
-cudaError_t cudaStreamQuery(cudaStream_t stream) { return cudaStreamSynchronize(stream); }
-cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t event, unsigned int) {
-  return event == nullptr ? Fail(cudaErrorInvalidValue) : cudaSuccess;
+// Deferred mode: a stream with work queued is not ready when asked, and its work runs right
+// after the call, so a caller that polls sees it finish and one that assumed it had is caught.
+cudaError_t cudaStreamQuery(cudaStream_t stream) {
+  CUstream_st* s = StreamOf(stream);
+  if (s->capturing) {
+    s->invalidated = true;
+    return Fail(cudaErrorStreamCaptureUnsupported);
+  }
+  const uint64_t enqueued = Enqueued(s->id);
+  {
+    std::lock_guard<std::mutex> lock(kvmem::cuda_emu::QueueMu());
+    if (s->done >= enqueued) return cudaSuccess;
+  }
+  RunUntil(s->id, enqueued);
+  return cudaErrorNotReady;  // not sticky: cudaGetLastError does not report it
+}
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int) {
+  if (event == nullptr) return Fail(cudaErrorInvalidValue);
+  if (event->seq == 0 || StreamOf(stream)->capturing) return cudaSuccess;
+  const uint64_t id = event->stream_id, seq = event->seq;
+  EnqueueOp(stream, [id, seq] { RunUntil(id, seq); });
+  return cudaSuccess;
 }
 cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode) {
   CUstream_st* s = StreamOf(stream);
@@ -490,13 +714,13 @@ cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus* 
 
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long) {
   if (graph == nullptr) return Fail(cudaErrorInvalidValue);
-  *exec = new CUgraphExec_st{graph->ops};
+  *exec = new CUgraphExec_st{std::make_shared<const OpList>(graph->ops)};
   return cudaSuccess;
 }
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
   if (exec == nullptr) return Fail(cudaErrorInvalidValue);
-  kvmem::cuda_emu::Enqueue(stream, [exec] {
-    for (const auto& op : exec->ops) op();
+  EnqueueOp(stream, [ops = exec->ops] {
+    for (const auto& op : *ops) op();
   });
   return cudaSuccess;
 }
@@ -510,7 +734,7 @@ cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
 }
 
 cudaError_t cudaEventCreate(cudaEvent_t* event) {
-  *event = new CUevent_st{std::chrono::steady_clock::now()};
+  *event = new CUevent_st;
   return cudaSuccess;
 }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
@@ -523,15 +747,33 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
 }
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   if (event == nullptr) return Fail(cudaErrorInvalidValue);
-  kvmem::cuda_emu::Enqueue(stream, [event] { event->when = std::chrono::steady_clock::now(); });
+  const bool capturing = StreamOf(stream)->capturing;
+  const uint64_t seq =
+      EnqueueOp(stream, [when = event->when] { *when = std::chrono::steady_clock::now(); });
+  if (!capturing) {
+    event->stream_id = StreamOf(stream)->id;
+    event->seq = seq;
+  }
   return cudaSuccess;
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
-  return event == nullptr ? Fail(cudaErrorInvalidValue) : cudaSuccess;
+  if (event == nullptr) return Fail(cudaErrorInvalidValue);
+  if (event->seq != 0) RunUntil(event->stream_id, event->seq);
+  return cudaSuccess;
 }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
   if (start == nullptr || end == nullptr) return Fail(cudaErrorInvalidValue);
-  *ms = std::chrono::duration<float, std::milli>(end->when - start->when).count();
+  {
+    // Both records must have run (a stream no longer registered has run everything).
+    std::lock_guard<std::mutex> lock(kvmem::cuda_emu::QueueMu());
+    for (const CUevent_st* e : {start, end}) {
+      auto it = kvmem::cuda_emu::Registry().find(e->stream_id);
+      if (e->seq != 0 && it != kvmem::cuda_emu::Registry().end() && it->second->done < e->seq) {
+        return Fail(cudaErrorNotReady);
+      }
+    }
+  }
+  *ms = std::chrono::duration<float, std::milli>(*end->when - *start->when).count();
   return cudaSuccess;
 }
 
