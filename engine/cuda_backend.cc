@@ -233,10 +233,10 @@ absl::Status CudaBackend<T>::EnqueuePass(PassBuffers* b, int64_t n, int64_t star
     rp.v = layer_v;
     KVMEM_CUDA_RETURN_IF_ERROR(LaunchQkvRope(rp, s));
     prof_.Mark("bias + rope");
-    if (observed > 0) {
-      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-          b->observed_q + static_cast<int64_t>(l) * observed * qd, b->q + (n - observed) * qd,
-          observed * qd * sizeof(float), cudaMemcpyDeviceToDevice, s));
+    if (observed > 0) {  // head by head, as ForwardResult::observed_queries holds them
+      KVMEM_CUDA_RETURN_IF_ERROR(LaunchRowsToHeadMajor(
+          b->q + (n - observed) * qd, observed, c.num_heads, c.head_dim,
+          b->observed_q + static_cast<int64_t>(l) * observed * qd, s));
     }
     if (b->layer_ready != nullptr) {
       KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(b->layer_ready[l], s));
@@ -350,7 +350,11 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
   const int L = c.num_layers;
   cudaStream_t s = ctx_->stream;
   result->logits.resize(logit_rows * c.vocab_size);
-  std::vector<float> obs(observed > 0 ? static_cast<size_t>(L) * observed * qd : 0);
+  // The observed queries leave the device head by head, (num_heads, observed, head_dim) per
+  // layer, and land where the result keeps them (vectors a reused result already has).
+  const size_t obs_values = static_cast<size_t>(observed) * qd;
+  result->observed_queries.resize(observed > 0 ? L : 0);
+  for (std::vector<float>& oq : result->observed_queries) oq.resize(obs_values);
   // Where the new rows land on the host: a kBackend cache's fresh rows, grown here and written
   // by the copies themselves (in T: a bf16 device's rows stay bf16), or host_k/host_v for a
   // kHost cache, whose heads take them widened below.
@@ -376,8 +380,11 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
     size_t bytes;
   };
   std::vector<Download> downloads = {
-      {result->logits.data(), b.logits, result->logits.size() * sizeof(float)},
-      {obs.data(), b.observed_q, obs.size() * sizeof(float)}};
+      {result->logits.data(), b.logits, result->logits.size() * sizeof(float)}};
+  for (int l = 0; l < L && observed > 0; ++l) {
+    downloads.push_back({result->observed_queries[l].data(), b.observed_q + l * obs_values,
+                         obs_values * sizeof(float)});
+  }
   // Each layer's K, V and observed queries, copied on the download stream once the pass has
   // written them (b.layer_ready) into a ring of pinned slots, which the host empties in layer
   // order on the thread pool: the copies overlap the later layers' work. (Copies straight to
@@ -386,7 +393,7 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
   auto download_by_layer = [&]() -> absl::Status {
     auto align = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
     const size_t kv_bytes = layer_values * sizeof(T);
-    const size_t obs_bytes = static_cast<size_t>(observed) * qd * sizeof(float);
+    const size_t obs_bytes = obs_values * sizeof(float);
     const size_t per_layer = 2 * align(kv_bytes) + align(obs_bytes);
     // options_.download_staging_bytes is a soft size: at least two slots, however large a
     // layer's rows (a 32K-token 8B turn pins about 257 MiB); the buffer is kept for the
@@ -411,8 +418,8 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
                                                  kv_bytes, cudaMemcpyDeviceToHost, dl));
       if (obs_bytes > 0) {
         KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-            slot + 2 * align(kv_bytes), b.observed_q + static_cast<size_t>(l) * observed * qd,
-            obs_bytes, cudaMemcpyDeviceToHost, dl));
+            slot + 2 * align(kv_bytes), b.observed_q + l * obs_values, obs_bytes,
+            cudaMemcpyDeviceToHost, dl));
       }
       KVMEM_CUDA_RETURN_IF_ERROR(cudaEventRecord(downloads_.done[l], dl));
       return absl::OkStatus();
@@ -438,7 +445,7 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
       add(dst_k[l], slot, kv_bytes);
       add(dst_v[l], slot + align(kv_bytes), kv_bytes);
       if (obs_bytes > 0) {
-        add(&obs[static_cast<size_t>(l) * observed * qd], slot + 2 * align(kv_bytes), obs_bytes);
+        add(result->observed_queries[l].data(), slot + 2 * align(kv_bytes), obs_bytes);
       }
       auto copy = [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
@@ -481,9 +488,10 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
       KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
       return absl::OkStatus();
     }
-    // Staged: K and V of every layer as one copy each (they are contiguous on the device).
+    // Staged: the observed queries, K and V of every layer as one copy each (each contiguous
+    // on the device), then split by layer on the host.
     const Download staged_list[] = {downloads[0],
-                                    downloads[1],
+                                    {nullptr, b.observed_q, L * obs_values * sizeof(float)},
                                     {nullptr, b.new_k, L * layer_values * sizeof(T)},
                                     {nullptr, b.new_v, L * layer_values * sizeof(T)}};
     size_t staged = 0;
@@ -499,6 +507,11 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
       if (d.bytes == 0) continue;
       if (d.dst != nullptr) {
         std::memcpy(d.dst, pinned + staged, d.bytes);
+      } else if (d.src == static_cast<const void*>(b.observed_q)) {
+        for (int l = 0; l < L; ++l) {
+          std::memcpy(result->observed_queries[l].data(),
+                      pinned + staged + l * obs_values * sizeof(float), obs_values * sizeof(float));
+        }
       } else {
         const bool keys = d.src == static_cast<const void*>(b.new_k);
         for (int l = 0; l < L; ++l) {
@@ -521,19 +534,6 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
     return st;
   }
 
-  result->observed_queries.assign(observed > 0 ? L : 0, {});
-  for (int l = 0; l < L && observed > 0; ++l) {
-    // (observed, num_heads, head_dim) on the device -> (num_heads, observed, head_dim).
-    std::vector<float>& oq = result->observed_queries[l];
-    oq.resize(static_cast<size_t>(c.num_heads) * observed * hd);
-    const float* src = &obs[static_cast<size_t>(l) * observed * qd];
-    for (int hq = 0; hq < c.num_heads; ++hq) {
-      for (int i = 0; i < observed; ++i) {
-        std::memcpy(&oq[(static_cast<size_t>(hq) * observed + i) * hd], src + (i * qd + hq * hd),
-                    hd * sizeof(float));
-      }
-    }
-  }
   // The host cache gets the entries exactly as the device holds them (rounded to T), so a
   // later upload of them reproduces the device's rows bit for bit: into every head (kHost),
   // or as the layer's fresh rows with positions only in the heads (kBackend).

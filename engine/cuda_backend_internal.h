@@ -34,6 +34,7 @@
 #include "kernels/digest.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/gemv.cuh"
+#include "kernels/head_major.cuh"
 #include "kernels/kv_append.cuh"
 #include "kernels/kv_gather.cuh"
 #include "kernels/prefill_attention.cuh"
@@ -550,7 +551,7 @@ class CudaBackend : public Backend, public OpProfileSource {
     float* gate_up = nullptr;     // (n, 2 intermediate)
     T* act = nullptr;             // (n, intermediate)
     float* logits = nullptr;      // (logit rows, vocab)
-    float* observed_q = nullptr;  // (layer, observed, num_heads, head_dim) or null
+    float* observed_q = nullptr;  // (layer, num_heads, observed, head_dim) or null
     HeadTables<T> tables;
     void* decode_ws = nullptr;
     size_t decode_ws_bytes = 0;

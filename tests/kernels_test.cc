@@ -22,6 +22,7 @@
 #include "kernels/cuda_check.cuh"
 #include "kernels/embedding.cuh"
 #include "kernels/gemv.cuh"
+#include "kernels/head_major.cuh"
 #include "kernels/kv_append.cuh"
 #include "kernels/qkv_rope.cuh"
 #include "kernels/rmsnorm.cuh"
@@ -256,6 +257,39 @@ TEST_F(KernelsTest, SwiGluMatchesCpu) {
     EXPECT_EQ(CountNan(got), 0);
     EXPECT_LT(RelativeError(got, want), 1e-5);
   }
+}
+
+TEST_F(KernelsTest, RowsToHeadMajorReordersEveryRowHeadByHead) {
+  // head_dim 128 and 8 take the float4 path; 6 and the offset input the element-by-element one.
+  struct Shape {
+    int64_t rows;
+    int heads, head_dim, in_offset;
+  };
+  for (const Shape& sh : {Shape{32, 32, 128, 0}, Shape{5, 4, 8, 0}, Shape{3, 7, 6, 0},
+                          Shape{9, 4, 8, 1}, Shape{1, 3, 16, 0}}) {
+    SCOPED_TRACE(::testing::Message() << "rows=" << sh.rows << " heads=" << sh.heads
+                                      << " head_dim=" << sh.head_dim << " offset=" << sh.in_offset);
+    const size_t count = static_cast<size_t>(sh.rows) * sh.heads * sh.head_dim;
+    const std::vector<float> in = RandomNormal(count + sh.in_offset, 50);
+    std::vector<float> want(count);
+    for (int64_t i = 0; i < sh.rows; ++i) {
+      for (int h = 0; h < sh.heads; ++h) {
+        for (int d = 0; d < sh.head_dim; ++d) {
+          want[(h * sh.rows + i) * sh.head_dim + d] =
+              in[sh.in_offset + (i * sh.heads + h) * sh.head_dim + d];
+        }
+      }
+    }
+    DeviceArray<float> d_in(in), d_out(count);
+    Finish(LaunchRowsToHeadMajor(d_in.get() + sh.in_offset, sh.rows, sh.heads, sh.head_dim,
+                                 d_out.get(), stream_));
+    EXPECT_EQ(d_out.ToHost(), want);
+  }
+  DeviceArray<float> d(8);
+  EXPECT_EQ(LaunchRowsToHeadMajor(d.get(), 0, 2, 4, d.get(), stream_), cudaSuccess);
+  EXPECT_EQ(LaunchRowsToHeadMajor(d.get(), -1, 2, 4, d.get(), stream_), cudaErrorInvalidValue);
+  EXPECT_EQ(LaunchRowsToHeadMajor(d.get(), 1, 0, 4, d.get(), stream_), cudaErrorInvalidValue);
+  EXPECT_EQ(LaunchRowsToHeadMajor(d.get(), 1, 2, 0, d.get(), stream_), cudaErrorInvalidValue);
 }
 
 TEST_F(KernelsTest, SwiGluRowsMatchesCpuOnStackedGateAndUp) {
