@@ -13,6 +13,13 @@
 #       then bench/turn_host_bench (the session's host work around a turn, at 8B shape) on
 #       that machine's server-class CPU into $OUT/turn_host_bench.md (also with f32 blocks and
 #       with blocks inside RocksDB, to compare).
+#   there:                             scripts/gpu-check.sh all [SECONDS]
+#       everything a session's one device call should do, most important first, inside SECONDS
+#       (default 480, so that a 600 s call leaves time to spare): the GPU tests, the 8B and 1B
+#       benchmark, then compute-sanitizer on the kernel tests while time is left. Each stage
+#       gets what is left of the budget; what did not fit is said in $OUT/summary.txt. Four
+#       files come back (the device tool returns at most eight): summary.txt, tests.log,
+#       cuda_bench.md and sanitizer.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -88,8 +95,64 @@ case "${1:-}" in
         tee -a "$out/turn_host_bench.md"
     done
     ;;
+  all)
+    [[ -d gpu-pack ]] || tar xzf gpu-pack.tgz
+    export LD_LIBRARY_PATH="$PWD/gpu-pack/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export KVMEM_TEST_MODEL_DIR="$PWD/gpu-pack/models/stories260K"
+    export KVMEM_BIN_DIR="$PWD/gpu-pack/bin"
+    out="${OUT:-/tmp}"
+    deadline=$((SECONDS + ${2:-480}))
+    summary="$out/summary.txt"
+    {
+      echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)"
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
+    } | tee "$summary"
+    status=0
+    # stage NAME LOG COMMAND...: runs COMMAND with what is left of the budget (less 10 s),
+    # appending its output to LOG and one line to the summary.
+    stage() {
+      local name=$1 log=$2 left=$((deadline - SECONDS - 10)) start=$SECONDS rc=0
+      shift 2
+      if ((left < 20)); then
+        echo "$name: skipped (out of time)" | tee -a "$summary"
+        return
+      fi
+      local part="$out/.stage"
+      timeout "$left" "$@" >"$part" 2>&1 || rc=$?
+      { echo "=== $name"; cat "$part"; } >>"$log"
+      ((rc == 0)) || status=1
+      local what="ok"
+      ((rc == 124)) && what="timed out"
+      ((rc != 0 && rc != 124)) && what="failed (exit $rc)"
+      # gtest's totals and, after them, the names of at most ten failed tests.
+      echo "$name: $what in $((SECONDS - start)) s; $(
+        grep -E '^\[  (PASSED|FAILED|SKIPPED) +\] [0-9]+ tests?' "$part" | tr '\n' ' '
+        grep -E '^\[  FAILED  \] [A-Za-z]' "$part" | sort -u | head -10 | tr '\n' ' '
+      )" | tee -a "$summary"
+      rm -f "$part"
+    }
+    for t in kernels_test kernels_attention_test cuda_backend_test service_gpu_test; do
+      stage "$t" "$out/tests.log" gpu-pack/bin/$t
+    done
+    echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" >"$out/cuda_bench.md"
+    stage "cuda_bench 8b,1b" "$out/cuda_bench.md" gpu-pack/bin/cuda_bench --shapes 8b,1b
+    sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    if [[ -x $sanitizer ]]; then
+      stage "memcheck kernels_test" "$out/sanitizer.log" \
+        "$sanitizer" --tool memcheck --error-exitcode 99 gpu-pack/bin/kernels_test
+      for tool in memcheck racecheck; do
+        stage "$tool kernels_attention_test" "$out/sanitizer.log" "$sanitizer" --tool "$tool" \
+          --error-exitcode 99 gpu-pack/bin/kernels_attention_test \
+          --gtest_filter='-*F32*:*OnCudaCores*'
+      done
+    fi
+    # The benchmark's tables last, where the reply's tail shows them.
+    grep -E '^\|' "$out/cuda_bench.md" || true
+    cat "$summary"
+    exit $status
+    ;;
   *)
-    echo "usage: scripts/gpu-check.sh pack|run|bench [cuda_bench flags]" >&2
+    echo "usage: scripts/gpu-check.sh pack|run|bench [cuda_bench flags]|all [seconds]" >&2
     exit 2
     ;;
 esac
