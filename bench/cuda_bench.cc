@@ -511,7 +511,8 @@ int Run(int argc, char** argv) {
         prefill_ops.Add(b);
         kv.DropFreshBefore(base + 1 + turn);  // the session moves them into blocks
         start = std::chrono::steady_clock::now();
-        auto keep = b.SelectSnapKv(kv, snap, r.observed_queries, snap.window);
+        auto keep = b.SelectSnapKv(kv, snap, r.observed_queries, snap.window,
+                                   r.observed_queries_on_backend);
         if (!keep.ok())
           return std::fprintf(stderr, "snapkv: %s\n", keep.status().ToString().c_str()), 1;
         select_ms += Seconds(start) * 1e3;

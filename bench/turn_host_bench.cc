@@ -116,7 +116,7 @@ class StandInBackend : public Backend {
   // Keeps the window and `budget - w` candidates spread evenly over the head.
   absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
       const KvCache& kv, const SnapKvOptions& options,
-      const std::vector<std::vector<float>>& queries, int w) override {
+      const std::vector<std::vector<float>>& queries, int w, uint64_t) override {
     std::vector<std::vector<int64_t>> keep;
     for (int l = 0; l < kv.num_layers(); ++l) {
       for (int g = 0; g < kv.num_kv_heads(); ++g) {

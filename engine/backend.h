@@ -36,6 +36,11 @@ struct ForwardResult {
   std::vector<float> logits;  // (all_logits ? n : 1, vocab)
   // Per layer, (num_heads, observed, head_dim) with observed = min(observe_last, n).
   std::vector<std::vector<float>> observed_queries;
+  // Default: 0. Nonzero when the backend also kept observed_queries where it computes (the
+  // CUDA backend: on the device, after a multi-token pass): passed to SelectSnapKv together
+  // with exactly these queries, it spares sending them back. The backend drops them at the
+  // cache's next pass or selection; a stale value is ignored.
+  uint64_t observed_queries_on_backend = 0;
 };
 
 class Backend {
@@ -82,11 +87,13 @@ class Backend {
   // SelectSnapKv (engine/snapkv.h) for every layer of `kv`, run where the backend keeps its
   // own copy of the cache (the CUDA backend: on the device), returning the same entries.
   // queries: per layer (num_heads, w, head_dim), the last w entries' queries of every head.
+  // queries_on_backend: 0, or the ForwardResult::observed_queries_on_backend of the pass that
+  // produced exactly `queries` on this cache; the backend then reads its own copy of them.
   // Result: (layer, KV head) lists of ascending entry indices to keep. UNIMPLEMENTED when the
   // backend has no such path: the caller then selects on the host.
   virtual absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
       const KvCache& kv, const SnapKvOptions& options,
-      const std::vector<std::vector<float>>& queries, int w) {
+      const std::vector<std::vector<float>>& queries, int w, uint64_t queries_on_backend) {
     return absl::UnimplementedError("this backend selects SnapKV on the host");
   }
 };

@@ -581,6 +581,7 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
 
   // 1. The device copy of the hot set, up to date, with room for the new tokens.
   KVMEM_ASSIGN_OR_RETURN(DeviceKv<T> * dkv, Attach(kv, stale));
+  dkv->DropObserved();  // the last pass's, which this one supersedes
   KVMEM_RETURN_IF_ERROR(SyncHeads(*kv, *dkv, 0, L));
   prof_.Mark("sync heads (uploads, gathers)");
   for (DeviceHead<T>& dh : dkv->heads) {
@@ -688,7 +689,16 @@ absl::Status CudaBackend<T>::Run(absl::Span<const int32_t> tokens, int64_t start
   }
   KVMEM_RETURN_IF_ERROR(
       EnqueuePass(&b, n, start_pos, observed, first_logit, max_lengths, after_qkv));
-  return FinishPass(b, n, start_pos, observed, n - first_logit, kv, dkv, result);
+  KVMEM_RETURN_IF_ERROR(FinishPass(b, n, start_pos, observed, n - first_logit, kv, dkv, result));
+  // The observed queries stay on the device, already in the layout SnapKV reads, for the
+  // selection at the end of the turn.
+  if (observed > 0) {
+    dkv->observed = scratch.observed_q.Release();
+    dkv->observed_rows = observed;
+    dkv->observed_id = next_observed_id++;
+    result->observed_queries_on_backend = dkv->observed_id;
+  }
+  return absl::OkStatus();
 }
 
 template <typename T>

@@ -91,6 +91,9 @@ std::vector<CudaOpTime> TakeCudaOpProfile(Backend& backend);
 struct CudaUploadStats {
   int64_t rows_packed = 0;
   int64_t rows_by_address = 0;
+  // SnapKV selections that read the pass's observed queries where the device kept them
+  // (ForwardResult::observed_queries_on_backend) instead of uploading the host's.
+  int64_t snapkv_queries_kept = 0;
 };
 CudaUploadStats GetCudaUploadStats(const Backend& backend);
 

@@ -229,6 +229,12 @@ class Scratch {
     return absl::OkStatus();
   }
   U* get() const { return ptr_; }
+  // Hands the allocation over: the caller frees it (cudaFreeAsync on the same stream).
+  U* Release() {
+    U* p = ptr_;
+    ptr_ = nullptr;
+    return p;
+  }
 
  private:
   void Reset() {
@@ -260,6 +266,8 @@ struct DeviceHead {
 
 // Identifies a backend for the lifetime of the process (addresses are reused).
 inline std::atomic<uint64_t> next_backend_id{1};
+// Names kept observed queries (ForwardResult::observed_queries_on_backend) across backends.
+inline std::atomic<uint64_t> next_observed_id{1};
 
 // What every device copy of a KvCache starts with, whatever its element type: the attachment
 // points at this base, so a backend can tell its own copies from another backend's.
@@ -284,6 +292,20 @@ struct DeviceKv : DeviceKvBase {
   int head_dim = 0;
   std::vector<DeviceHead<T>> heads;    // (layer, kv_head)
   std::vector<DeviceDigests> digests;  // (layer) once recall has scored there
+  // The observed queries of the cache's last multi-token pass, (layer, num_heads,
+  // observed_rows, head_dim) f32, kept for SnapKV at the end of the turn; observed_id is the
+  // ForwardResult::observed_queries_on_backend that names them (0: none kept).
+  float* observed = nullptr;
+  int observed_rows = 0;
+  uint64_t observed_id = 0;
+
+  // Frees the kept observed queries in stream order.
+  void DropObserved() {
+    if (observed != nullptr) cudaFreeAsync(observed, ctx->stream);
+    observed = nullptr;
+    observed_rows = 0;
+    observed_id = 0;
+  }
 
   ~DeviceKv() override {
     std::lock_guard<std::recursive_mutex> lock(ctx->mu);
@@ -296,6 +318,7 @@ struct DeviceKv : DeviceKvBase {
     for (DeviceDigests& d : digests) {
       if (d.data != nullptr) cudaFreeAsync(d.data, ctx->stream);
     }
+    DropObserved();
     cudaSetDevice(previous);
   }
 };
@@ -432,6 +455,7 @@ class CudaBackend : public Backend, public OpProfileSource {
                        const ForwardOptions& options, ForwardResult* result) override {
     const ModelConfig& c = config_;
     const int64_t n = static_cast<int64_t>(tokens.size());
+    result->observed_queries_on_backend = 0;  // set by a pass that keeps them
     if (n == 0) return absl::InvalidArgumentError("Forward needs at least one token");
     for (int32_t t : tokens) {
       if (t < 0 || t >= c.vocab_size) {
@@ -469,7 +493,8 @@ class CudaBackend : public Backend, public OpProfileSource {
 
   absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
       const KvCache& kv, const SnapKvOptions& options,
-      const std::vector<std::vector<float>>& queries, int w) override;
+      const std::vector<std::vector<float>>& queries, int w,
+      uint64_t queries_on_backend) override;
   absl::StatusOr<std::vector<float>> ScoreRecallBlocks(
       const KvCache& kv, int layer, const float* q, int64_t n, int w,
       const std::vector<std::vector<float>>& digests) override;
@@ -601,7 +626,8 @@ class CudaBackend : public Backend, public OpProfileSource {
     }
   }
   CudaUploadStats UploadStats() const override {
-    return {upload_stats_.rows_packed.load(), upload_stats_.rows_by_address.load()};
+    return {upload_stats_.rows_packed.load(), upload_stats_.rows_by_address.load(),
+            upload_stats_.snapkv_queries_kept.load()};
   }
 
   const ModelConfig config_;
@@ -611,6 +637,7 @@ class CudaBackend : public Backend, public OpProfileSource {
   struct {
     std::atomic<int64_t> rows_packed{0};
     std::atomic<int64_t> rows_by_address{0};
+    std::atomic<int64_t> snapkv_queries_kept{0};
   } upload_stats_;
   // Blocks whose rows scatters queued on ctx_->stream read by address (SyncHeads), kept alive
   // until the stream has run them (ReleaseReadsInPlace; the destructor waits for the stream

@@ -542,7 +542,7 @@ absl::Status CudaBackend<T>::AllocateTables(Scratch<uint8_t>* memory, HeadTables
 template <typename T>
 absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
     const KvCache& kv, const SnapKvOptions& options, const std::vector<std::vector<float>>& queries,
-    int w) {
+    int w, uint64_t queries_on_backend) {
   const ModelConfig& c = config_;
   const int L = c.num_layers, kvh = c.num_kv_heads;
   if (kv.num_layers() != L || kv.num_kv_heads() != kvh || kv.head_dim() != c.head_dim ||
@@ -574,12 +574,22 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
   HeadTables<T> tables;
   KVMEM_RETURN_IF_ERROR(AllocateTables(&table_mem, &tables));
   KVMEM_RETURN_IF_ERROR(UploadTables(*dkv, 0, L, 0, tables));
+  // The queries: the device's own copy when the caller passes the pass's (same layout), else
+  // the host's, uploaded. Either way the kept copy is used up: the next pass would replace it.
   Scratch<float> d_queries;
-  KVMEM_RETURN_IF_ERROR(d_queries.Allocate(per_layer * L, s));
-  for (int l = 0; l < L; ++l) {
-    KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_queries.get() + per_layer * l, queries[l].data(),
-                                               per_layer * sizeof(float), cudaMemcpyHostToDevice,
-                                               s));
+  const float* queries_device = nullptr;
+  if (queries_on_backend != 0 && queries_on_backend == dkv->observed_id &&
+      dkv->observed_rows == w) {
+    queries_device = dkv->observed;
+    upload_stats_.snapkv_queries_kept++;
+  } else {
+    KVMEM_RETURN_IF_ERROR(d_queries.Allocate(per_layer * L, s));
+    for (int l = 0; l < L; ++l) {
+      KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_queries.get() + per_layer * l,
+                                                 queries[l].data(), per_layer * sizeof(float),
+                                                 cudaMemcpyHostToDevice, s));
+    }
+    queries_device = d_queries.get();
   }
   prof_.Mark("snapkv: tables, queries up");
   const int budget = options.budget;
@@ -594,7 +604,7 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
   KVMEM_RETURN_IF_ERROR(pooled.Allocate(static_cast<size_t>(L) * kvh * std::max(max_length, 1), s));
   for (int l = 0; l < L; ++l) {
     SnapKvParams<T> p;
-    p.queries = d_queries.get() + per_layer * l;
+    p.queries = queries_device + per_layer * l;
     p.num_heads = c.num_heads;
     p.w = w;
     p.kv.keys = tables.keys + l * kvh;
@@ -637,6 +647,7 @@ absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(
                                              cudaMemcpyDeviceToHost, s));
   KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
   prof_.Mark("snapkv: picks down");
+  dkv->DropObserved();
   std::vector<std::vector<int64_t>> result(static_cast<size_t>(L) * kvh);
   for (size_t i = 0; i < result.size(); ++i) {
     const int32_t* k = &host_keep[i * budget];
@@ -744,7 +755,8 @@ absl::Status CudaBackend<T>::UploadTables(const DeviceKv<T>& dkv, int first_laye
   template absl::Status CudaBackend<T>::SyncHeads(const KvCache&, DeviceKv<T>&, int, int);        \
   template absl::Status CudaBackend<T>::AllocateTables(Scratch<uint8_t>*, HeadTables<T>*);        \
   template absl::StatusOr<std::vector<std::vector<int64_t>>> CudaBackend<T>::SelectSnapKv(        \
-      const KvCache&, const SnapKvOptions&, const std::vector<std::vector<float>>&, int);         \
+      const KvCache&, const SnapKvOptions&, const std::vector<std::vector<float>>&, int,          \
+      uint64_t);                                                                                  \
   template absl::StatusOr<std::vector<float>> CudaBackend<T>::ScoreRecallBlocks(                  \
       const KvCache&, int, const float*, int64_t, int, const std::vector<std::vector<float>>&);   \
   template absl::Status CudaBackend<T>::UploadTables(const DeviceKv<T>&, int, int, int64_t,       \

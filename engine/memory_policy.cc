@@ -107,7 +107,8 @@ class SnapKvPolicy : public MemoryPolicy {
     if (turn.backend != nullptr) {
       // The backend's own copy of the cache (the GPU's) picks the same entries, without
       // bringing the keys to the host. Any failure there falls back to the host below.
-      auto on_backend = turn.backend->SelectSnapKv(kv, options_, *turn.observed_queries, w);
+      auto on_backend = turn.backend->SelectSnapKv(kv, options_, *turn.observed_queries, w,
+                                                   turn.observed_queries_on_backend);
       if (on_backend.ok()) return *std::move(on_backend);
     }
     // On the host: with the cache's own rows, or rows read back from the session's blocks.

@@ -69,6 +69,9 @@ struct TurnView {
   int sliding_window = 0;
   // Default: null. The session's backend: SnapKV selects there when it can (same entries).
   Backend* backend = nullptr;
+  // Default: 0. ForwardResult::observed_queries_on_backend when *observed_queries are exactly
+  // that pass's queries (Backend::SelectSnapKv reads the backend's copy then).
+  uint64_t observed_queries_on_backend = 0;
 };
 
 class MemoryPolicy {

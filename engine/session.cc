@@ -302,7 +302,8 @@ absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view tex
           ? std::vector<std::vector<float>>()
           : TrailingQueries(queries, c.num_heads, c.head_dim, observed, policy_observed);
   absl::StatusOr<int64_t> evicted =
-      ApplyPolicy(n, policy_observed == observed ? queries : trailing, policy_observed);
+      ApplyPolicy(n, policy_observed == observed ? queries : trailing, policy_observed,
+                  policy_observed == observed ? forward.observed_queries_on_backend : 0);
   if (!evicted.ok()) {
     broken_ = true;  // the turn is in the hot set and its blocks but not durable
     return evicted.status();
@@ -937,7 +938,7 @@ absl::Status Session::ReadPosition(int layer, int64_t position, int kv_head, flo
 
 absl::StatusOr<int64_t> Session::ApplyPolicy(int64_t new_tokens,
                                              const std::vector<std::vector<float>>& queries,
-                                             int observed) {
+                                             int observed, uint64_t queries_on_backend) {
   const ModelConfig& c = model_.config();
   // A policy that reads attention rows gets them from the blocks when the backend keeps the
   // hot rows (this turn's are among the blocks in flight).
@@ -951,7 +952,8 @@ absl::StatusOr<int64_t> Session::ApplyPolicy(int64_t new_tokens,
                 .observed = observed,
                 .num_heads = c.num_heads,
                 .sliding_window = c.sliding_window,
-                .backend = &backend_};
+                .backend = &backend_,
+                .observed_queries_on_backend = queries_on_backend};
   KVMEM_ASSIGN_OR_RETURN(std::vector<std::vector<int64_t>> keep, policy_->Select(view));
   int64_t evicted = 0;
   for (int l = 0; l < c.num_layers; ++l) {

@@ -183,9 +183,11 @@ class Session : private KvRowSource {
   // returns the blocks written (new or rewritten tails) with their digests.
   std::vector<BlockWrite> FillBlocks();
   // Runs the memory policy after a turn of `new_tokens` and drops what it does not keep;
-  // returns the number of entries dropped. On error nothing is dropped.
+  // returns the number of entries dropped. On error nothing is dropped. queries_on_backend:
+  // ForwardResult::observed_queries_on_backend when `queries` are that pass's, else 0.
   absl::StatusOr<int64_t> ApplyPolicy(int64_t new_tokens,
-                                      const std::vector<std::vector<float>>& queries, int observed);
+                                      const std::vector<std::vector<float>>& queries, int observed,
+                                      uint64_t queries_on_backend = 0);
   // Recall for one layer during prefill (see SessionOptions::recall_blocks).
   absl::Status Recall(int layer, const float* q, int64_t n, AppendResult* stats);
   // KvRowSource: committed positions' rows, for a backend that keeps the hot rows itself.

@@ -332,23 +332,34 @@ TEST_P(CudaParityTest, SnapKvOnTheDevicePicksTheHostsEntries) {
   const auto evict = [](int l, int g, int64_t p) { return p >= 40 || (p + l + g) % 3 != 0; };
   Evict(&gpu_kv, evict);
   const SnapKvOptions options{.window = w, .kernel = 3, .pooling = Pooling::kMax, .budget = 20};
-  auto on_device = gpu_->SelectSnapKv(gpu_kv, options, got.observed_queries, w);
-  ASSERT_TRUE(on_device.ok()) << on_device.status();
-  ASSERT_EQ(on_device->size(), static_cast<size_t>(c.num_layers * c.num_kv_heads));
-  for (int l = 0; l < c.num_layers; ++l) {
-    std::vector<const HeadKv*> heads;
-    for (int g = 0; g < c.num_kv_heads; ++g) heads.push_back(&gpu_kv.head(l, g));
-    const auto want = SelectSnapKv(options, got.observed_queries[l].data(), c.num_heads, w, heads,
-                                   c.sliding_window);
-    for (int g = 0; g < c.num_kv_heads; ++g) {
-      EXPECT_EQ((*on_device)[l * c.num_kv_heads + g], want[g]) << "layer " << l << " head " << g;
+  // Three times: reading the queries the pass kept on the device (as a session's turn ends),
+  // then uploading the host's, then with the kept copy's name again, which the first selection
+  // used up (so the host's are uploaded). All three pick the host's entries.
+  const uint64_t kept = got.observed_queries_on_backend;
+  EXPECT_NE(kept, 0u);
+  const int64_t kept_reads = GetCudaUploadStats(*gpu_).snapkv_queries_kept;
+  for (uint64_t queries_on_backend : {kept, uint64_t{0}, kept}) {
+    SCOPED_TRACE(::testing::Message() << "queries_on_backend " << queries_on_backend);
+    auto on_device =
+        gpu_->SelectSnapKv(gpu_kv, options, got.observed_queries, w, queries_on_backend);
+    ASSERT_TRUE(on_device.ok()) << on_device.status();
+    ASSERT_EQ(on_device->size(), static_cast<size_t>(c.num_layers * c.num_kv_heads));
+    for (int l = 0; l < c.num_layers; ++l) {
+      std::vector<const HeadKv*> heads;
+      for (int g = 0; g < c.num_kv_heads; ++g) heads.push_back(&gpu_kv.head(l, g));
+      const auto want = SelectSnapKv(options, got.observed_queries[l].data(), c.num_heads, w,
+                                     heads, c.sliding_window);
+      for (int g = 0; g < c.num_kv_heads; ++g) {
+        EXPECT_EQ((*on_device)[l * c.num_kv_heads + g], want[g]) << "layer " << l << " head " << g;
+      }
     }
   }
+  EXPECT_EQ(GetCudaUploadStats(*gpu_).snapkv_queries_kept - kept_reads, 1);
   // The CPU backend and a cache the device has never seen leave selection to the host.
-  EXPECT_EQ(cpu_->SelectSnapKv(gpu_kv, options, got.observed_queries, w).status().code(),
+  EXPECT_EQ(cpu_->SelectSnapKv(gpu_kv, options, got.observed_queries, w, 0).status().code(),
             absl::StatusCode::kUnimplemented);
   KvCache fresh = gpu_kv;
-  EXPECT_EQ(gpu_->SelectSnapKv(fresh, options, got.observed_queries, w).status().code(),
+  EXPECT_EQ(gpu_->SelectSnapKv(fresh, options, got.observed_queries, w, kept).status().code(),
             absl::StatusCode::kUnimplemented);
 }
 
@@ -736,7 +747,10 @@ TEST_F(CudaSessionTest, SnapKvSessionWithRecallGivesTheSameTokens) {
   options.recall_blocks = 2;
   const std::vector<std::string> want = Run(*cpu_, options);
   ASSERT_EQ(want.size(), 4u);
+  const int64_t kept_reads = GetCudaUploadStats(*gpu_).snapkv_queries_kept;
   EXPECT_EQ(Run(*gpu_, options), want);
+  // Every turn's selection read the queries its prefill kept on the device.
+  EXPECT_GE(GetCudaUploadStats(*gpu_).snapkv_queries_kept - kept_reads, 4);
   options.host_hot_rows = true;  // the same with an f32 host copy of the hot rows
   EXPECT_EQ(Run(*gpu_, options), want);
 }

@@ -126,7 +126,7 @@ class MirrorBackend : public Backend {
 
   absl::StatusOr<std::vector<std::vector<int64_t>>> SelectSnapKv(
       const KvCache& kv, const SnapKvOptions& options,
-      const std::vector<std::vector<float>>& queries, int w) override {
+      const std::vector<std::vector<float>>& queries, int w, uint64_t) override {
     if (select_fails_) return absl::ResourceExhaustedError("no memory for SnapKV's workspace");
     if (kv.attachment() == nullptr) return absl::UnimplementedError("no copy of this cache");
     Mirror& m = *static_cast<Mirror*>(kv.attachment().get());
