@@ -56,8 +56,11 @@ absl::StatusOr<float*> CudaBackend<T>::UploadVector(std::vector<const float*> pa
     off += sizes[p];
   }
   KVMEM_ASSIGN_OR_RETURN(float* out, AllocWeight<float>(host.size()));
-  KVMEM_CUDA_RETURN_IF_ERROR(
-      cudaMemcpy(out, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+  // On the backend's stream: a cudaMemcpy from pageable memory may return before the copy
+  // lands, and the stream (non-blocking) would not wait for the legacy stream's copy.
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(out, host.data(), host.size() * sizeof(float),
+                                             cudaMemcpyHostToDevice, ctx_->stream));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ctx_->stream));
   return out;
 }
 
@@ -143,8 +146,9 @@ absl::Status CudaBackend<T>::Init(const ModelWeights* weights) {
   }
   const std::vector<double> inv_freq = c.RopeInverseFrequencies();
   KVMEM_ASSIGN_OR_RETURN(inv_freq_, AllocWeight<double>(inv_freq.size()));
-  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpy(inv_freq_, inv_freq.data(),
-                                        inv_freq.size() * sizeof(double), cudaMemcpyHostToDevice));
+  KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(inv_freq_, inv_freq.data(),
+                                             inv_freq.size() * sizeof(double),
+                                             cudaMemcpyHostToDevice, ctx_->stream));
   KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(ctx_->stream));
   return absl::OkStatus();
 }

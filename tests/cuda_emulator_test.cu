@@ -316,8 +316,9 @@ TEST_F(DeferredStreamsTest, AStreamSeesAnotherStreamsWorkOnlyThroughAnEvent) {
   cudaStream_t producer = NonBlockingStream(), consumer = NonBlockingStream();
   cudaEvent_t written;
   ASSERT_EQ(cudaEventCreateWithFlags(&written, cudaEventDisableTiming), cudaSuccess);
+  ASSERT_EQ(cudaMemsetAsync(data.p, 0, 32 * sizeof(float), producer), cudaSuccess);
   for (bool wait : {false, true}) {
-    ASSERT_EQ(cudaMemsetAsync(data.p, 0, 32 * sizeof(float), producer), cudaSuccess);
+    // The producer adds one each round: 1 after the first, 2 after the second.
     AddOneKernel<<<1, 32, 0, producer>>>(data.p, 32);
     ASSERT_EQ(cudaEventRecord(written, producer), cudaSuccess);
     if (wait) ASSERT_EQ(cudaStreamWaitEvent(consumer, written, 0), cudaSuccess);
@@ -325,10 +326,10 @@ TEST_F(DeferredStreamsTest, AStreamSeesAnotherStreamsWorkOnlyThroughAnEvent) {
                               consumer),
               cudaSuccess);
     ASSERT_EQ(cudaStreamSynchronize(consumer), cudaSuccess);
-    // Without the wait the consumer's copy ran before the producer's work: it read what the
-    // previous round left (fresh memory the first time).
+    // Without the wait the consumer's copy ran before the producer's work: it read fresh
+    // memory. With it, the copy saw this round's addition (1 would be the last round's).
     if (wait) {
-      EXPECT_EQ(host.p[7], 1.f);
+      EXPECT_EQ(host.p[7], 2.f);
     } else {
       EXPECT_TRUE(std::isnan(host.p[7]));
     }
@@ -367,6 +368,24 @@ TEST_F(DeferredStreamsTest, CopiesReadPinnedMemoryWhenTheyRunAndPageableMemoryWh
   cudaStreamDestroy(stream);
 }
 
+TEST_F(DeferredStreamsTest, BlockingStreamsWaitForTheLegacyStreamsQueuedWork) {
+  DeviceBuffer<float> a(8), b(8);
+  cudaStream_t blocking = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&blocking), cudaSuccess);
+  cudaStream_t non_blocking = NonBlockingStream();
+  // A memset of device memory returns before it has run.
+  ASSERT_EQ(cudaMemset(a.p, 0, 8 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMemset(b.p, 0, 8 * sizeof(float)), cudaSuccess);
+  AddOneKernel<<<1, 8, 0, blocking>>>(a.p, 8);
+  AddOneKernel<<<1, 8, 0, non_blocking>>>(b.p, 8);
+  ASSERT_EQ(cudaStreamSynchronize(non_blocking), cudaSuccess);  // before the memsets ran
+  ASSERT_EQ(cudaStreamSynchronize(blocking), cudaSuccess);      // after them
+  EXPECT_EQ(a.Read()[0], 1.f);
+  EXPECT_EQ(b.Read()[0], 0.f);  // its memset ran after the kernel
+  cudaStreamDestroy(blocking);
+  cudaStreamDestroy(non_blocking);
+}
+
 TEST_F(DeferredStreamsTest, TheLegacyDefaultStreamWaitsForBlockingStreamsOnly) {
   DeviceBuffer<float> data(16);
   ASSERT_EQ(cudaMemset(data.p, 0, 16 * sizeof(float)), cudaSuccess);
@@ -386,6 +405,7 @@ TEST_F(DeferredStreamsTest, TheLegacyDefaultStreamWaitsForBlockingStreamsOnly) {
 TEST_F(DeferredStreamsTest, QueuedWorkOutlivesItsGraphEventAndStream) {
   DeviceBuffer<float> data(8);
   ASSERT_EQ(cudaMemset(data.p, 0, 8 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // non-blocking streams do not wait for it
   cudaStream_t capture = NonBlockingStream(), consumer = NonBlockingStream();
   ASSERT_EQ(cudaStreamBeginCapture(capture, cudaStreamCaptureModeThreadLocal), cudaSuccess);
   AddOneKernel<<<1, 8, 0, capture>>>(data.p, 8);
@@ -401,23 +421,41 @@ TEST_F(DeferredStreamsTest, QueuedWorkOutlivesItsGraphEventAndStream) {
   ASSERT_EQ(cudaEventRecord(done, producer), cudaSuccess);
   ASSERT_EQ(cudaStreamWaitEvent(consumer, done, 0), cudaSuccess);
   AddOneKernel<<<1, 8, 0, consumer>>>(data.p, 8);
-  // All of it destroyed while queued: CUDA lets the queued work finish.
+  // Destroyed while queued: CUDA lets the queued work finish. The consumer's sync runs the
+  // producer's graph launches through the wait first.
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaEventDestroy(done);
-  cudaStreamDestroy(producer);
   ASSERT_EQ(cudaStreamSynchronize(consumer), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(producer), cudaSuccess);
   EXPECT_EQ(data.Read()[2], 3.f);
+  // A wait on a stream destroyed before the wait runs.
+  ASSERT_EQ(cudaEventCreate(&done), cudaSuccess);
+  AddOneKernel<<<1, 8, 0, producer>>>(data.p, 8);
+  ASSERT_EQ(cudaEventRecord(done, producer), cudaSuccess);
+  ASSERT_EQ(cudaStreamWaitEvent(consumer, done, 0), cudaSuccess);
+  cudaEventDestroy(done);
+  cudaStreamDestroy(producer);  // runs its work
+  AddOneKernel<<<1, 8, 0, consumer>>>(data.p, 8);
+  ASSERT_EQ(cudaStreamSynchronize(consumer), cudaSuccess);
+  EXPECT_EQ(data.Read()[2], 5.f);
   cudaStreamDestroy(consumer);
   cudaStreamDestroy(capture);
 }
 
-// Staggered: the second of two new streams runs ahead. It overwrites a buffer the first has
-// yet to copy out unless it waits for an event recorded after that copy.
-TEST(CudaEmulatorTest, StaggeredStreamsShowAStreamOverwritingWhatALaggingOneHasYetToRead) {
-  cuda_emu::SetStreamMode(cuda_emu::StreamMode::kStaggered);
+// Runs the test body in one staggered mode (the parameter), and eager again after.
+class StaggeredStreamsTest : public ::testing::TestWithParam<cuda_emu::StreamMode> {
+ protected:
+  void SetUp() override { cuda_emu::SetStreamMode(GetParam()); }
+  void TearDown() override { cuda_emu::SetStreamMode(cuda_emu::StreamMode::kEager); }
+};
+
+// Of two new streams one runs ahead. It overwrites a buffer the other has yet to copy out
+// unless it waits for an event recorded after that copy.
+TEST_P(StaggeredStreamsTest, ShowAStreamOverwritingWhatALaggingOneHasYetToRead) {
   DeviceBuffer<float> shared(8), out(8);
   ASSERT_EQ(cudaMemset(shared.p, 0, 8 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // non-blocking streams do not wait for it
   cudaStream_t lagging = NonBlockingStream(), ahead = NonBlockingStream();
   if (cuda_emu::RunsAhead(lagging)) std::swap(lagging, ahead);
   ASSERT_TRUE(cuda_emu::RunsAhead(ahead));
@@ -437,13 +475,17 @@ TEST(CudaEmulatorTest, StaggeredStreamsShowAStreamOverwritingWhatALaggingOneHasY
     const float before = wait ? 1.f : 0.f;
     EXPECT_EQ(out.Read()[0], wait ? before : before + 1.f) << wait;
   }
-  cuda_emu::SetStreamMode(cuda_emu::StreamMode::kEager);
   cudaEventDestroy(read);
   cudaStreamDestroy(lagging);
   cudaStreamDestroy(ahead);
 }
 
+INSTANTIATE_TEST_SUITE_P(BothParities, StaggeredStreamsTest,
+                         ::testing::Values(cuda_emu::StreamMode::kStaggered,
+                                           cuda_emu::StreamMode::kStaggeredEven));
+
 TEST(CudaEmulatorTest, EagerStreamsRunEachOperationWhenItIsQueued) {
+  cuda_emu::SetStreamMode(cuda_emu::StreamMode::kEager);
   DeviceBuffer<float> data(4);
   PinnedFloats host(4);
   cudaStream_t stream = NonBlockingStream();

@@ -100,24 +100,28 @@ void SetThreadOrder(ThreadOrder order);
 // kEager runs each operation when it is enqueued: every event and stream is complete when the
 // host looks. kDeferred queues it and runs it only when the host must see it done: a
 // synchronisation of its stream, of an event recorded after it, or of the device; a stream
-// that waits on such an event; a synchronous copy or memset on the legacy default stream (and
-// everything earlier on the blocking streams, which that stream waits for); a copy into
-// pageable memory (which CUDA completes before returning); cudaFree, cudaFreeHost and
-// cudaStreamDestroy. cudaStreamQuery on a stream with work queued returns cudaErrorNotReady and
+// that waits on such an event; a synchronous copy or memset on the legacy default stream that
+// CUDA completes before returning (and everything earlier on the blocking streams, which that
+// stream waits for); a copy into pageable memory; cudaFree, cudaFreeHost and
+// cudaStreamDestroy. Freed device memory is filled with NaN bytes first. cudaStreamQuery on a stream with work queued returns cudaErrorNotReady and
 // then runs it. Copies from pageable memory read it when called, as CUDA's staging does; copies
 // from pinned memory read it when they run. So host code that reads results it has not waited
 // for, or rewrites pinned memory or frees what queued work still reads, goes wrong in deferred
 // mode; code that counts on work not having run yet goes wrong in eager mode. kStaggered defers
 // as kDeferred does, except that streams with odd ids run their work as soon as it is queued,
-// running the streams they wait on as far as they must. The default stream's id is 1 and
-// created streams count up from 2, so of two streams created one after the other, the second
-// runs ahead of the first: a stream that overwrites what a lagging stream has yet to read,
-// without waiting for it, goes wrong. The default is
-// kEager, or the mode KVMEM_CUDA_EMULATOR_STREAMS names (eager, deferred or staggered).
-// Setting it runs everything queued so far first.
-enum class StreamMode { kEager, kDeferred, kStaggered };
+// running the streams they wait on as far as they must; kStaggeredEven the same with even ids.
+// The default stream's id is 1 and created streams count up from 2, so of two streams created
+// one after the other, one runs ahead of the other in each staggered mode: a stream that
+// overwrites what a lagging stream has yet to read, without waiting for it, goes wrong in one
+// of the two. Synchronous cudaMemcpy and cudaMemset follow CUDA's documented behaviour: a copy
+// from pageable memory to the device, one between device buffers and a memset of device memory
+// may still be queued when they return. The default is kEager, or the mode
+// KVMEM_CUDA_EMULATOR_STREAMS names (eager, deferred, staggered or staggered-even). Setting it
+// runs everything queued so far first.
+enum class StreamMode { kEager, kDeferred, kStaggered, kStaggeredEven };
 void SetStreamMode(StreamMode mode);
-// Whether `stream` runs its work as soon as it is queued in kStaggered mode (its id is odd).
+// Whether `stream` runs its work as soon as it is queued in the current mode (always in
+// eager mode, never in deferred mode).
 bool RunsAhead(cudaStream_t stream);
 
 // A launch's grid, block, dynamic shared memory and stream, and where in the source it is.

@@ -50,7 +50,8 @@ struct CUevent_st {
   // Shared with the queued record, which may run after the event is destroyed.
   std::shared_ptr<std::chrono::steady_clock::time_point> when =
       std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now());
-  // Its latest record: the stream's id and the record's sequence number there (0: complete).
+  // Its latest record, under QueueMu: the stream's id and the record's sequence number there
+  // (0: complete).
   uint64_t stream_id = 0;
   uint64_t seq = 0;
 };
@@ -120,6 +121,8 @@ cudaError_t Release(void* p, bool device) {
     if (it == Allocations().end() || it->second.device != device) {
       return Fail(cudaErrorInvalidValue);
     }
+    // Poisoned first: queued work that still reads it (it should not) reads NaN.
+    std::memset(p, kFreshByte, it->second.bytes);
     Allocations().erase(it);
   }
   std::free(p);
@@ -203,8 +206,10 @@ StreamMode Mode() {
       mode = static_cast<int>(StreamMode::kDeferred);
     } else if (name == "staggered") {
       mode = static_cast<int>(StreamMode::kStaggered);
+    } else if (name == "staggered-even") {
+      mode = static_cast<int>(StreamMode::kStaggeredEven);
     } else {
-      Fatal("KVMEM_CUDA_EMULATOR_STREAMS must be eager, deferred or staggered");
+      Fatal("KVMEM_CUDA_EMULATOR_STREAMS must be eager, deferred, staggered or staggered-even");
     }
     g_stream_mode.store(mode, std::memory_order_relaxed);
   }
@@ -261,6 +266,12 @@ uint64_t Enqueued(uint64_t id) {
   return it == Registry().end() ? 0 : it->second->enqueued;
 }
 
+// An event's latest record: (stream id, sequence number); the number is 0 when complete.
+std::pair<uint64_t, uint64_t> LatestRecord(const CUevent_st* event) {
+  std::lock_guard<std::mutex> lock(QueueMu());
+  return {event->stream_id, event->seq};
+}
+
 // Runs everything queued on every stream so far (a device-wide synchronisation).
 void RunAll() {
   std::vector<std::pair<uint64_t, uint64_t>> until;
@@ -305,12 +316,19 @@ uint64_t QueueOp(cudaStream_t stream, std::function<void()> op) {
   return s->enqueued;
 }
 
-// Queues as EnqueueOp does; in staggered mode a stream with an odd id then runs what it has
+// Whether stream `id` runs what is queued on it at once in a staggered mode.
+bool AheadInStaggeredMode(uint64_t id) {
+  const StreamMode mode = Mode();
+  return (mode == StreamMode::kStaggered && id % 2 == 1) ||
+         (mode == StreamMode::kStaggeredEven && id % 2 == 0);
+}
+
+// Queues as QueueOp does; in a staggered mode a stream that runs ahead then runs what it has
 // queued at once (its waits run the streams they wait on as far as they must).
 uint64_t EnqueueOp(cudaStream_t stream, std::function<void()> op) {
   const uint64_t seq = QueueOp(stream, std::move(op));
   const uint64_t id = StreamOf(stream)->id;
-  if (seq != 0 && Mode() == StreamMode::kStaggered && id % 2 == 1) RunUntil(id, seq);  // RunsAhead
+  if (seq != 0 && AheadInStaggeredMode(id)) RunUntil(id, seq);
   return seq;
 }
 
@@ -337,9 +355,14 @@ cudaError_t Copy(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
     return Fail(cudaErrorInvalidValue);
   }
   // What CUDA guarantees of pageable host memory (not inside a pinned allocation): a copy
-  // from it has read it when the call returns, and a copy to it has landed.
+  // from it has read it when the call returns, and a copy to it has landed. A synchronous
+  // cudaMemcpy (`synchronous`) has also landed when it returns, except one from pageable memory
+  // to the device (staged, like an asynchronous one) and one between device buffers.
   const bool pageable_src = src_host && !DeviceAccessible(src, count);
   const bool pageable_dst = dst_host && !DeviceAccessible(dst, count);
+  const bool lands_before_return =
+      pageable_dst || (src_host && dst_host) ||
+      (synchronous && (dst_host || (kind == cudaMemcpyHostToDevice && !pageable_src)));
   uint64_t seq = 0;
   if (pageable_src && !StreamOf(stream)->capturing) {
     auto staged = std::make_shared<std::vector<unsigned char>>(
@@ -348,7 +371,7 @@ cudaError_t Copy(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
   } else {
     seq = EnqueueOp(stream, [=] { std::memmove(dst, src, count); });
   }
-  if (synchronous || pageable_dst) RunUntil(StreamOf(stream)->id, seq);
+  if (lands_before_return) RunUntil(StreamOf(stream)->id, seq);
   return cudaSuccess;
 }
 
@@ -406,7 +429,9 @@ void SetStreamMode(StreamMode mode) {
   g_stream_mode.store(static_cast<int>(mode), std::memory_order_relaxed);
 }
 
-bool RunsAhead(cudaStream_t stream) { return StreamOf(stream)->id % 2 == 1; }
+bool RunsAhead(cudaStream_t stream) {
+  return !Deferred() || AheadInStaggeredMode(StreamOf(stream)->id);
+}
 
 }  // namespace cuda_emu
 }  // namespace kvmem
@@ -608,8 +633,10 @@ cudaError_t cudaMemset(void* p, int value, size_t count) {
     return Fail(cudaErrorStreamCaptureUnsupported);
   }
   if (!kvmem::cuda_emu::DeviceAccessible(p, count)) return Fail(cudaErrorInvalidValue);
-  RunUntil(kvmem::cuda_emu::kDefaultStreamId,
-           EnqueueOp(nullptr, [=] { std::memset(p, value, count); }));
+  // Asynchronous with respect to the host on device memory, as CUDA documents; synchronous on
+  // pinned host memory.
+  const uint64_t seq = EnqueueOp(nullptr, [=] { std::memset(p, value, count); });
+  if (!kvmem::cuda_emu::InsideDeviceAllocation(p)) RunUntil(kvmem::cuda_emu::kDefaultStreamId, seq);
   return cudaSuccess;
 }
 
@@ -669,8 +696,8 @@ cudaError_t cudaStreamQuery(cudaStream_t stream) {
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int) {
   if (event == nullptr) return Fail(cudaErrorInvalidValue);
-  if (event->seq == 0 || StreamOf(stream)->capturing) return cudaSuccess;
-  const uint64_t id = event->stream_id, seq = event->seq;
+  const auto [id, seq] = kvmem::cuda_emu::LatestRecord(event);
+  if (seq == 0 || StreamOf(stream)->capturing) return cudaSuccess;
   EnqueueOp(stream, [id, seq] { RunUntil(id, seq); });
   return cudaSuccess;
 }
@@ -751,6 +778,7 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   const uint64_t seq =
       EnqueueOp(stream, [when = event->when] { *when = std::chrono::steady_clock::now(); });
   if (!capturing) {
+    std::lock_guard<std::mutex> lock(kvmem::cuda_emu::QueueMu());
     event->stream_id = StreamOf(stream)->id;
     event->seq = seq;
   }
@@ -758,7 +786,8 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   if (event == nullptr) return Fail(cudaErrorInvalidValue);
-  if (event->seq != 0) RunUntil(event->stream_id, event->seq);
+  const auto [id, seq] = kvmem::cuda_emu::LatestRecord(event);
+  if (seq != 0) RunUntil(id, seq);
   return cudaSuccess;
 }
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
@@ -766,7 +795,7 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) 
   {
     // Both records must have run (a stream no longer registered has run everything).
     std::lock_guard<std::mutex> lock(kvmem::cuda_emu::QueueMu());
-    for (const CUevent_st* e : {start, end}) {
+    for (const CUevent_st* e : {start, end}) {  // QueueMu guards their record fields too
       auto it = kvmem::cuda_emu::Registry().find(e->stream_id);
       if (e->seq != 0 && it != kvmem::cuda_emu::Registry().end() && it->second->done < e->seq) {
         return Fail(cudaErrorNotReady);
