@@ -288,14 +288,19 @@ cudaStream_t NonBlockingStream() {
   return s;
 }
 
+// Queues on `stream`: data = 0, data += 1, then data's n floats copied into host.
+void QueueZeroAddOneAndCopyOut(float* data, float* host, int n, cudaStream_t stream) {
+  ASSERT_EQ(cudaMemsetAsync(data, 0, n * sizeof(float), stream), cudaSuccess);
+  AddOneKernel<<<1, n, 0, stream>>>(data, n);
+  ASSERT_EQ(cudaMemcpyAsync(host, data, n * sizeof(float), cudaMemcpyDeviceToHost, stream),
+            cudaSuccess);
+}
+
 TEST_F(DeferredStreamsTest, ResultsArriveOnlyOnceTheHostWaitsForThem) {
   DeviceBuffer<float> data(64);
   PinnedFloats host(64);
   cudaStream_t stream = NonBlockingStream();
-  ASSERT_EQ(cudaMemsetAsync(data.p, 0, 64 * sizeof(float), stream), cudaSuccess);
-  AddOneKernel<<<1, 64, 0, stream>>>(data.p, 64);
-  ASSERT_EQ(cudaMemcpyAsync(host.p, data.p, 64 * sizeof(float), cudaMemcpyDeviceToHost, stream),
-            cudaSuccess);
+  QueueZeroAddOneAndCopyOut(data.p, host.p, 64, stream);
   EXPECT_TRUE(std::isnan(host.p[0]));  // fresh pinned memory; nothing has run yet
   EXPECT_EQ(cudaStreamQuery(stream), cudaErrorNotReady);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // not ready is not an error
@@ -489,10 +494,7 @@ TEST(CudaEmulatorTest, EagerStreamsRunEachOperationWhenItIsQueued) {
   DeviceBuffer<float> data(4);
   PinnedFloats host(4);
   cudaStream_t stream = NonBlockingStream();
-  ASSERT_EQ(cudaMemsetAsync(data.p, 0, 4 * sizeof(float), stream), cudaSuccess);
-  AddOneKernel<<<1, 4, 0, stream>>>(data.p, 4);
-  ASSERT_EQ(cudaMemcpyAsync(host.p, data.p, 4 * sizeof(float), cudaMemcpyDeviceToHost, stream),
-            cudaSuccess);
+  QueueZeroAddOneAndCopyOut(data.p, host.p, 4, stream);
   EXPECT_EQ(host.p[1], 1.f);
   EXPECT_EQ(cudaStreamQuery(stream), cudaSuccess);
   cudaStreamDestroy(stream);

@@ -181,6 +181,15 @@ bool AllowedDuringCaptures(const char* call) {
   return allowed;
 }
 
+// Synchronising or querying a stream being captured is prohibited: it fails and invalidates the
+// capture. True when the call may go on.
+bool AllowedOnStream(CUstream_st* s) {
+  if (!s->capturing) return true;
+  s->invalidated = true;
+  Fail(cudaErrorStreamCaptureUnsupported);
+  return false;
+}
+
 bool InsideDeviceAllocation(const void* p) { return AllocationKind(p, 1).value_or(false); }
 
 std::mutex& SharedLimitsMu() {
@@ -671,10 +680,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   CUstream_st* s = StreamOf(stream);
-  if (s->capturing) {
-    s->invalidated = true;
-    return Fail(cudaErrorStreamCaptureUnsupported);
-  }
+  if (!kvmem::cuda_emu::AllowedOnStream(s)) return cudaErrorStreamCaptureUnsupported;
   RunUntil(s->id, Enqueued(s->id));
   return cudaSuccess;
 }
@@ -682,10 +688,7 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
 // after the call, so a caller that polls sees it finish and one that assumed it had is caught.
 cudaError_t cudaStreamQuery(cudaStream_t stream) {
   CUstream_st* s = StreamOf(stream);
-  if (s->capturing) {
-    s->invalidated = true;
-    return Fail(cudaErrorStreamCaptureUnsupported);
-  }
+  if (!kvmem::cuda_emu::AllowedOnStream(s)) return cudaErrorStreamCaptureUnsupported;
   const uint64_t enqueued = Enqueued(s->id);
   {
     std::lock_guard<std::mutex> lock(kvmem::cuda_emu::QueueMu());
