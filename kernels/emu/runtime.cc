@@ -578,18 +578,26 @@ cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int v
   return cudaSuccess;
 }
 
+// cudaMalloc, cudaFree, cudaHostAlloc and cudaFreeHost are among the calls a capture prohibits
+// (AllowedDuringCaptures); cudaFree and cudaFreeHost synchronise the device first, as CUDA's do.
 cudaError_t cudaMalloc(void** p, size_t bytes) {
+  if (!kvmem::cuda_emu::AllowedDuringCaptures("cudaMalloc")) {
+    return Fail(cudaErrorStreamCaptureUnsupported);
+  }
   *p = Allocate(bytes, true);
   return *p != nullptr ? cudaSuccess : Fail(cudaErrorMemoryAllocation);
 }
-// cudaFree and cudaFreeHost synchronise the device first, as CUDA's do.
 cudaError_t cudaFree(void* p) {
+  if (!kvmem::cuda_emu::AllowedDuringCaptures("cudaFree")) {
+    return Fail(cudaErrorStreamCaptureUnsupported);
+  }
   RunAll();
   return Release(p, true);
 }
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream) {
   if (StreamOf(stream)->capturing) return Fail(cudaErrorStreamCaptureUnsupported);
-  return cudaMalloc(p, bytes);
+  *p = Allocate(bytes, true);
+  return *p != nullptr ? cudaSuccess : Fail(cudaErrorMemoryAllocation);
 }
 cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
   if (StreamOf(stream)->capturing) return Fail(cudaErrorStreamCaptureUnsupported);
@@ -606,11 +614,17 @@ cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
 cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr, void*) { return cudaSuccess; }
 
 cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned int flags) {
+  if (!kvmem::cuda_emu::AllowedDuringCaptures("cudaHostAlloc")) {
+    return Fail(cudaErrorStreamCaptureUnsupported);
+  }
   *p = Allocate(bytes, false);
   return *p != nullptr ? cudaSuccess : Fail(cudaErrorMemoryAllocation);
 }
 cudaError_t cudaMallocHost(void** p, size_t bytes) { return cudaHostAlloc(p, bytes, 0); }
 cudaError_t cudaFreeHost(void* p) {
+  if (!kvmem::cuda_emu::AllowedDuringCaptures("cudaFreeHost")) {
+    return Fail(cudaErrorStreamCaptureUnsupported);
+  }
   RunAll();
   return Release(p, false);
 }
