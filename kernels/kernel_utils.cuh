@@ -37,11 +37,14 @@ __device__ __forceinline__ V WarpSum(V v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
 }
+// Every lane gets the same value, NaN when any lane holds one: kernels branch on the result
+// around warp-wide operations, so lanes that disagreed (a NaN kept by some lanes and not by
+// others) would part at those operations, which hangs a GPU.
 template <typename V>
 __device__ __forceinline__ V WarpMax(V v) {
   for (int offset = 16; offset > 0; offset /= 2) {
     const V o = __shfl_xor_sync(kFullMask, v, offset);
-    v = v < o ? o : v;
+    v = (v < o || o != o) ? o : v;
   }
   return v;
 }

@@ -462,6 +462,71 @@ TEST_F(KernelsAttentionTest, PrefillWorkspaceIsZeroForCallsTheLauncherRejects) {
   EXPECT_EQ(LaunchPrefillAttention(p, nullptr), cudaErrorInvalidValue);
 }
 
+// A NaN in one key (a numerical blow-up, damaged rows) must not hang the kernels: they branch
+// on warp-wide maxima around warp-wide operations, and lanes that disagreed about a NaN would
+// part there (a deadlock on the CUDA emulator, undefined on a GPU). Head 0's entry 5 holds the
+// NaN, and every query of its group sees it. The other group's outputs must equal the
+// reference; what the NaN group's come out as is left unspecified (the CPU's are NaN).
+TEST_F(KernelsAttentionTest, AttentionOverANanKeyFinishesAndLeavesOtherHeadsRight) {
+  const int hd = 64, n = 12, num_heads = 4, group = 2;
+  std::vector<HeadKv> heads = RandomHeads<float>({40 + n, 30 + n}, hd, 1000, 310);
+  for (int64_t t = 0; t < n; ++t) {  // the new tokens at consecutive positions in both heads
+    for (HeadKv& h : heads) h.positions[h.size() - n + t] = 1000 - (n - 1) + t;
+  }
+  for (HeadKv& h : heads) {  // and the prefix strictly before them
+    for (int64_t j = h.size() - n - 1; j >= 0; --j) h.positions[j] = h.positions[j + 1] - 1;
+  }
+  heads[0].keys[5 * hd + 3] = std::numeric_limits<float>::quiet_NaN();
+  DeviceKv<float> kv(heads, hd);
+  // The `rows` rows of `out` (the last of them the newest token) against the reference, for
+  // the query heads of head 1's group.
+  auto check = [&](const std::vector<float>& out, const std::vector<float>& q, int rows) {
+    for (int t = 0; t < rows; ++t) {
+      for (int h = group; h < num_heads; ++h) {
+        const size_t at = (static_cast<size_t>(t) * num_heads + h) * hd;
+        const float* o = &out[at];
+        std::vector<double> want(hd);
+        const HeadKv& head = heads[1];
+        ReferenceAttend(head, hd, &q[at], head.size() - rows + t, 0, 0, want.data());
+        for (int d = 0; d < hd; ++d) {
+          EXPECT_NEAR(o[d], want[d], 1e-4) << "row " << t << " head " << h << " dim " << d;
+        }
+      }
+    }
+  };
+  {
+    const std::vector<float> q = RandomNormal(static_cast<size_t>(n) * num_heads * hd, 311);
+    DeviceArray<float> d_q(q), d_out(q.size());
+    PrefillAttentionParams<float> p;
+    p.q = d_q.get();
+    p.kv = kv.view();
+    p.n = n;
+    p.num_heads = num_heads;
+    p.scale = 0.125f;
+    p.start_position = 1000 - (n - 1);
+    p.out = d_out.get();
+    Finish(LaunchPrefillAttention(p, nullptr));
+    check(d_out.ToHost(), q, n);
+  }
+  {
+    const std::vector<float> q = RandomNormal(static_cast<size_t>(num_heads) * hd, 312);
+    DeviceArray<float> d_q(q), d_out(q.size());
+    DecodeAttentionParams<float> p;
+    p.q = d_q.get();
+    p.kv = kv.view();
+    p.num_heads = num_heads;
+    p.scale = 0.125f;
+    p.q_position = 1001;
+    p.split_size = 16;
+    p.out = d_out.get();
+    const size_t ws_bytes =
+        DecodeAttentionWorkspaceBytes(num_heads, hd, p.kv.max_length, p.split_size);
+    DeviceArray<char> ws(ws_bytes);
+    Finish(LaunchDecodeAttention(p, ws.get(), ws_bytes, nullptr));
+    check(d_out.ToHost(), q, 1);
+  }
+}
+
 TEST_F(KernelsAttentionTest, PrefillAttentionIsCausalOverNewTokens) {
   // Changing the last new token's K/V must leave every earlier token's output untouched.
   const int hd = 64, n = 12;
