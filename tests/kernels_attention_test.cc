@@ -462,6 +462,23 @@ TEST_F(KernelsAttentionTest, PrefillWorkspaceIsZeroForCallsTheLauncherRejects) {
   EXPECT_EQ(LaunchPrefillAttention(p, nullptr), cudaErrorInvalidValue);
 }
 
+// f32 prefill attention of n new tokens (queries q, (n, num_heads, head_dim)) over `kv`, the
+// first at start_position, with scale 1/8; returns the output.
+std::vector<float> PrefillF32(const RaggedKv<float>& kv, const std::vector<float>& q, int64_t n,
+                              int num_heads, int64_t start_position) {
+  DeviceArray<float> d_q(q), d_out(q.size());
+  PrefillAttentionParams<float> p;
+  p.q = d_q.get();
+  p.kv = kv;
+  p.n = n;
+  p.num_heads = num_heads;
+  p.scale = 0.125f;
+  p.start_position = start_position;
+  p.out = d_out.get();
+  Finish(LaunchPrefillAttention(p, nullptr));
+  return d_out.ToHost();
+}
+
 // A NaN in one key (a numerical blow-up, damaged rows) must not hang the kernels: they branch
 // on warp-wide maxima around warp-wide operations, and lanes that disagreed about a NaN would
 // part there (a deadlock on the CUDA emulator, undefined on a GPU). Head 0's entry 5 holds the
@@ -496,17 +513,7 @@ TEST_F(KernelsAttentionTest, AttentionOverANanKeyFinishesAndLeavesOtherHeadsRigh
   };
   {
     const std::vector<float> q = RandomNormal(static_cast<size_t>(n) * num_heads * hd, 311);
-    DeviceArray<float> d_q(q), d_out(q.size());
-    PrefillAttentionParams<float> p;
-    p.q = d_q.get();
-    p.kv = kv.view();
-    p.n = n;
-    p.num_heads = num_heads;
-    p.scale = 0.125f;
-    p.start_position = 1000 - (n - 1);
-    p.out = d_out.get();
-    Finish(LaunchPrefillAttention(p, nullptr));
-    check(d_out.ToHost(), q, n);
+    check(PrefillF32(kv.view(), q, n, num_heads, 1000 - (n - 1)), q, n);
   }
   {
     const std::vector<float> q = RandomNormal(static_cast<size_t>(num_heads) * hd, 312);
@@ -541,16 +548,7 @@ TEST_F(KernelsAttentionTest, PrefillAttentionIsCausalOverNewTokens) {
       }
     }
     DeviceKv<float> kv(heads, hd);
-    DeviceArray<float> d_q(q), d_out(q.size());
-    PrefillAttentionParams<float> p;
-    p.q = d_q.get();
-    p.kv = kv.view();
-    p.n = n;
-    p.num_heads = 2;
-    p.scale = 0.125f;
-    p.out = d_out.get();
-    Finish(LaunchPrefillAttention(p, nullptr));
-    outs.push_back(d_out.ToHost());
+    outs.push_back(PrefillF32(kv.view(), q, n, 2, 0));
   }
   const size_t last_token = static_cast<size_t>(n - 1) * 2 * hd;
   EXPECT_TRUE(std::equal(outs[0].begin(), outs[0].begin() + last_token, outs[1].begin()));
