@@ -383,12 +383,15 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
     const void* src;
     size_t bytes;
   };
-  std::vector<Download> downloads = {
-      {result->logits.data(), b.logits, result->logits.size() * sizeof(float)}};
-  for (int l = 0; l < L && observed > 0; ++l) {
-    downloads.push_back({result->observed_queries[l].data(), b.observed_q + l * obs_values,
-                         obs_values * sizeof(float)});
-  }
+  const Download logits{result->logits.data(), b.logits, result->logits.size() * sizeof(float)};
+  // Outside the layer-by-layer path every layer's observed queries come down as one copy (they
+  // are contiguous on the device) and are split into the result's vectors here.
+  auto split_observed = [&](const uint8_t* all_layers) {
+    for (int l = 0; l < L && observed > 0; ++l) {
+      std::memcpy(result->observed_queries[l].data(), all_layers + l * obs_values * sizeof(float),
+                  obs_values * sizeof(float));
+    }
+  };
   // Each layer's K, V and observed queries, copied on the download stream once the pass has
   // written them (b.layer_ready) into a ring of pinned slots, which the host empties in layer
   // order on the thread pool: the copies overlap the later layers' work. (Copies straight to
@@ -477,24 +480,23 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
   auto download = [&]() -> absl::Status {
     if (b.layer_ready != nullptr) return download_by_layer();
     if (pinned == nullptr) {
-      std::vector<Download> rows;  // the new K and V of each layer
-      for (int l = 0; l < L; ++l) {
-        rows.push_back({dst_k[l], b.new_k + l * layer_values, layer_values * sizeof(T)});
-        rows.push_back({dst_v[l], b.new_v + l * layer_values, layer_values * sizeof(T)});
+      std::vector<float> obs(L * obs_values);
+      std::vector<Download> list = {logits, {obs.data(), b.observed_q, obs.size() * sizeof(float)}};
+      for (int l = 0; l < L; ++l) {  // the new K and V of each layer
+        list.push_back({dst_k[l], b.new_k + l * layer_values, layer_values * sizeof(T)});
+        list.push_back({dst_v[l], b.new_v + l * layer_values, layer_values * sizeof(T)});
       }
-      for (const std::vector<Download>* list : {&downloads, &rows}) {
-        for (const Download& d : *list) {
-          if (d.bytes == 0) continue;
-          KVMEM_CUDA_RETURN_IF_ERROR(
-              cudaMemcpyAsync(d.dst, d.src, d.bytes, cudaMemcpyDeviceToHost, s));
-        }
+      for (const Download& d : list) {
+        if (d.bytes == 0) continue;
+        KVMEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d.dst, d.src, d.bytes, cudaMemcpyDeviceToHost, s));
       }
       KVMEM_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(s));
+      split_observed(reinterpret_cast<const uint8_t*>(obs.data()));
       return absl::OkStatus();
     }
     // Staged: the observed queries, K and V of every layer as one copy each (each contiguous
     // on the device), then split by layer on the host.
-    const Download staged_list[] = {downloads[0],
+    const Download staged_list[] = {logits,
                                     {nullptr, b.observed_q, L * obs_values * sizeof(float)},
                                     {nullptr, b.new_k, L * layer_values * sizeof(T)},
                                     {nullptr, b.new_v, L * layer_values * sizeof(T)}};
@@ -512,10 +514,7 @@ absl::Status CudaBackend<T>::FinishPass(const PassBuffers& b, int64_t n, int64_t
       if (d.dst != nullptr) {
         std::memcpy(d.dst, pinned + staged, d.bytes);
       } else if (d.src == static_cast<const void*>(b.observed_q)) {
-        for (int l = 0; l < L; ++l) {
-          std::memcpy(result->observed_queries[l].data(),
-                      pinned + staged + l * obs_values * sizeof(float), obs_values * sizeof(float));
-        }
+        split_observed(pinned + staged);
       } else {
         const bool keys = d.src == static_cast<const void*>(b.new_k);
         for (int l = 0; l < L; ++l) {

@@ -296,14 +296,15 @@ absl::StatusOr<AppendResult> Session::AppendTurn(Role role, std::string_view tex
     result.queries = TrailingQueries(queries, c.num_heads, c.head_dim, observed,
                                      std::min(append_options.return_queries, observed));
   }
-  // The policy reads the observed queries in place unless its window is shorter.
+  // The policy reads the observed queries in place (and the backend its own copy of them)
+  // unless its window is shorter.
+  const bool in_place = policy_observed == observed;
   const std::vector<std::vector<float>> trailing =
-      policy_observed == observed
-          ? std::vector<std::vector<float>>()
-          : TrailingQueries(queries, c.num_heads, c.head_dim, observed, policy_observed);
+      in_place ? std::vector<std::vector<float>>()
+               : TrailingQueries(queries, c.num_heads, c.head_dim, observed, policy_observed);
   absl::StatusOr<int64_t> evicted =
-      ApplyPolicy(n, policy_observed == observed ? queries : trailing, policy_observed,
-                  policy_observed == observed ? forward.observed_queries_on_backend : 0);
+      ApplyPolicy(n, in_place ? queries : trailing, policy_observed,
+                  in_place ? forward.observed_queries_on_backend : 0);
   if (!evicted.ok()) {
     broken_ = true;  // the turn is in the hot set and its blocks but not durable
     return evicted.status();

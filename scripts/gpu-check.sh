@@ -22,6 +22,17 @@
 #       cuda_bench.md and sanitizer.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# On the GPU machine: unpacks gpu-pack.tgz once and points the binaries at its libraries and
+# model (service_gpu_test starts kvmemd from gpu-pack/bin); logs go to $OUT when set.
+unpack() {
+  [[ -d gpu-pack ]] || tar xzf gpu-pack.tgz
+  export LD_LIBRARY_PATH="$PWD/gpu-pack/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export KVMEM_TEST_MODEL_DIR="$PWD/gpu-pack/models/stories260K"
+  export KVMEM_BIN_DIR="$PWD/gpu-pack/bin"
+  out="${OUT:-/tmp}"
+}
+
 case "${1:-}" in
   pack)
     scripts/bootstrap.sh -DKVMEM_CUDA=ON
@@ -46,12 +57,8 @@ case "${1:-}" in
     echo "carry gpu-pack.tgz; on the device: scripts/gpu-check.sh run (it unpacks it)"
     ;;
   run)
-    [[ -d gpu-pack ]] || tar xzf gpu-pack.tgz
-    export LD_LIBRARY_PATH="$PWD/gpu-pack/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    out="${OUT:-/tmp}"
+    unpack
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-    export KVMEM_TEST_MODEL_DIR="$PWD/gpu-pack/models/stories260K"
-    export KVMEM_BIN_DIR="$PWD/gpu-pack/bin"  # service_gpu_test starts kvmemd from here
     status=0
     for t in kernels_test kernels_attention_test cuda_backend_test service_gpu_test; do
       gpu-pack/bin/$t 2>&1 | tee "$out/$t.log" | tail -3 || status=1
@@ -77,9 +84,7 @@ case "${1:-}" in
     exit $status
     ;;
   bench)
-    [[ -d gpu-pack ]] || tar xzf gpu-pack.tgz
-    export LD_LIBRARY_PATH="$PWD/gpu-pack/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    out="${OUT:-/tmp}"
+    unpack
     echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" | tee "$out/cuda_bench.md"
     gpu-pack/bin/cuda_bench "${@:2}" | tee -a "$out/cuda_bench.md"
     echo "commit $(cat gpu-pack/COMMIT 2>/dev/null || echo unknown)" | tee "$out/turn_host_bench.md"
@@ -96,11 +101,7 @@ case "${1:-}" in
     done
     ;;
   all)
-    [[ -d gpu-pack ]] || tar xzf gpu-pack.tgz
-    export LD_LIBRARY_PATH="$PWD/gpu-pack/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    export KVMEM_TEST_MODEL_DIR="$PWD/gpu-pack/models/stories260K"
-    export KVMEM_BIN_DIR="$PWD/gpu-pack/bin"
-    out="${OUT:-/tmp}"
+    unpack
     deadline=$((SECONDS + ${2:-480}))
     summary="$out/summary.txt"
     {

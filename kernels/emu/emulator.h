@@ -2,9 +2,10 @@
 // time, each CUDA thread as a fiber of the launching host thread. It exists so that the kernels'
 // indexing and the CUDA backend's host code (uploads, graphs, streams) run in every test run,
 // GPU or not. It checks logic, not speed, timing or the hardware's memory model. Streams run
-// their work either eagerly (as if the device were infinitely fast) or deferred (as late as
-// CUDA allows), so host code that reads results before waiting for them, or rewrites a buffer
-// the device has yet to read, fails in one of the two modes (StreamMode).
+// their work eagerly (as if the device were infinitely fast), deferred (as late as CUDA
+// allows) or staggered (one stream ahead of another), so host code that reads results before
+// waiting for them, or rewrites a buffer the device has yet to read, fails in one of the
+// modes (StreamMode).
 // docs/cuda.md ("Without a GPU: the CUDA emulator") lists what it checks and what it cannot.
 //
 // Kernel sources are compiled for it as C++ (kernels/emu/CMakeLists.txt) after
@@ -103,8 +104,8 @@ void SetThreadOrder(ThreadOrder order);
 // that waits on such an event; a synchronous copy or memset on the legacy default stream that
 // CUDA completes before returning (and everything earlier on the blocking streams, which that
 // stream waits for); a copy into pageable memory; cudaFree, cudaFreeHost and
-// cudaStreamDestroy. Freed device memory is filled with NaN bytes first. cudaStreamQuery on a stream with work queued returns cudaErrorNotReady and
-// then runs it. Copies from pageable memory read it when called, as CUDA's staging does; copies
+// cudaStreamDestroy. Freed device memory is filled with NaN bytes first. cudaStreamQuery on a
+// stream with work queued returns cudaErrorNotReady and then runs it. Copies from pageable memory read it when called, as CUDA's staging does; copies
 // from pinned memory read it when they run. So host code that reads results it has not waited
 // for, or rewrites pinned memory or frees what queued work still reads, goes wrong in deferred
 // mode; code that counts on work not having run yet goes wrong in eager mode. kStaggered defers

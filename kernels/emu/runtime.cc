@@ -1,9 +1,9 @@
 // The CUDA runtime API for the emulator (kernels/emu/emulator.h): the functions our code calls,
 // defined against the toolkit's own headers, so that host code compiled for a GPU links
 // against these instead of libcudart. Device memory is host memory. Streams run their
-// operations in one of two modes (emulator.h, StreamMode): eagerly, each when it is enqueued,
-// or deferred, each as late as CUDA's ordering rules allow; a stream being captured records
-// them instead.
+// operations as emulator.h's StreamMode says: eagerly, each when it is enqueued, or deferred,
+// each as late as CUDA's ordering rules allow (some streams running ahead in the staggered
+// modes); a stream being captured records them instead.
 #include <cuda_runtime_api.h>
 
 #include <atomic>
@@ -703,10 +703,11 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
 cudaError_t cudaStreamQuery(cudaStream_t stream) {
   CUstream_st* s = StreamOf(stream);
   if (!kvmem::cuda_emu::AllowedOnStream(s)) return cudaErrorStreamCaptureUnsupported;
-  const uint64_t enqueued = Enqueued(s->id);
+  uint64_t enqueued = 0;
   {
     std::lock_guard<std::mutex> lock(kvmem::cuda_emu::QueueMu());
-    if (s->done >= enqueued) return cudaSuccess;
+    if (s->done >= s->enqueued) return cudaSuccess;
+    enqueued = s->enqueued;
   }
   RunUntil(s->id, enqueued);
   return cudaErrorNotReady;  // not sticky: cudaGetLastError does not report it
